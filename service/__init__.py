@@ -1,0 +1,3 @@
+"""pclease: a Polars Cloud compute-lease broker."""
+
+__version__ = "0.1.0"

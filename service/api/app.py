@@ -1,0 +1,186 @@
+"""The FastAPI application: lifespan, error mapping and the request-size guard."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import __version__
+from service.api import v1
+from service.api.deps import ServiceDep, TokenCache
+from service.errors import CapacityExhausted, PcleaseError
+from service.runtime import Service
+
+log = logging.getLogger("pclease.api")
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def error_response(status: int, code: str, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        loc = [str(part) for part in error.get("loc", ())]
+        where = ".".join(loc[1:] if loc and loc[0] in ("body", "query", "path", "header")
+                         else loc)
+        kind = loc[0] if loc else "request"
+        if error.get("type") == "json_invalid":
+            problems.append("the body is not valid JSON; send a JSON object")
+            continue
+        if error.get("type") == "model_attributes_type" or (not where and kind == "body"):
+            problems.append("the body must be a JSON object")
+            continue
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        if error.get("type") == "extra_forbidden":
+            message = "unknown field; remove it"
+        problems.append(f"{kind} {where}: {message}" if where else f"{kind}: {message}")
+    return "; ".join(problems) or "invalid request"
+
+
+class BodySizeLimit:
+    """Refuse request bodies over ``max_bytes`` with 413 before they are read whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(
+            413,
+            "payload_too_large",
+            f"the request body is larger than {self.max_bytes} bytes; send less",
+        )
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(service: Service) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="pclease",
+        version=__version__,
+        description="Leases on shared, reference-counted Polars compute contexts.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.token_cache = TokenCache(service.settings.token_cache_s)
+    app.include_router(v1.router)
+    app.add_middleware(BodySizeLimit, max_bytes=service.settings.max_request_bytes)
+
+    @app.exception_handler(PcleaseError)
+    async def _domain_error(request: Request, exc: PcleaseError) -> JSONResponse:
+        headers = {}
+        if isinstance(exc, CapacityExhausted):
+            headers["Retry-After"] = str(exc.retry_after_s)
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return error_response(exc.status, exc.code, exc.message, **headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, "invalid_input", _describe_validation(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.url.path}; the API is described at /docs"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}; see /docs"
+        return error_response(exc.status_code, code, message, **(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        incident = uuid.uuid4().hex[:12]
+        log.error("unexpected error (incident %s) on %s %s", incident, request.method,
+                  request.url.path, exc_info=exc)
+        return error_response(
+            500, "internal_error",
+            f"unexpected error; nothing was changed by it if it was a read. Report incident "
+            f"{incident} to the operators (it is in the service log)",
+        )
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz(svc: ServiceDep) -> JSONResponse:
+        checks: dict[str, Any] = {}
+        ok = True
+        try:
+            await svc.db.read(lambda tx: tx.conn.execute(text("SELECT 1")).scalar())
+            checks["database"] = "ok"
+        except Exception as exc:  # any failure here means "not ready", with the reason
+            ok = False
+            checks["database"] = f"failing: {type(exc).__name__}"
+        if svc.reconciler_alive:
+            checks["reconciler"] = "ok"
+        else:
+            ok = False
+            checks["reconciler"] = "the reconciler loop has stopped; restart the service"
+        return JSONResponse(
+            {"status": "ok" if ok else "failing", "checks": checks},
+            status_code=200 if ok else 503,
+        )
+
+    return app

@@ -1,0 +1,183 @@
+"""Routes of the v1 API. Thin: validate, call the lease manager, shape the answer."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response, status
+
+from service import store
+from service.api.deps import AdminDep, PrincipalDep, ServiceDep
+from service.api.schemas import (
+    ContextList,
+    ContextOut,
+    EventList,
+    EventOut,
+    LeaseList,
+    LeaseOut,
+    LeaseRequest,
+    ProfileList,
+    ProfileOut,
+)
+from service.errors import ContextNotFound, Forbidden, LeaseNotFound
+from service.leases import force_stop_context
+from service.states import ContextState, LeaseState
+
+router = APIRouter(prefix="/v1")
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=200,
+        description="Retries with the same key return the first lease instead of a second.",
+    ),
+]
+
+
+@router.get("/profiles", tags=["profiles"])
+async def list_profiles(service: ServiceDep, _: PrincipalDep) -> ProfileList:
+    return ProfileList(profiles=[ProfileOut.of(p) for p in service.settings.profiles.values()])
+
+
+@router.post(
+    "/leases",
+    status_code=status.HTTP_201_CREATED,
+    tags=["leases"],
+    responses={200: {"description": "An Idempotency-Key replay: the lease made first."}},
+)
+async def create_lease(
+    body: LeaseRequest,
+    service: ServiceDep,
+    principal: PrincipalDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> LeaseOut:
+    lease, created = await service.leases.acquire(
+        principal,
+        profile_name=body.profile,
+        holder=body.holder.model_dump(exclude_none=True),
+        ttl_s=body.ttl_s,
+        wait_s=body.wait_s,
+        idempotency_key=idempotency_key,
+    )
+    if not created:
+        response.status_code = status.HTTP_200_OK
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/v1/leases/{lease.id}"
+    return LeaseOut.of(lease)
+
+
+@router.get("/leases", tags=["leases"])
+async def list_leases(
+    service: ServiceDep,
+    principal: PrincipalDep,
+    state: Annotated[list[LeaseState] | None, Query()] = None,
+    context_id: Annotated[str | None, Query(max_length=36)] = None,
+    dag_id: Annotated[str | None, Query(max_length=250)] = None,
+    run_id: Annotated[str | None, Query(max_length=250)] = None,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 500,
+) -> LeaseList:
+    leases = await service.leases.list(
+        principal, context_id=context_id, states=state, dag_id=dag_id, run_id=run_id, limit=limit
+    )
+    return LeaseList(leases=[LeaseOut.of(lease) for lease in leases])
+
+
+@router.get("/leases/{lease_id}", tags=["leases"])
+async def get_lease(
+    lease_id: str,
+    service: ServiceDep,
+    principal: PrincipalDep,
+    wait_s: Annotated[
+        float, Query(ge=0, description="Long-poll: wait up to this long for a state change.")
+    ] = 0.0,
+    state: Annotated[
+        LeaseState | None,
+        Query(description="With wait_s: wait while the lease is in this state."),
+    ] = None,
+) -> LeaseOut:
+    lease = await service.leases.get(principal, lease_id, wait_s=wait_s, while_state=state)
+    return LeaseOut.of(lease)
+
+
+@router.post("/leases/{lease_id}/heartbeat", tags=["leases"])
+async def heartbeat(lease_id: str, service: ServiceDep, principal: PrincipalDep) -> LeaseOut:
+    return LeaseOut.of(await service.leases.heartbeat(principal, lease_id))
+
+
+@router.delete("/leases/{lease_id}", tags=["leases"])
+async def release(lease_id: str, service: ServiceDep, principal: PrincipalDep) -> LeaseOut:
+    return LeaseOut.of(await service.leases.release(principal, lease_id))
+
+
+@router.delete("/leases", tags=["leases"])
+async def release_holder(
+    service: ServiceDep,
+    principal: PrincipalDep,
+    dag_id: Annotated[str, Query(min_length=1, max_length=250)],
+    run_id: Annotated[str, Query(min_length=1, max_length=250)],
+    task_id: Annotated[str | None, Query(min_length=1, max_length=250)] = None,
+) -> LeaseList:
+    released = await service.leases.release_holder(
+        principal, dag_id=dag_id, run_id=run_id, task_id=task_id
+    )
+    return LeaseList(leases=[LeaseOut.of(lease) for lease in released])
+
+
+@router.get("/contexts", tags=["contexts"])
+async def list_contexts(
+    service: ServiceDep,
+    _: PrincipalDep,
+    state: Annotated[list[ContextState] | None, Query()] = None,
+    profile: Annotated[str | None, Query(max_length=63)] = None,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 500,
+) -> ContextList:
+    contexts = await service.db.read(
+        lambda tx: store.list_contexts(tx, states=state, profile=profile, limit=limit)
+    )
+    now = service.clock.now()
+    return ContextList(
+        contexts=[ContextOut.of(c, service.settings.profiles.get(c.profile), now) for c in contexts]
+    )
+
+
+@router.get("/contexts/{context_id}", tags=["contexts"])
+async def get_context(context_id: str, service: ServiceDep, _: PrincipalDep) -> ContextOut:
+    context = await service.db.read(lambda tx: store.get_context(tx, context_id))
+    if context is None:
+        raise ContextNotFound(context_id)
+    return ContextOut.of(context, service.settings.profiles.get(context.profile),
+                         service.clock.now())
+
+
+@router.post("/contexts/{context_id}/stop", tags=["contexts"])
+async def stop_context(context_id: str, service: ServiceDep, admin: AdminDep) -> ContextOut:
+    context = await force_stop_context(service.db, service.notifier, admin, context_id)
+    return ContextOut.of(context, service.settings.profiles.get(context.profile),
+                         service.clock.now())
+
+
+@router.get("/events", tags=["events"])
+async def list_events(
+    service: ServiceDep,
+    principal: PrincipalDep,
+    context_id: Annotated[str | None, Query(max_length=36)] = None,
+    lease_id: Annotated[str | None, Query(max_length=36)] = None,
+    after_id: Annotated[int | None, Query(ge=0)] = None,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 200,
+) -> EventList:
+    if not principal.can_read_all:
+        # A lease-only token sees the history of its own leases and nothing else.
+        if lease_id is None:
+            raise Forbidden("reading all events needs the read scope; pass lease_id=<your lease>")
+        lease = await service.db.read(lambda tx: store.get_lease(tx, lease_id))
+        if lease is None or lease.token_id != principal.token_id:
+            raise LeaseNotFound(lease_id)
+    events = await service.db.read(
+        lambda tx: store.list_events(
+            tx, context_id=context_id, lease_id=lease_id, after_id=after_id, limit=limit
+        )
+    )
+    return EventList(events=[EventOut.of(e) for e in events])

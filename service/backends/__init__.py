@@ -1,0 +1,23 @@
+"""Backends: what actually runs compute contexts (see ``base.py`` for the interface)."""
+
+from __future__ import annotations
+
+from service.backends.base import Backend
+from service.clock import Clock
+from service.config import BackendKind, Settings
+
+
+def create_backend(settings: Settings, clock: Clock) -> Backend:
+    """The backend the settings name."""
+    if settings.backend is BackendKind.MEMORY:
+        from service.backends.memory import MemoryBackend
+
+        return MemoryBackend(clock)
+    if settings.backend is BackendKind.LOCAL:
+        from service.backends.local import LocalBackend
+
+        return LocalBackend(settings.data_dir / "local")
+    raise NotImplementedError(
+        f"backend {settings.backend.value!r} is not available in this version; "
+        "use backend = \"local\" or \"memory\""
+    )

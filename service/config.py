@@ -1,0 +1,241 @@
+"""Service configuration: one TOML file plus ``PCLEASE_*`` environment overrides.
+
+Every duration carries its unit in its name (``lease_ttl_s``). Validators reject
+combinations that cannot work, and :func:`load_settings` turns pydantic's errors into one
+line per problem that names the key and what is allowed (:class:`ConfigError`).
+
+Example::
+
+    backend = "local"
+    database_url = "postgresql+psycopg://pclease@db/pclease"
+
+    [profiles.small]
+    cpus = 2
+    memory_gb = 4
+    idle_grace_s = 120
+    hourly_cost = 0.25
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_ENV_VAR = "PCLEASE_CONFIG"
+_PROFILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class BackendKind(StrEnum):
+    LOCAL = "local"
+    MEMORY = "memory"
+    POLARS_CLOUD = "polars_cloud"
+
+
+class LocalProfileOptions(BaseModel):
+    """Settings only the local backend reads."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    boot_delay_s: float = Field(0.0, ge=0, le=600, description="Simulated boot time.")
+
+
+class PolarsCloudProfileOptions(BaseModel):
+    """Settings only the Polars Cloud backend reads."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requirements: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    idle_timeout_mins: int = Field(
+        30, ge=10, description="Polars Cloud's own idle stop, kept as a backstop."
+    )
+
+
+class Profile(BaseModel):
+    """A named compute shape that leases ask for."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = ""
+    cpus: int | None = Field(None, ge=1, le=1024)
+    memory_gb: float | None = Field(None, gt=0, le=16384)
+    cluster_size: int = Field(1, ge=1, le=1000)
+    instance_type: str | None = None
+    storage_gb: int | None = Field(None, ge=1)
+    workspace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    idle_grace_s: float = Field(300.0, ge=0, le=86400)
+    max_leases_per_context: int = Field(64, ge=1, le=100_000)
+    max_contexts: int = Field(1, ge=1, le=1000)
+    max_lifetime_s: float | None = Field(None, gt=0)
+    hourly_cost: float = Field(0.0, ge=0)
+    local: LocalProfileOptions = Field(default_factory=LocalProfileOptions)  # type: ignore[arg-type]
+    polars_cloud: PolarsCloudProfileOptions = Field(
+        default_factory=PolarsCloudProfileOptions  # type: ignore[arg-type]
+    )
+
+    @model_validator(mode="after")
+    def _shape_is_given(self) -> Self:
+        if self.instance_type is None and (self.cpus is None or self.memory_gb is None):
+            raise ValueError("set both cpus and memory_gb, or an instance_type")
+        return self
+
+
+class Settings(BaseSettings):
+    """Everything the service reads at startup."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PCLEASE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    data_dir: Path = Path(".pclease")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; defaults to a SQLite file in data_dir."
+    )
+    backend: BackendKind = BackendKind.LOCAL
+    instance_name: str = Field(
+        "pclease",
+        pattern=r"^[a-z0-9][a-z0-9-]{0,40}$",
+        description="Labels this deployment's contexts so two deployments never adopt "
+        "or stop each other's.",
+    )
+
+    lease_ttl_s: float = Field(60.0, gt=0)
+    lease_ttl_min_s: float = Field(5.0, gt=0)
+    lease_ttl_max_s: float = Field(3600.0, gt=0)
+    lease_wait_default_s: float = Field(30.0, ge=0)
+    lease_wait_max_s: float = Field(300.0, ge=0)
+    long_poll_max_s: float = Field(60.0, gt=0)
+    reconcile_interval_s: float = Field(1.0, gt=0, le=60)
+    orphan_sweep_interval_s: float = Field(30.0, gt=0)
+    health_check_interval_s: float = Field(5.0, gt=0)
+    start_timeout_s: float = Field(600.0, gt=0)
+    stop_timeout_s: float = Field(120.0, gt=0)
+    backend_call_timeout_s: float = Field(30.0, gt=0)
+    token_cache_s: float = Field(5.0, ge=0, le=300)
+    max_request_bytes: int = Field(65536, ge=1024)
+
+    profiles: dict[str, Profile] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_ENV_VAR)
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        problems: list[str] = []
+        if not self.lease_ttl_min_s <= self.lease_ttl_s <= self.lease_ttl_max_s:
+            problems.append(
+                "lease_ttl_s must lie between lease_ttl_min_s and lease_ttl_max_s "
+                f"(got {self.lease_ttl_min_s} <= {self.lease_ttl_s} <= {self.lease_ttl_max_s})"
+            )
+        if self.lease_wait_default_s > self.lease_wait_max_s:
+            problems.append("lease_wait_default_s must not exceed lease_wait_max_s")
+        if self.reconcile_interval_s * 2 > self.lease_ttl_min_s:
+            problems.append(
+                "reconcile_interval_s must be at most half of lease_ttl_min_s, or leases "
+                "could expire between two reconciler ticks unnoticed for too long"
+            )
+        for name, profile in self.profiles.items():
+            if not _PROFILE_NAME.match(name):
+                problems.append(
+                    f"profiles.{name}: a profile name is 1-63 lowercase letters, digits, "
+                    "'-' or '_', starting with a letter or digit"
+                )
+            if self.backend is not BackendKind.POLARS_CLOUD and (
+                profile.cpus is None or profile.memory_gb is None
+            ):
+                problems.append(
+                    f"profiles.{name}: the {self.backend.value} backend needs cpus and "
+                    "memory_gb (instance_type alone only works with polars_cloud)"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        named = {name: p.model_copy(update={"name": name}) for name, p in self.profiles.items()}
+        object.__setattr__(self, "profiles", named)
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'pclease.db').resolve()}"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` has one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _format_error(error: Any) -> list[str]:
+    loc = ".".join(str(part) for part in error["loc"])
+    message: str = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    if error["type"] == "extra_forbidden":
+        message = "unknown key; check its spelling against docs/configuration.md"
+    if not loc:
+        return [part.strip() for part in message.split("; ")]
+    given = error.get("input")
+    # Echo short scalar values only: a URL or a nested table may carry a password.
+    if isinstance(given, int | float | str) and len(str(given)) <= 40 and "url" not in loc:
+        return [f"{loc}: {message} (got {given!r})"]
+    return [f"{loc}: {message}"]
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read the TOML file (or ``$PCLEASE_CONFIG``) and the environment.
+
+    Raises :class:`ConfigError` with one message per problem.
+    """
+    previous = os.environ.get(CONFIG_ENV_VAR)
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError([f"config file {path} does not exist"])
+        os.environ[CONFIG_ENV_VAR] = str(path)
+    elif previous and not Path(previous).is_file():
+        raise ConfigError([f"{CONFIG_ENV_VAR}={previous} does not name a file"])
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems: list[str] = []
+        for error in exc.errors():
+            problems.extend(_format_error(error))
+        raise ConfigError(problems) from None
+    except ValueError as exc:  # a TOML syntax error
+        raise ConfigError([f"cannot parse the config file: {exc}"]) from None
+    finally:
+        if config_file is not None:
+            if previous is None:
+                os.environ.pop(CONFIG_ENV_VAR, None)
+            else:
+                os.environ[CONFIG_ENV_VAR] = previous

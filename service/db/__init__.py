@@ -1,0 +1,1 @@
+"""The service database: schema, engine and migrations."""

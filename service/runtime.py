@@ -1,0 +1,84 @@
+"""The running service: engine, backend, reconciler and lease manager, wired together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from service import store
+from service.backends import create_backend
+from service.backends.base import Backend
+from service.clock import Clock, SystemClock
+from service.config import Settings
+from service.db.engine import create_db_engine, redacted
+from service.db.migrate import upgrade
+from service.db.session import Database
+from service.leases import LeaseManager
+from service.notify import Notifier
+from service.reconciler import Reconciler
+
+log = logging.getLogger("pclease")
+
+
+class Service:
+    """Owns every long-lived part. ``start`` and ``stop`` bracket the app's lifespan;
+    tests build one with a fake clock and backend and drive ``reconciler.tick`` by hand."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        backend: Backend | None = None,
+        run_reconciler: bool = True,
+        migrate: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.backend = backend or create_backend(settings, self.clock)
+        self.engine = create_db_engine(settings.resolved_database_url)
+        self.db = Database(self.engine, self.clock)
+        self.notifier = Notifier()
+        self.leases = LeaseManager(settings, self.db, self.notifier, self.backend.kind)
+        self.reconciler = Reconciler(settings, self.db, self.backend, self.notifier, self.clock)
+        self._run_reconciler = run_reconciler
+        self._migrate = migrate
+        self._loop_task: asyncio.Task[None] | None = None
+        self.loop_error: BaseException | None = None
+
+    async def start(self) -> None:
+        url = self.settings.resolved_database_url
+        if self._migrate:
+            await asyncio.to_thread(upgrade, url)
+        await self.db.write(lambda tx: store.sync_profiles(tx, self.settings.profiles))
+        log.info(
+            "pclease ready: backend=%s database=%s profiles=%s",
+            self.backend.kind, redacted(url), ",".join(self.settings.profiles) or "(none)",
+        )
+        if self._run_reconciler:
+            self._loop_task = asyncio.create_task(self.reconciler.run(), name="reconciler")
+            self._loop_task.add_done_callback(self._loop_died)
+
+    def _loop_died(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        self.loop_error = task.exception()
+        log.critical("the reconciler loop died: %r; /readyz now fails", self.loop_error)
+
+    @property
+    def reconciler_alive(self) -> bool:
+        if not self._run_reconciler:
+            return True
+        return self._loop_task is not None and not self._loop_task.done()
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        try:
+            await self.reconciler.shutdown()
+        finally:
+            await self.backend.close()
+            self.engine.dispose()

@@ -1,0 +1,101 @@
+"""The two lifecycles pclease manages, as enums plus explicit transition tables.
+
+Context::
+
+    starting ──▶ running ◀──▶ idle
+       │  ╲         │          │
+       │   ╲        ▼          ▼
+       │    ╲──▶ stopping ──▶ stopped
+       ▼            │
+     failed ◀───────┘   (any live state can fail)
+
+Lease::
+
+    pending ──▶ active ──▶ released | expired | revoked | failed
+       └──────────────────▶ released | expired | revoked | failed
+
+A lease is ``pending`` while its context starts and ``active`` once it runs. ``failed``
+means its context failed underneath it. The tables are the single source of truth: the
+repository builds every guarded ``UPDATE ... WHERE state IN (...)`` from them.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ContextState(StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    IDLE = "idle"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (ContextState.STOPPED, ContextState.FAILED)
+
+
+class LeaseState(StrEnum):
+    PENDING = "pending"
+    ACTIVE = "active"
+    RELEASED = "released"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+    FAILED = "failed"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self not in (LeaseState.PENDING, LeaseState.ACTIVE)
+
+
+CONTEXT_TRANSITIONS: dict[ContextState, frozenset[ContextState]] = {
+    ContextState.STARTING: frozenset(
+        {ContextState.RUNNING, ContextState.IDLE, ContextState.STOPPING, ContextState.FAILED}
+    ),
+    ContextState.RUNNING: frozenset(
+        {ContextState.IDLE, ContextState.STOPPING, ContextState.FAILED}
+    ),
+    ContextState.IDLE: frozenset(
+        {ContextState.RUNNING, ContextState.STOPPING, ContextState.FAILED}
+    ),
+    ContextState.STOPPING: frozenset({ContextState.STOPPED, ContextState.FAILED}),
+    ContextState.STOPPED: frozenset(),
+    ContextState.FAILED: frozenset(),
+}
+
+LEASE_TRANSITIONS: dict[LeaseState, frozenset[LeaseState]] = {
+    LeaseState.PENDING: frozenset(
+        {
+            LeaseState.ACTIVE,
+            LeaseState.RELEASED,
+            LeaseState.EXPIRED,
+            LeaseState.REVOKED,
+            LeaseState.FAILED,
+        }
+    ),
+    LeaseState.ACTIVE: frozenset(
+        {LeaseState.RELEASED, LeaseState.EXPIRED, LeaseState.REVOKED, LeaseState.FAILED}
+    ),
+    LeaseState.RELEASED: frozenset(),
+    LeaseState.EXPIRED: frozenset(),
+    LeaseState.REVOKED: frozenset(),
+    LeaseState.FAILED: frozenset(),
+}
+
+LIVE_CONTEXT_STATES = frozenset(s for s in ContextState if not s.is_terminal)
+JOINABLE_CONTEXT_STATES = frozenset(
+    {ContextState.STARTING, ContextState.RUNNING, ContextState.IDLE}
+)
+LIVE_LEASE_STATES = frozenset({LeaseState.PENDING, LeaseState.ACTIVE})
+
+
+def context_sources(target: ContextState) -> frozenset[ContextState]:
+    """The states a context may move to ``target`` from."""
+    return frozenset(s for s, targets in CONTEXT_TRANSITIONS.items() if target in targets)
+
+
+def lease_sources(target: LeaseState) -> frozenset[LeaseState]:
+    """The states a lease may move to ``target`` from."""
+    return frozenset(s for s, targets in LEASE_TRANSITIONS.items() if target in targets)
