@@ -135,12 +135,21 @@ class LeaseManager:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         queue = self.notifier.queues[profile.name]
-        ticket = queue.enter()
         retry_after = 1
+        if not queue.tickets:
+            # Nobody is waiting: try at once. The queue only orders requests that have
+            # already found the profile full, so it never slows down the common case.
+            outcome = await self._try_acquire(principal, profile, holder, ttl, fp,
+                                              idempotency_key)
+            if outcome.lease is not None:
+                return outcome.lease, outcome.created
+            retry_after = outcome.retry_after_s
+        ticket = queue.enter()
         try:
             while True:
                 token = queue.pulse.token()
-                if queue.is_head(ticket):
+                remaining = deadline - loop.time()
+                if queue.is_head(ticket) and remaining > 0:
                     outcome = await self._try_acquire(principal, profile, holder, ttl, fp,
                                                       idempotency_key)
                     if outcome.lease is not None:
