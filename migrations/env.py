@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
+
 from service.db.engine import create_db_engine
 from service.db.schema import metadata
 

@@ -64,8 +64,12 @@ def main() -> None:
 @config_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8040, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
 def serve(config_file: Path | None, host: str, port: int, log_level: str) -> None:
     """Run the service (migrates the database first)."""
     import uvicorn
@@ -107,9 +111,14 @@ def token() -> None:
 @token.command("create")
 @config_option
 @click.argument("name")
-@click.option("--scope", "scopes", multiple=True, required=True,
-              type=click.Choice(["lease", "read", "admin"]),
-              help="lease: take and run leases; read: see everything; admin: everything.")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    required=True,
+    type=click.Choice(["lease", "read", "admin"]),
+    help="lease: take and run leases; read: see everything; admin: everything.",
+)
 def token_create(config_file: Path | None, name: str, scopes: tuple[str, ...]) -> None:
     """Create a token and print it once (only its hash is stored)."""
     from service import store, tokens
@@ -125,8 +134,10 @@ def token_create(config_file: Path | None, name: str, scopes: tuple[str, ...]) -
             )
         store.insert_token(tx, name=name, token_hash=tokens.hash_token(value), scopes=scopes)
     click.echo(value)
-    click.echo(f"token {name!r} ({', '.join(sorted(scopes))}): store it now, it is not "
-               "shown again", err=True)
+    click.echo(
+        f"token {name!r} ({', '.join(sorted(scopes))}): store it now, it is not shown again",
+        err=True,
+    )
 
 
 @token.command("list")
@@ -140,8 +151,10 @@ def token_list(config_file: Path | None) -> None:
         rows = store.list_tokens(tx)
     for record in rows:
         state = f"revoked {record.revoked_at:%Y-%m-%d %H:%M}" if record.revoked_at else "active"
-        click.echo(f"{record.name:30} {','.join(sorted(record.scopes)):20} "
-                   f"created {record.created_at:%Y-%m-%d %H:%M}  {state}")
+        click.echo(
+            f"{record.name:30} {','.join(sorted(record.scopes)):20} "
+            f"created {record.created_at:%Y-%m-%d %H:%M}  {state}"
+        )
 
 
 @token.command("revoke")
@@ -193,10 +206,18 @@ def status(config_file: Path | None) -> None:
         return
     for c in live:
         up = (now - c.created_at).total_seconds()
-        click.echo(f"context {c.id} {c.profile:12} {c.state.value:9} leases={c.refcount} "
-                   f"up {up:.0f}s  ${c.hourly_cost * up / 3600:.4f}")
+        click.echo(
+            f"context {c.id} {c.profile:12} {c.state.value:9} leases={c.refcount} "
+            f"up {up:.0f}s  ${c.hourly_cost * up / 3600:.4f}"
+        )
         for lease in (x for x in leases if x.context_id == c.id):
-            who = "/".join(str(lease.holder.get(k)) for k in ("dag_id", "run_id", "task_id")
-                           if lease.holder.get(k)) or "-"
+            who = (
+                "/".join(
+                    str(lease.holder.get(k))
+                    for k in ("dag_id", "run_id", "task_id")
+                    if lease.holder.get(k)
+                )
+                or "-"
+            )
             left = (lease.expires_at - now).total_seconds()
             click.echo(f"    lease {lease.id} {lease.state.value:8} {who}  expires in {left:.0f}s")

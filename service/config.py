@@ -80,10 +80,8 @@ class Profile(BaseModel):
     max_contexts: int = Field(1, ge=1, le=1000)
     max_lifetime_s: float | None = Field(None, gt=0)
     hourly_cost: float = Field(0.0, ge=0)
-    local: LocalProfileOptions = Field(default_factory=LocalProfileOptions)  # type: ignore[arg-type]
-    polars_cloud: PolarsCloudProfileOptions = Field(
-        default_factory=PolarsCloudProfileOptions  # type: ignore[arg-type]
-    )
+    local: LocalProfileOptions = Field(default_factory=LocalProfileOptions)
+    polars_cloud: PolarsCloudProfileOptions = Field(default_factory=PolarsCloudProfileOptions)
 
     @model_validator(mode="after")
     def _shape_is_given(self) -> Self:

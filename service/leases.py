@@ -139,8 +139,7 @@ class LeaseManager:
         if not queue.tickets:
             # Nobody is waiting: try at once. The queue only orders requests that have
             # already found the profile full, so it never slows down the common case.
-            outcome = await self._try_acquire(principal, profile, holder, ttl, fp,
-                                              idempotency_key)
+            outcome = await self._try_acquire(principal, profile, holder, ttl, fp, idempotency_key)
             if outcome.lease is not None:
                 return outcome.lease, outcome.created
             retry_after = outcome.retry_after_s
@@ -150,8 +149,9 @@ class LeaseManager:
                 token = queue.pulse.token()
                 remaining = deadline - loop.time()
                 if queue.is_head(ticket) and remaining > 0:
-                    outcome = await self._try_acquire(principal, profile, holder, ttl, fp,
-                                                      idempotency_key)
+                    outcome = await self._try_acquire(
+                        principal, profile, holder, ttl, fp, idempotency_key
+                    )
                     if outcome.lease is not None:
                         return outcome.lease, outcome.created
                     retry_after = outcome.retry_after_s
@@ -202,12 +202,21 @@ class LeaseManager:
                         retry = max(1, min(60, math.ceil((earliest - tx.now).total_seconds())))
                     return _Acquired(None, created=False, retry_after_s=retry)
                 context = store.create_context(
-                    tx, profile, self.backend_kind, actor=principal.actor,
+                    tx,
+                    profile,
+                    self.backend_kind,
+                    actor=principal.actor,
                     reason=f"no context of {profile.name!r} had room for {who}",
                 )
             lease = store.insert_lease(
-                tx, context=context, token_id=principal.token_id, ttl_s=ttl, holder=holder,
-                idempotency_key=idempotency_key, request_fingerprint=fp, actor=principal.actor,
+                tx,
+                context=context,
+                token_id=principal.token_id,
+                ttl_s=ttl,
+                holder=holder,
+                idempotency_key=idempotency_key,
+                request_fingerprint=fp,
+                actor=principal.actor,
             )
             return _Acquired(lease, created=True)
 
@@ -228,7 +237,9 @@ class LeaseManager:
 
     # -- read -----------------------------------------------------------------------------
 
-    def _visible(self, principal: Principal, lease: LeaseRecord | None, lease_id: str) -> LeaseRecord:
+    def _visible(
+        self, principal: Principal, lease: LeaseRecord | None, lease_id: str
+    ) -> LeaseRecord:
         if lease is None:
             raise LeaseNotFound(lease_id)
         if not principal.can_read_all and lease.token_id != principal.token_id:
@@ -272,7 +283,7 @@ class LeaseManager:
                 return lease
             await wait_token(token, min(remaining, _RECHECK_S))
 
-    async def list(
+    async def list_leases(
         self,
         principal: Principal,
         *,
@@ -285,8 +296,13 @@ class LeaseManager:
         token_id = None if principal.can_read_all else principal.token_id
         return await self.db.read(
             lambda tx: store.list_leases(
-                tx, context_id=context_id, token_id=token_id, states=states,
-                dag_id=dag_id, run_id=run_id, limit=limit,
+                tx,
+                context_id=context_id,
+                token_id=token_id,
+                states=states,
+                dag_id=dag_id,
+                run_id=run_id,
+                limit=limit,
             )
         )
 
@@ -323,7 +339,10 @@ class LeaseManager:
         def unit(tx: Tx) -> LeaseRecord:
             self._owned(principal, store.get_lease(tx, lease_id), lease_id)
             store.end_lease(
-                tx, lease_id, LeaseState.RELEASED, actor=principal.actor,
+                tx,
+                lease_id,
+                LeaseState.RELEASED,
+                actor=principal.actor,
                 reason=f"released by {principal.actor}",
             )
             lease = store.get_lease(tx, lease_id)
@@ -344,13 +363,20 @@ class LeaseManager:
         def unit(tx: Tx) -> list[LeaseRecord]:
             token_id = None if principal.is_admin else principal.token_id
             live = store.list_leases(
-                tx, token_id=token_id, states=LIVE_LEASE_STATES, dag_id=dag_id,
-                run_id=run_id, task_id=task_id,
+                tx,
+                token_id=token_id,
+                states=LIVE_LEASE_STATES,
+                dag_id=dag_id,
+                run_id=run_id,
+                task_id=task_id,
             )
             released = []
             for lease in live:
                 ended = store.end_lease(
-                    tx, lease.id, LeaseState.RELEASED, actor=principal.actor,
+                    tx,
+                    lease.id,
+                    LeaseState.RELEASED,
+                    actor=principal.actor,
                     reason=f"holder {dag_id}/{run_id}"
                     + (f"/{task_id}" if task_id else "")
                     + f" released by {principal.actor}",

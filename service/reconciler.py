@@ -17,6 +17,7 @@ start never delays expiry or another profile's stop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
@@ -81,10 +82,8 @@ class Reconciler:
                 raise
             except Exception:
                 log.exception("reconciler tick failed; retrying next tick")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), self.settings.reconcile_interval_s)
-            except TimeoutError:
-                pass
 
     async def tick(self) -> None:
         self.ticks += 1
@@ -117,12 +116,12 @@ class Reconciler:
         live = await self.db.read(
             lambda tx: store.list_contexts(tx, states=LIVE_CONTEXT_STATES, limit=100_000)
         )
-        for context in live:
-            await self._write(
-                lambda tx, cid=context.id: store.force_stop(
-                    tx, cid, actor=ACTOR, reason="the service is shutting down"
-                )
-            )
+
+        def stop_all(tx: Tx) -> None:
+            for context in live:
+                store.force_stop(tx, context.id, actor=ACTOR, reason="the service is shutting down")
+
+        await self._write(stop_all)
         stopping = await self.db.read(
             lambda tx: store.list_contexts(tx, states=[ContextState.STOPPING], limit=100_000)
         )
@@ -212,9 +211,7 @@ class Reconciler:
             return
         self._swept_at = asyncio.get_running_loop().time()
         ids = [o.context_id for o in observed if o.context_id]
-        known = await self.db.read(
-            lambda tx: {cid: store.get_context(tx, cid) for cid in ids}
-        )
+        known = await self.db.read(lambda tx: {cid: store.get_context(tx, cid) for cid in ids})
         for item in observed:
             record = known.get(item.context_id) if item.context_id else None
             task = self._inflight.get(item.context_id or "")
@@ -245,7 +242,10 @@ class Reconciler:
         if record is not None:
             await self._write(
                 lambda tx: store.record_event(
-                    tx, kind="context", actor=ACTOR, context_id=record.id,
+                    tx,
+                    kind="context",
+                    actor=ACTOR,
+                    context_id=record.id,
                     reason=f"stopped orphaned instance: {why}",
                 )
             )
@@ -254,7 +254,10 @@ class Reconciler:
     def _adopt(tx: Tx, record: ContextRecord, item: Observed) -> None:
         store.save_handle(tx, record.id, item.handle)
         store.record_event(
-            tx, kind="context", actor=ACTOR, context_id=record.id,
+            tx,
+            kind="context",
+            actor=ACTOR,
+            context_id=record.id,
             reason="adopted the backend's instance of this context after a restart",
         )
 
@@ -267,8 +270,10 @@ class Reconciler:
         if state is ContextState.STARTING:
             if context.backend_handle is None:
                 if profile is None:
-                    self._launch(context.id, self._fail(
-                        context, f"profile {context.profile!r} is no longer configured"))
+                    self._launch(
+                        context.id,
+                        self._fail(context, f"profile {context.profile!r} is no longer configured"),
+                    )
                 elif self._swept_at is not None or context.created_at >= self._born:
                     self._launch(context.id, self._start(context, profile))
             else:

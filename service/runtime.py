@@ -54,7 +54,9 @@ class Service:
         await self.db.write(lambda tx: store.sync_profiles(tx, self.settings.profiles))
         log.info(
             "pclease ready: backend=%s database=%s profiles=%s",
-            self.backend.kind, redacted(url), ",".join(self.settings.profiles) or "(none)",
+            self.backend.kind,
+            redacted(url),
+            ",".join(self.settings.profiles) or "(none)",
         )
         if self._run_reconciler:
             self._loop_task = asyncio.create_task(self.reconciler.run(), name="reconciler")

@@ -243,8 +243,15 @@ def transition_context(
     if sources is not None:
         allowed = allowed & frozenset(sources)
     row = _transition(
-        tx, contexts, context_id, frozenset(allowed), to,
-        actor=actor, reason=reason, where=where, values=values,
+        tx,
+        contexts,
+        context_id,
+        frozenset(allowed),
+        to,
+        actor=actor,
+        reason=reason,
+        where=where,
+        values=values,
     )
     return None if row is None else ContextRecord.from_row(row)
 
@@ -323,8 +330,12 @@ def join_context(tx: Tx, profile: Profile, *, actor: str, reason: str) -> Contex
         for context_id, state in candidates:
             if state == ContextState.IDLE.value:
                 row = transition_context(
-                    tx, context_id, ContextState.RUNNING,
-                    actor=actor, reason=reason, sources=[ContextState.IDLE],
+                    tx,
+                    context_id,
+                    ContextState.RUNNING,
+                    actor=actor,
+                    reason=reason,
+                    sources=[ContextState.IDLE],
                     where=[contexts.c.refcount == 0],
                     values={
                         "refcount": contexts.c.refcount + 1,
@@ -386,7 +397,11 @@ def create_context(
         .returning(*contexts.c)
     ).one()
     record_event(
-        tx, kind="context", actor=actor, reason=reason, context_id=context_id,
+        tx,
+        kind="context",
+        actor=actor,
+        reason=reason,
+        context_id=context_id,
         to_state=ContextState.STARTING.value,
     )
     tx.contexts_changed.add(context_id)
@@ -428,46 +443,68 @@ def set_status_message(tx: Tx, context_id: str, message: str | None) -> None:
 def mark_started(tx: Tx, context_id: str, *, actor: str) -> ContextRecord | None:
     """starting → running (or idle, if every lease left while it booted); activates leases."""
     row = transition_context(
-        tx, context_id, ContextState.RUNNING,
-        actor=actor, reason="the backend reports the context running",
-        sources=[ContextState.STARTING], where=[contexts.c.refcount > 0],
+        tx,
+        context_id,
+        ContextState.RUNNING,
+        actor=actor,
+        reason="the backend reports the context running",
+        sources=[ContextState.STARTING],
+        where=[contexts.c.refcount > 0],
         values={"started_at": tx.now, "status_message": None},
     )
     if row is None:
         row = transition_context(
-            tx, context_id, ContextState.IDLE,
-            actor=actor, reason="started, but every lease ended while it booted",
-            sources=[ContextState.STARTING], where=[contexts.c.refcount == 0],
+            tx,
+            context_id,
+            ContextState.IDLE,
+            actor=actor,
+            reason="started, but every lease ended while it booted",
+            sources=[ContextState.STARTING],
+            where=[contexts.c.refcount == 0],
             values={"started_at": tx.now, "idle_since": tx.now, "status_message": None},
         )
         if row is None:
             return None
-    pending = tx.conn.execute(
-        select(leases.c.id).where(
-            leases.c.context_id == context_id, leases.c.state == LeaseState.PENDING.value
+    pending = (
+        tx.conn.execute(
+            select(leases.c.id).where(
+                leases.c.context_id == context_id, leases.c.state == LeaseState.PENDING.value
+            )
         )
-    ).scalars().all()
+        .scalars()
+        .all()
+    )
     for lease_id in pending:
         transition_lease(
-            tx, lease_id, LeaseState.ACTIVE, actor=actor,
-            reason="its context is running", values={"activated_at": tx.now},
+            tx,
+            lease_id,
+            LeaseState.ACTIVE,
+            actor=actor,
+            reason="its context is running",
+            values={"activated_at": tx.now},
         )
     return row
 
 
-def _end_live_leases(
-    tx: Tx, context_id: str, to: LeaseState, *, actor: str, reason: str
-) -> int:
-    ids = tx.conn.execute(
-        select(leases.c.id).where(
-            leases.c.context_id == context_id,
-            leases.c.state.in_([s.value for s in LIVE_LEASE_STATES]),
+def _end_live_leases(tx: Tx, context_id: str, to: LeaseState, *, actor: str, reason: str) -> int:
+    ids = (
+        tx.conn.execute(
+            select(leases.c.id).where(
+                leases.c.context_id == context_id,
+                leases.c.state.in_([s.value for s in LIVE_LEASE_STATES]),
+            )
         )
-    ).scalars().all()
+        .scalars()
+        .all()
+    )
     ended = 0
     for lease_id in ids:
         if transition_lease(
-            tx, lease_id, to, actor=actor, reason=reason,
+            tx,
+            lease_id,
+            to,
+            actor=actor,
+            reason=reason,
             values={"ended_at": tx.now, "end_reason": reason},
         ):
             ended += 1
@@ -477,7 +514,11 @@ def _end_live_leases(
 def fail_context(tx: Tx, context_id: str, message: str, *, actor: str) -> ContextRecord | None:
     """Any live state → failed; its leases fail with the same reason."""
     row = transition_context(
-        tx, context_id, ContextState.FAILED, actor=actor, reason=message,
+        tx,
+        context_id,
+        ContextState.FAILED,
+        actor=actor,
+        reason=message,
         values={
             "refcount": 0,
             "idle_since": None,
@@ -503,7 +544,11 @@ def begin_idle_stop(
     moves idle → running under the same guard, so exactly one of the two wins.
     """
     return transition_context(
-        tx, context_id, ContextState.STOPPING, actor=actor, reason=reason,
+        tx,
+        context_id,
+        ContextState.STOPPING,
+        actor=actor,
+        reason=reason,
         sources=[ContextState.IDLE],
         where=[contexts.c.refcount == 0, contexts.c.idle_since <= idle_cutoff],
         values={"stopping_since": tx.now, "stop_reason": reason, "idle_since": None},
@@ -513,7 +558,11 @@ def begin_idle_stop(
 def force_stop(tx: Tx, context_id: str, *, actor: str, reason: str) -> ContextRecord | None:
     """Revoke every lease of the context and move it to stopping (admin, shutdown)."""
     row = transition_context(
-        tx, context_id, ContextState.STOPPING, actor=actor, reason=reason,
+        tx,
+        context_id,
+        ContextState.STOPPING,
+        actor=actor,
+        reason=reason,
         values={
             "refcount": 0,
             "stopping_since": tx.now,
@@ -529,8 +578,12 @@ def force_stop(tx: Tx, context_id: str, *, actor: str, reason: str) -> ContextRe
 
 def mark_stopped(tx: Tx, context_id: str, *, actor: str) -> ContextRecord | None:
     row = transition_context(
-        tx, context_id, ContextState.STOPPED, actor=actor,
-        reason="the backend confirmed the stop", values={"stopped_at": tx.now},
+        tx,
+        context_id,
+        ContextState.STOPPED,
+        actor=actor,
+        reason="the backend confirmed the stop",
+        values={"stopped_at": tx.now},
     )
     if row is not None:
         tx.profiles_freed.add(row.profile)
@@ -575,7 +628,11 @@ def insert_lease(
         .returning(*leases.c)
     ).one()
     record_event(
-        tx, kind="lease", actor=actor, lease_id=lease_id, context_id=context.id,
+        tx,
+        kind="lease",
+        actor=actor,
+        lease_id=lease_id,
+        context_id=context.id,
         to_state=state.value,
         reason=f"leased on context {context.id} ({context.state.value})",
     )
@@ -637,7 +694,11 @@ def end_lease(
     Returns None if the lease was not live (already ended, or ended concurrently).
     """
     row = transition_lease(
-        tx, lease_id, to, actor=actor, reason=reason,
+        tx,
+        lease_id,
+        to,
+        actor=actor,
+        reason=reason,
         values={"ended_at": tx.now, "end_reason": reason},
     )
     if row is None:
@@ -651,9 +712,13 @@ def end_lease(
     tx.profiles_freed.add(row.profile)
     if remaining is not None and remaining.refcount == 0:
         transition_context(
-            tx, row.context_id, ContextState.IDLE, actor=actor,
+            tx,
+            row.context_id,
+            ContextState.IDLE,
+            actor=actor,
             reason=f"last lease {lease_id} ended ({to.value})",
-            sources=[ContextState.RUNNING], where=[contexts.c.refcount == 0],
+            sources=[ContextState.RUNNING],
+            where=[contexts.c.refcount == 0],
             values={"idle_since": tx.now},
         )
     return row
@@ -757,12 +822,14 @@ def token_by_name(tx: Tx, name: str) -> TokenRecord | None:
 
 
 def list_tokens(tx: Tx) -> list[TokenRecord]:
-    return [TokenRecord.from_row(r) for r in tx.conn.execute(select(tokens).order_by(tokens.c.name))]
+    rows = tx.conn.execute(select(tokens).order_by(tokens.c.name))
+    return [TokenRecord.from_row(r) for r in rows]
 
 
 def revoke_token(tx: Tx, name: str) -> bool:
     result = tx.conn.execute(
-        update(tokens).where(tokens.c.name == name, tokens.c.revoked_at.is_(None))
+        update(tokens)
+        .where(tokens.c.name == name, tokens.c.revoked_at.is_(None))
         .values(revoked_at=tx.now)
     )
     return result.rowcount == 1

@@ -25,8 +25,14 @@ from service.runtime import Service
 PG_ADMIN_DSN = os.environ.get("PCLEASE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 PROFILES: dict[str, Any] = {
-    "small": {"cpus": 1, "memory_gb": 1, "idle_grace_s": 30, "hourly_cost": 0.5,
-              "max_leases_per_context": 4, "max_contexts": 2},
+    "small": {
+        "cpus": 1,
+        "memory_gb": 1,
+        "idle_grace_s": 30,
+        "hourly_cost": 0.5,
+        "max_leases_per_context": 4,
+        "max_contexts": 2,
+    },
     "large": {"cpus": 2, "memory_gb": 2, "idle_grace_s": 60, "hourly_cost": 2.0},
 }
 
@@ -92,8 +98,9 @@ class Harness:
         )
         return {"Authorization": f"Bearer {value}"}
 
-    async def lease(self, profile: str = "small", headers: dict[str, str] | None = None,
-                    **body: Any) -> dict[str, Any]:
+    async def lease(
+        self, profile: str = "small", headers: dict[str, str] | None = None, **body: Any
+    ) -> dict[str, Any]:
         response = await self.client.post(
             "/v1/leases", json={"profile": profile, **body}, headers=headers or self.headers
         )
@@ -132,9 +139,7 @@ def make_settings(tmp_path: Path, database_url: str, **overrides: Any) -> Settin
 
 
 @pytest.fixture
-async def make_harness(
-    tmp_path: Path, database_url: str
-) -> AsyncIterator[Any]:
+async def make_harness(tmp_path: Path, database_url: str) -> AsyncIterator[Any]:
     made: list[Harness] = []
 
     async def make(**overrides: Any) -> Harness:
@@ -144,8 +149,9 @@ async def make_harness(
         service = Service(settings, clock=clock, backend=backend, run_reconciler=False)
         await service.start()
         app = create_app(service)
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                   base_url="http://pclease.test")
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://pclease.test"
+        )
         harness = Harness(service, clock, backend, client, {})
         harness.headers = harness.token(f"admin-{len(made)}", "admin")
         made.append(harness)

@@ -8,8 +8,13 @@ from service import store
 from service.backends.base import LABEL_CONTEXT_ID, LABEL_INSTANCE, LABEL_MANAGED_BY
 from tests.conftest import Harness
 
-AIRFLOW_HOLDER = {"dag_id": "etl", "run_id": "r1", "task_id": "t1", "try_number": 1,
-                  "map_index": -1}
+AIRFLOW_HOLDER = {
+    "dag_id": "etl",
+    "run_id": "r1",
+    "task_id": "t1",
+    "try_number": 1,
+    "map_index": -1,
+}
 
 
 async def test_cold_lease_starts_one_context_and_activates_when_running(h: Harness) -> None:
@@ -122,8 +127,9 @@ async def test_full_context_starts_a_second_then_capacity_is_429(h: Harness) -> 
     assert fifth["context_id"] != ids[0]
     for _ in range(3):
         await h.lease()
-    response = await h.client.post("/v1/leases", json={"profile": "small", "wait_s": 0},
-                                   headers=h.headers)
+    response = await h.client.post(
+        "/v1/leases", json={"profile": "small", "wait_s": 0}, headers=h.headers
+    )
     assert response.status_code == 429
     assert response.json()["error"]["code"] == "capacity_exhausted"
     assert 1 <= int(response.headers["Retry-After"]) <= 60
@@ -154,9 +160,11 @@ async def test_waiters_are_served_first_in_first_out(h: Harness) -> None:
     order: list[str] = []
 
     async def wait_for_lease(name: str) -> None:
-        r = await h.client.post("/v1/leases", json={"profile": "small", "wait_s": 10,
-                                                    "holder": {"task_id": name}},
-                                headers=h.headers)
+        r = await h.client.post(
+            "/v1/leases",
+            json={"profile": "small", "wait_s": 10, "holder": {"task_id": name}},
+            headers=h.headers,
+        )
         assert r.status_code == 201, r.text
         order.append(name)
 
@@ -310,7 +318,8 @@ async def test_release_by_holder(h: Harness) -> None:
     assert (await h.get_lease(other_run["id"]))["state"] == "pending"
 
     one_task = await h.client.delete(
-        "/v1/leases", params={"dag_id": "etl", "run_id": "r2", "task_id": "t1"},
+        "/v1/leases",
+        params={"dag_id": "etl", "run_id": "r2", "task_id": "t1"},
         headers=h.headers,
     )
     assert [x["id"] for x in one_task.json()["leases"]] == [other_run["id"]]
@@ -321,13 +330,20 @@ async def test_every_transition_is_an_event_with_a_reason(h: Harness) -> None:
     await h.settle()
     await h.client.delete(f"/v1/leases/{lease['id']}", headers=h.headers)
     await h.tick(31)
-    response = await h.client.get("/v1/events", params={"context_id": lease["context_id"]},
-                                  headers=h.headers)
+    response = await h.client.get(
+        "/v1/events", params={"context_id": lease["context_id"]}, headers=h.headers
+    )
     events = list(reversed(response.json()["events"]))
-    context_moves = [(e["from_state"], e["to_state"]) for e in events if e["kind"] == "context"
-                     and e["to_state"]]
-    assert context_moves == [(None, "starting"), ("starting", "running"), ("running", "idle"),
-                             ("idle", "stopping"), ("stopping", "stopped")]
+    context_moves = [
+        (e["from_state"], e["to_state"]) for e in events if e["kind"] == "context" and e["to_state"]
+    ]
+    assert context_moves == [
+        (None, "starting"),
+        ("starting", "running"),
+        ("running", "idle"),
+        ("idle", "stopping"),
+        ("stopping", "stopped"),
+    ]
     lease_moves = [(e["from_state"], e["to_state"]) for e in events if e["kind"] == "lease"]
     assert lease_moves == [(None, "pending"), ("pending", "active"), ("active", "released")]
     assert all(e["reason"] and e["actor"] for e in events)
@@ -366,8 +382,15 @@ async def test_failing_stop_is_retried_until_it_succeeds(h: Harness) -> None:
 
 
 async def test_max_lifetime_stops_joining_and_stops_when_idle(make_harness: Any) -> None:
-    profiles = {"small": {"cpus": 1, "memory_gb": 1, "idle_grace_s": 600,
-                          "max_lifetime_s": 100, "max_contexts": 2}}
+    profiles = {
+        "small": {
+            "cpus": 1,
+            "memory_gb": 1,
+            "idle_grace_s": 600,
+            "max_lifetime_s": 100,
+            "max_contexts": 2,
+        }
+    }
     h: Harness = await make_harness(profiles=profiles)
     old = await h.lease()
     await h.settle()
@@ -379,4 +402,3 @@ async def test_max_lifetime_stops_joining_and_stops_when_idle(make_harness: Any)
     context = await h.context(old["context_id"])
     assert context["state"] == "stopped"
     assert "max_lifetime_s" in context["stop_reason"]
-

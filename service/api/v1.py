@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Depends, Header, Path, Query, Response, status
+from pydantic import AfterValidator
 
 from service import store
 from service.api.deps import AdminDep, PrincipalDep, ServiceDep
@@ -24,6 +25,46 @@ from service.leases import force_stop_context
 from service.states import ContextState, LeaseState
 
 router = APIRouter(prefix="/v1")
+
+# Ids are UUID strings (store.new_id). Anything longer, or holding a NUL (which PostgreSQL
+# refuses in text), cannot name a row, so it is "not found" without asking the database.
+_ID_MAX = 36
+
+
+def _could_exist(item_id: str) -> bool:
+    return len(item_id) <= _ID_MAX and "\x00" not in item_id
+
+
+def _shown(item_id: str) -> str:
+    return item_id if len(item_id) <= _ID_MAX else item_id[:_ID_MAX] + "..."
+
+
+def _lease_id(lease_id: Annotated[str, Path()]) -> str:
+    if not _could_exist(lease_id):
+        raise LeaseNotFound(_shown(lease_id))
+    return lease_id
+
+
+def _context_id(context_id: Annotated[str, Path()]) -> str:
+    if not _could_exist(context_id):
+        raise ContextNotFound(_shown(context_id))
+    return context_id
+
+
+LeaseId = Annotated[str, Depends(_lease_id)]
+ContextId = Annotated[str, Depends(_context_id)]
+
+
+def _no_nul(value: str | None) -> str | None:
+    if value is not None and "\x00" in value:
+        raise ValueError("must not contain NUL (\\x00) characters")
+    return value
+
+
+NoNul = AfterValidator(_no_nul)
+
+# events.id is a 32-bit INTEGER; a larger bound makes PostgreSQL fail the query.
+_EVENT_ID_MAX = 2**31 - 1
 
 IdempotencyKey = Annotated[
     str | None,
@@ -74,12 +115,12 @@ async def list_leases(
     service: ServiceDep,
     principal: PrincipalDep,
     state: Annotated[list[LeaseState] | None, Query()] = None,
-    context_id: Annotated[str | None, Query(max_length=36)] = None,
-    dag_id: Annotated[str | None, Query(max_length=250)] = None,
-    run_id: Annotated[str | None, Query(max_length=250)] = None,
+    context_id: Annotated[str | None, Query(max_length=36), NoNul] = None,
+    dag_id: Annotated[str | None, Query(max_length=250), NoNul] = None,
+    run_id: Annotated[str | None, Query(max_length=250), NoNul] = None,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> LeaseList:
-    leases = await service.leases.list(
+    leases = await service.leases.list_leases(
         principal, context_id=context_id, states=state, dag_id=dag_id, run_id=run_id, limit=limit
     )
     return LeaseList(leases=[LeaseOut.of(lease) for lease in leases])
@@ -87,7 +128,7 @@ async def list_leases(
 
 @router.get("/leases/{lease_id}", tags=["leases"])
 async def get_lease(
-    lease_id: str,
+    lease_id: LeaseId,
     service: ServiceDep,
     principal: PrincipalDep,
     wait_s: Annotated[
@@ -103,12 +144,12 @@ async def get_lease(
 
 
 @router.post("/leases/{lease_id}/heartbeat", tags=["leases"])
-async def heartbeat(lease_id: str, service: ServiceDep, principal: PrincipalDep) -> LeaseOut:
+async def heartbeat(lease_id: LeaseId, service: ServiceDep, principal: PrincipalDep) -> LeaseOut:
     return LeaseOut.of(await service.leases.heartbeat(principal, lease_id))
 
 
 @router.delete("/leases/{lease_id}", tags=["leases"])
-async def release(lease_id: str, service: ServiceDep, principal: PrincipalDep) -> LeaseOut:
+async def release(lease_id: LeaseId, service: ServiceDep, principal: PrincipalDep) -> LeaseOut:
     return LeaseOut.of(await service.leases.release(principal, lease_id))
 
 
@@ -116,9 +157,9 @@ async def release(lease_id: str, service: ServiceDep, principal: PrincipalDep) -
 async def release_holder(
     service: ServiceDep,
     principal: PrincipalDep,
-    dag_id: Annotated[str, Query(min_length=1, max_length=250)],
-    run_id: Annotated[str, Query(min_length=1, max_length=250)],
-    task_id: Annotated[str | None, Query(min_length=1, max_length=250)] = None,
+    dag_id: Annotated[str, Query(min_length=1, max_length=250), NoNul],
+    run_id: Annotated[str, Query(min_length=1, max_length=250), NoNul],
+    task_id: Annotated[str | None, Query(min_length=1, max_length=250), NoNul] = None,
 ) -> LeaseList:
     released = await service.leases.release_holder(
         principal, dag_id=dag_id, run_id=run_id, task_id=task_id
@@ -131,7 +172,7 @@ async def list_contexts(
     service: ServiceDep,
     _: PrincipalDep,
     state: Annotated[list[ContextState] | None, Query()] = None,
-    profile: Annotated[str | None, Query(max_length=63)] = None,
+    profile: Annotated[str | None, Query(max_length=63), NoNul] = None,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> ContextList:
     contexts = await service.db.read(
@@ -144,28 +185,30 @@ async def list_contexts(
 
 
 @router.get("/contexts/{context_id}", tags=["contexts"])
-async def get_context(context_id: str, service: ServiceDep, _: PrincipalDep) -> ContextOut:
+async def get_context(context_id: ContextId, service: ServiceDep, _: PrincipalDep) -> ContextOut:
     context = await service.db.read(lambda tx: store.get_context(tx, context_id))
     if context is None:
         raise ContextNotFound(context_id)
-    return ContextOut.of(context, service.settings.profiles.get(context.profile),
-                         service.clock.now())
+    return ContextOut.of(
+        context, service.settings.profiles.get(context.profile), service.clock.now()
+    )
 
 
 @router.post("/contexts/{context_id}/stop", tags=["contexts"])
-async def stop_context(context_id: str, service: ServiceDep, admin: AdminDep) -> ContextOut:
+async def stop_context(context_id: ContextId, service: ServiceDep, admin: AdminDep) -> ContextOut:
     context = await force_stop_context(service.db, service.notifier, admin, context_id)
-    return ContextOut.of(context, service.settings.profiles.get(context.profile),
-                         service.clock.now())
+    return ContextOut.of(
+        context, service.settings.profiles.get(context.profile), service.clock.now()
+    )
 
 
 @router.get("/events", tags=["events"])
 async def list_events(
     service: ServiceDep,
     principal: PrincipalDep,
-    context_id: Annotated[str | None, Query(max_length=36)] = None,
-    lease_id: Annotated[str | None, Query(max_length=36)] = None,
-    after_id: Annotated[int | None, Query(ge=0)] = None,
+    context_id: Annotated[str | None, Query(max_length=36), NoNul] = None,
+    lease_id: Annotated[str | None, Query(max_length=36), NoNul] = None,
+    after_id: Annotated[int | None, Query(ge=0, le=_EVENT_ID_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=5000)] = 200,
 ) -> EventList:
     if not principal.can_read_all:

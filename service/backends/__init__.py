@@ -1,14 +1,23 @@
-"""Backends: what actually runs compute contexts (see ``base.py`` for the interface)."""
+"""Backends: what actually runs compute contexts (see ``base.py`` for the interface).
+
+Kept free of imports at module level: worker processes import ``local_worker`` from this
+package and should not pay for pydantic and the service's configuration.
+"""
 
 from __future__ import annotations
 
-from service.backends.base import Backend
-from service.clock import Clock
-from service.config import BackendKind, Settings
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.backends.base import Backend
+    from service.clock import Clock
+    from service.config import Settings
 
 
 def create_backend(settings: Settings, clock: Clock) -> Backend:
     """The backend the settings name."""
+    from service.config import BackendKind
+
     if settings.backend is BackendKind.MEMORY:
         from service.backends.memory import MemoryBackend
 
@@ -19,5 +28,5 @@ def create_backend(settings: Settings, clock: Clock) -> Backend:
         return LocalBackend(settings.data_dir / "local")
     raise NotImplementedError(
         f"backend {settings.backend.value!r} is not available in this version; "
-        "use backend = \"local\" or \"memory\""
+        'use backend = "local" or "memory"'
     )

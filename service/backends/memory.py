@@ -72,10 +72,16 @@ class MemoryBackend(Backend):
     def adopt_foreign(self, labels: dict[str, str]) -> str:
         """Add a running context nobody asked this backend for (an orphan)."""
         name = f"mem-{next(self._names)}"
-        spec = ContextSpec(context_id=labels.get(LABEL_CONTEXT_ID, ""), profile="?", cpus=1,
-                           memory_gb=1, labels=labels)
-        self.contexts[name] = FakeContext(name, spec, self.clock.now(), Phase.RUNNING,
-                                          labels=dict(labels))
+        spec = ContextSpec(
+            context_id=labels.get(LABEL_CONTEXT_ID, ""),
+            profile="?",
+            cpus=1,
+            memory_gb=1,
+            labels=labels,
+        )
+        self.contexts[name] = FakeContext(
+            name, spec, self.clock.now(), Phase.RUNNING, labels=dict(labels)
+        )
         return name
 
     # -- Backend ------------------------------------------------------------------------
