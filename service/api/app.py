@@ -45,24 +45,32 @@ def _describe_validation(exc: RequestValidationError) -> str:
     problems = []
     for error in exc.errors():
         loc = [str(part) for part in error.get("loc", ())]
-        where = ".".join(loc[1:] if loc and loc[0] in ("body", "query", "path", "header")
-                         else loc)
+        where = ".".join(loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc)
         kind = loc[0] if loc else "request"
         if error.get("type") == "json_invalid":
             problems.append("the body is not valid JSON; send a JSON object")
             continue
-        if error.get("type") == "model_attributes_type" or (not where and kind == "body"):
-            problems.append("the body must be a JSON object")
+        if not where and kind == "body":
+            problems.append(
+                "the body must be a JSON object, sent with Content-Type: application/json"
+            )
             continue
         message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
         if error.get("type") == "extra_forbidden":
             message = "unknown field; remove it"
+        elif error.get("type") in ("model_attributes_type", "model_type", "dict_type"):
+            message = "must be a JSON object"
         problems.append(f"{kind} {where}: {message}" if where else f"{kind}: {message}")
     return "; ".join(problems) or "invalid request"
 
 
 class BodySizeLimit:
-    """Refuse request bodies over ``max_bytes`` with 413 before they are read whole."""
+    """Refuse request bodies over ``max_bytes`` with 413 before they are read whole.
+
+    The body is read here, counted chunk by chunk, and handed on in one piece: a body sent
+    chunked (no Content-Length) is refused as soon as it passes the limit, and the routes
+    never see a half-read body. Bodies are small JSON documents, so buffering costs little.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -76,21 +84,27 @@ class BodySizeLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._refuse(scope, receive, send)
             return
+        chunks: list[bytes] = []
         seen = 0
-
-        async def counting_receive() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
+            if message["type"] != "http.request":
+                break  # the client went away: the app hears it on its first receive()
+            body = message.get("body", b"")
+            seen += len(body)
+            if seen > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+        pending = [message]
 
-        try:
-            await self.app(scope, counting_receive, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
+        async def replay() -> Message:
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(
@@ -99,10 +113,6 @@ class BodySizeLimit:
             f"the request body is larger than {self.max_bytes} bytes; send less",
         )
         await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def create_app(service: Service) -> FastAPI:
@@ -142,7 +152,11 @@ def create_app(service: Service) -> FastAPI:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         message = str(exc.detail)
-        if exc.status_code == 404:
+        if exc.status_code == 400:
+            # FastAPI's answer when a body cannot be decoded at all (not UTF-8, a number
+            # too long to parse): its own detail does not say what to do.
+            message = "the body could not be read; send a UTF-8 encoded JSON object"
+        elif exc.status_code == 404:
             message = f"no route {request.url.path}; the API is described at /docs"
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}; see /docs"
@@ -151,10 +165,16 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         incident = uuid.uuid4().hex[:12]
-        log.error("unexpected error (incident %s) on %s %s", incident, request.method,
-                  request.url.path, exc_info=exc)
+        log.error(
+            "unexpected error (incident %s) on %s %s",
+            incident,
+            request.method,
+            request.url.path,
+            exc_info=exc,
+        )
         return error_response(
-            500, "internal_error",
+            500,
+            "internal_error",
             f"unexpected error; nothing was changed by it if it was a read. Report incident "
             f"{incident} to the operators (it is in the service log)",
         )

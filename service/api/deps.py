@@ -38,6 +38,8 @@ class TokenCache:
         return True, entry[1]
 
     def put(self, token_hash: str, principal: Principal | None) -> None:
+        if self.ttl_s <= 0:  # caching is off: a revoked token must fail at once
+            return
         if len(self._entries) > 10_000:
             self._entries.clear()
         self._entries[token_hash] = (time.monotonic() + self.ttl_s, principal)

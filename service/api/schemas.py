@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta
 from typing import Any, Self
 
@@ -22,8 +23,8 @@ class Holder(BaseModel):
     dag_id: str | None = Field(None, max_length=250)
     run_id: str | None = Field(None, max_length=250)
     task_id: str | None = Field(None, max_length=250)
-    try_number: int | None = Field(None, ge=0)
-    map_index: int | None = Field(None, ge=-1)
+    try_number: int | None = Field(None, ge=0, strict=True)
+    map_index: int | None = Field(None, ge=-1, strict=True)
 
     @model_validator(mode="after")
     def _small_and_flat(self) -> Self:
@@ -33,10 +34,18 @@ class Holder(BaseModel):
         for key, value in extra.items():
             if len(key) > 64:
                 raise ValueError(f"holder key {key[:64]!r}... is longer than 64 characters")
+            if "\x00" in key:
+                raise ValueError(f"holder key {key!r} contains a NUL character; remove it")
             if not isinstance(value, str | int | float | bool) or value is None:
                 raise ValueError(f"holder.{key} must be a string, number or boolean")
             if isinstance(value, str) and len(value) > 250:
                 raise ValueError(f"holder.{key} is longer than 250 characters")
+            # Neither JSON nor the database can keep these faithfully.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"holder.{key} must be a finite number")
+        for key, value in self.model_dump(exclude_none=True).items():  # extras included
+            if isinstance(value, str) and "\x00" in value:
+                raise ValueError(f"holder.{key} contains a NUL character; remove it")
         return self
 
 
@@ -44,12 +53,19 @@ class LeaseRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     profile: str = Field(min_length=1, max_length=63, description="A configured profile name.")
-    holder: Holder = Field(default_factory=Holder)  # type: ignore[arg-type]
+    holder: Holder = Field(default_factory=Holder)
+    # strict: a number, not `true` or "30" quietly turned into one.
     ttl_s: float | None = Field(
-        None, gt=0, description="Seconds without a heartbeat before the lease expires."
+        None,
+        gt=0,
+        strict=True,
+        description="Seconds without a heartbeat before the lease expires.",
     )
     wait_s: float | None = Field(
-        None, ge=0, description="How long to wait for capacity before answering 429."
+        None,
+        ge=0,
+        strict=True,
+        description="How long to wait for capacity before answering 429.",
     )
 
 

@@ -63,8 +63,8 @@ def _no_nul(value: str | None) -> str | None:
 
 NoNul = AfterValidator(_no_nul)
 
-# events.id is a 32-bit INTEGER; a larger bound makes PostgreSQL fail the query.
-_EVENT_ID_MAX = 2**31 - 1
+# events.id is a BIGINT; a larger bound would make PostgreSQL fail the query.
+_EVENT_ID_MAX = 2**63 - 1
 
 IdempotencyKey = Annotated[
     str | None,

@@ -252,7 +252,7 @@ class LocalBackend(Backend):
     def __init__(
         self, state_dir: Path, *, orphan_timeout_s: float = 120.0, python: str = sys.executable
     ) -> None:
-        self.state_dir = Path(state_dir)
+        self.state_dir = Path(state_dir).resolve()  # workers run in their own directory
         self.workers_dir = self.state_dir / "workers"
         self.orphan_timeout_s = orphan_timeout_s
         self.python = python
