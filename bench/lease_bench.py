@@ -27,7 +27,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.live import LiveServer, run_cli, write_config  # noqa: E402
+from tests.live import LiveServer, run_cli, write_config
 
 PG_ADMIN = os.environ.get("PCLEASE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 OPS = ("create", "heartbeat", "release")
@@ -48,12 +48,14 @@ async def run_load(url: str, token: str, clients: int, cycles: int) -> dict[str,
     async def client_loop(i: int) -> None:
         nonlocal errors
         limits = httpx.Limits(max_connections=1)
-        async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits,
-                                     timeout=30) as client:
+        async with httpx.AsyncClient(
+            base_url=url, headers=headers, limits=limits, timeout=30
+        ) as client:
             for n in range(per_client):
                 t0 = time.perf_counter()
-                r = await client.post("/v1/leases", json={
-                    "profile": "bench", "holder": {"task_id": f"c{i}-{n}"}})
+                r = await client.post(
+                    "/v1/leases", json={"profile": "bench", "holder": {"task_id": f"c{i}-{n}"}}
+                )
                 t1 = time.perf_counter()
                 if r.status_code != 201:
                     errors += 1
@@ -106,20 +108,36 @@ def bench_database(kind: str, cycles: int, concurrency: list[int]) -> list[dict[
         try:
             config = write_config(
                 workdir / "bench.toml",
-                {"data_dir": str(workdir / "data"), "database_url": url, "backend": "local",
-                 "token_cache_s": 30},
-                {"bench": {"cpus": 1, "memory_gb": 1, "idle_grace_s": 600,
-                           "max_leases_per_context": 100000}},
+                {
+                    "data_dir": str(workdir / "data"),
+                    "database_url": url,
+                    "backend": "local",
+                    "token_cache_s": 30,
+                },
+                {
+                    "bench": {
+                        "cpus": 1,
+                        "memory_gb": 1,
+                        "idle_grace_s": 600,
+                        "max_leases_per_context": 100000,
+                    }
+                },
             )
             run_cli(config, "db", "upgrade")
             token = run_cli(config, "token", "create", "bench", "--scope", "lease").strip()
             server = LiveServer(config, workdir / "server.log").start()
             try:
                 headers = {"Authorization": f"Bearer {token}"}
-                warm = httpx.post(f"{server.url}/v1/leases", json={"profile": "bench",
-                                  "ttl_s": 3600}, headers=headers).json()
-                httpx.get(f"{server.url}/v1/leases/{warm['id']}",
-                          params={"wait_s": 30, "state": "pending"}, headers=headers)
+                warm = httpx.post(
+                    f"{server.url}/v1/leases",
+                    json={"profile": "bench", "ttl_s": 3600},
+                    headers=headers,
+                ).json()
+                httpx.get(
+                    f"{server.url}/v1/leases/{warm['id']}",
+                    params={"wait_s": 30, "state": "pending"},
+                    headers=headers,
+                )
                 results = []
                 for clients in concurrency:
                     asyncio.run(run_load(server.url, token, clients, min(200, cycles)))  # warm-up
@@ -138,10 +156,12 @@ def format_row(r: dict[str, object]) -> str:
     def f(key: str) -> str:
         return f"{float(r[key]):.1f}"  # type: ignore[arg-type]
 
-    return (f"| {r['db']} | {r['clients']} | {r['requests']} | {r['errors']} | {f('rps')} | "
-            f"{f('lease_rps')} | {f('create_p50_ms')} / {f('create_p99_ms')} | "
-            f"{f('heartbeat_p50_ms')} / {f('heartbeat_p99_ms')} | "
-            f"{f('release_p50_ms')} / {f('release_p99_ms')} |")
+    return (
+        f"| {r['db']} | {r['clients']} | {r['requests']} | {r['errors']} | {f('rps')} | "
+        f"{f('lease_rps')} | {f('create_p50_ms')} / {f('create_p99_ms')} | "
+        f"{f('heartbeat_p50_ms')} / {f('heartbeat_p99_ms')} | "
+        f"{f('release_p50_ms')} / {f('release_p99_ms')} |"
+    )
 
 
 HEADER = (
@@ -152,8 +172,9 @@ HEADER = (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="pclease lease benchmark")
-    parser.add_argument("--cycles", type=int, default=1500,
-                        help="lease cycles (create+heartbeat+release) per run")
+    parser.add_argument(
+        "--cycles", type=int, default=1500, help="lease cycles (create+heartbeat+release) per run"
+    )
     parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--no-write", action="store_true")
@@ -172,7 +193,10 @@ def main() -> None:
         f"\n### Lease API, {time.strftime('%Y-%m-%d')} ({platform.machine()}, "
         f"{os.cpu_count()} cores, Python {platform.python_version()})\n\n"
         f"`bench/lease_bench.py --cycles {args.cycles}`: each cycle is create + heartbeat + "
-        "release on a warm context.\n\n" + HEADER + "\n" + "\n".join(format_row(r) for r in rows)
+        "release on a warm context.\n\n"
+        + HEADER
+        + "\n"
+        + "\n".join(format_row(r) for r in rows)
         + "\n"
     )
     with path.open("a") as out:
