@@ -24,7 +24,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -40,6 +47,11 @@ class BackendKind(StrEnum):
     LOCAL = "local"
     MEMORY = "memory"
     POLARS_CLOUD = "polars_cloud"
+
+
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
 
 
 class LocalProfileOptions(BaseModel):
@@ -80,8 +92,26 @@ class Profile(BaseModel):
     max_contexts: int = Field(1, ge=1, le=1000)
     max_lifetime_s: float | None = Field(None, gt=0)
     hourly_cost: float = Field(0.0, ge=0)
+    data_roots: list[str] = Field(
+        default_factory=list,
+        description="Absolute directories and object-store URI prefixes (s3://bucket/prefix/) "
+        "that queries on this profile may read and write.",
+    )
+    allow_python_udfs: bool = Field(
+        False, description="Run plans that contain pickled Python functions (trusted users only)."
+    )
     local: LocalProfileOptions = Field(default_factory=LocalProfileOptions)
     polars_cloud: PolarsCloudProfileOptions = Field(default_factory=PolarsCloudProfileOptions)
+
+    @model_validator(mode="after")
+    def _roots_are_absolute(self) -> Self:
+        for root in self.data_roots:
+            if "://" not in root and not root.startswith("/"):
+                raise ValueError(
+                    f"data_roots entry {root!r} must be an absolute path or a URI prefix "
+                    "such as s3://bucket/prefix/"
+                )
+        return self
 
     @model_validator(mode="after")
     def _shape_is_given(self) -> Self:
@@ -126,6 +156,27 @@ class Settings(BaseSettings):
     backend_call_timeout_s: float = Field(30.0, gt=0)
     token_cache_s: float = Field(5.0, ge=0, le=300)
     max_request_bytes: int = Field(65536, ge=1024)
+    max_plan_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024, description="Largest query plan a client may submit."
+    )
+    query_timeout_s: float = Field(3600.0, gt=0, description="Default per-query timeout.")
+    query_timeout_max_s: float = Field(6 * 3600.0, gt=0)
+    max_result_bytes: int = Field(
+        1024 * 1024 * 1024, ge=1, description="collect results larger than this are refused."
+    )
+    result_ttl_s: float = Field(
+        900.0, gt=0, description="How long a collect result is kept after its lease ends."
+    )
+
+    session_secret: SecretStr | None = Field(
+        None,
+        description="Signs dashboard session cookies (32+ characters). Default: a random key "
+        "kept in data_dir/session.key (mode 0600); set it when replicas share one database.",
+    )
+    session_ttl_s: float = Field(8 * 3600.0, ge=60, le=30 * 86400)
+    log_format: LogFormat = Field(
+        LogFormat.TEXT, description="json: one JSON object a line, with lease and context ids."
+    )
 
     profiles: dict[str, Profile] = Field(default_factory=dict)
 
@@ -151,6 +202,13 @@ class Settings(BaseSettings):
             problems.append(
                 "lease_ttl_s must lie between lease_ttl_min_s and lease_ttl_max_s "
                 f"(got {self.lease_ttl_min_s} <= {self.lease_ttl_s} <= {self.lease_ttl_max_s})"
+            )
+        if self.query_timeout_s > self.query_timeout_max_s:
+            problems.append("query_timeout_s must not exceed query_timeout_max_s")
+        if self.session_secret is not None and len(self.session_secret.get_secret_value()) < 32:
+            problems.append(
+                "session_secret must be at least 32 characters; make one with "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
             )
         if self.lease_wait_default_s > self.lease_wait_max_s:
             problems.append("lease_wait_default_s must not exceed lease_wait_max_s")

@@ -5,12 +5,15 @@
     PcleaseError                      500 internal_error
     ├── BadRequest                    400 bad_request
     ├── InvalidInput                  422 invalid_input
-    │   └── UnknownProfile            422 unknown_profile
+    │   ├── UnknownProfile            422 unknown_profile
+    │   └── PlanRefused               422 plan_invalid | python_udf_refused |
+    │                                     plan_version_mismatch
     ├── Unauthorized                  401 unauthorized
     ├── Forbidden                     403 forbidden
     ├── NotFound                      404 not_found
     │   ├── LeaseNotFound             404 lease_not_found
-    │   └── ContextNotFound           404 context_not_found
+    │   ├── ContextNotFound           404 context_not_found
+    │   └── QueryNotFound             404 query_not_found
     ├── Conflict                      409 conflict
     │   ├── IdempotencyConflict       409 idempotency_key_reused
     │   └── IllegalTransition         409 illegal_transition
@@ -125,3 +128,21 @@ class CapacityExhausted(PcleaseError):
 class BackendUnavailable(PcleaseError):
     status = 503
     code = "backend_unavailable"
+
+
+class QueryNotFound(NotFound):
+    code = "query_not_found"
+
+    def __init__(self, query_id: str) -> None:
+        super().__init__(
+            f"no query {query_id!r}; list a lease's queries with GET "
+            "/v1/leases/{lease_id}/queries"
+        )
+
+
+class PlanRefused(InvalidInput):
+    """A plan the service will not run (bad bytes, Python UDFs, another Polars version)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -185,15 +185,18 @@ class LeaseManager:
         idempotency_key: str | None,
     ) -> _Acquired:
         def unit(tx: Tx) -> _Acquired:
-            store.lock_profile(tx, profile.name)
             if idempotency_key is not None:
                 existing = store.lease_by_idempotency_key(tx, principal.token_id, idempotency_key)
                 if existing is not None:
                     return _Acquired(self._replay(existing, fp), created=False)
             who = _describe_holder(holder, principal)
-            context = store.join_context(
-                tx, profile, actor=principal.actor, reason=f"lease requested by {who}"
-            )
+            reason = f"lease requested by {who}"
+            # Joining needs no lock: the guarded UPDATE checks room and state itself. Only
+            # creating a context does, so warm profiles never queue on the profile lock.
+            context = store.join_context(tx, profile, actor=principal.actor, reason=reason)
+            if context is None:
+                store.lock_profile(tx, profile.name)
+                context = store.join_context(tx, profile, actor=principal.actor, reason=reason)
             if context is None:
                 if store.count_live_contexts(tx, profile.name) >= profile.max_contexts:
                     earliest = store.earliest_expiry(tx, profile.name)

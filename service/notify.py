@@ -60,17 +60,16 @@ class ProfileQueue:
 class Notifier:
     def __init__(self) -> None:
         self.reconciler = asyncio.Event()
+        self.runner = asyncio.Event()
         self._leases: dict[str, Pulse] = defaultdict(Pulse)
+        self._queries: dict[str, Pulse] = defaultdict(Pulse)
         self.queues: dict[str, ProfileQueue] = defaultdict(ProfileQueue)
 
     def lease_token(self, lease_id: str) -> asyncio.Event:
         return self._leases[lease_id].token()
 
-    def forget_lease(self, lease_id: str) -> None:
-        pulse = self._leases.get(lease_id)
-        if pulse is not None and not pulse.token().is_set():
-            # Nobody else may still hold the token; dropping it only costs a re-poll.
-            self._leases.pop(lease_id, None)
+    def query_token(self, query_id: str) -> asyncio.Event:
+        return self._queries[query_id].token()
 
     def publish(self, tx: Tx) -> None:
         for lease_id in tx.leases_changed:
@@ -79,5 +78,11 @@ class Notifier:
                 pulse.fire()
         for profile in tx.profiles_freed:
             self.queues[profile].pulse.fire()
-        if tx.contexts_changed or tx.leases_changed:
+        for query_id in tx.queries_changed:
+            pulse = self._queries.pop(query_id, None)
+            if pulse is not None:
+                pulse.fire()
+        if tx.contexts_changed:
             self.reconciler.set()
+        if tx.queries_changed or tx.leases_changed:
+            self.runner.set()

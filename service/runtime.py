@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+from pathlib import Path
 
-from service import store
+from service import plans, store
 from service.backends import create_backend
 from service.backends.base import Backend
 from service.clock import Clock, SystemClock
@@ -16,6 +18,7 @@ from service.db.migrate import upgrade
 from service.db.session import Database
 from service.leases import LeaseManager
 from service.notify import Notifier
+from service.queries import QueryManager, QueryRunner, Spool
 from service.reconciler import Reconciler
 
 log = logging.getLogger("pclease")
@@ -42,16 +45,45 @@ class Service:
         self.notifier = Notifier()
         self.leases = LeaseManager(settings, self.db, self.notifier, self.backend.kind)
         self.reconciler = Reconciler(settings, self.db, self.backend, self.notifier, self.clock)
+        self.spool = Spool(settings.data_dir / "spool")
+        self.queries = QueryManager(
+            settings,
+            self.db,
+            self.notifier,
+            self.spool,
+            context_polars_version=plans.local_polars_version(),
+            context_signature=plans.local_signature,
+        )
+        self.runner = QueryRunner(
+            settings,
+            self.db,
+            self.backend,
+            self.notifier,
+            self.spool,
+            self.clock,
+            denied_paths=self._denied_paths(),
+        )
         self._run_reconciler = run_reconciler
         self._migrate = migrate
         self._loop_task: asyncio.Task[None] | None = None
+        self._runner_task: asyncio.Task[None] | None = None
         self.loop_error: BaseException | None = None
+
+    def _denied_paths(self) -> tuple[str, ...]:
+        """The service's own files: never readable or writable by a query."""
+        denied = [str(self.settings.data_dir.resolve())]
+        config = os.environ.get("PCLEASE_CONFIG")
+        if config:
+            denied.append(str(Path(config).resolve()))
+        return tuple(denied)
 
     async def start(self) -> None:
         url = self.settings.resolved_database_url
         if self._migrate:
             await asyncio.to_thread(upgrade, url)
         await self.db.write(lambda tx: store.sync_profiles(tx, self.settings.profiles))
+        self.spool.prepare()
+        await self.runner.recover()
         log.info(
             "pclease ready: backend=%s database=%s profiles=%s",
             self.backend.kind,
@@ -61,6 +93,8 @@ class Service:
         if self._run_reconciler:
             self._loop_task = asyncio.create_task(self.reconciler.run(), name="reconciler")
             self._loop_task.add_done_callback(self._loop_died)
+            self._runner_task = asyncio.create_task(self.runner.run(), name="query-runner")
+            self._runner_task.add_done_callback(self._loop_died)
 
     def _loop_died(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -72,13 +106,17 @@ class Service:
     def reconciler_alive(self) -> bool:
         if not self._run_reconciler:
             return True
-        return self._loop_task is not None and not self._loop_task.done()
+        return all(
+            task is not None and not task.done() for task in (self._loop_task, self._runner_task)
+        )
 
     async def stop(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        for task in (self._runner_task, self._loop_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.runner.shutdown()
         try:
             await self.reconciler.shutdown()
         finally:

@@ -14,6 +14,11 @@ Lease::
     pending ──▶ active ──▶ released | expired | revoked | failed
        └──────────────────▶ released | expired | revoked | failed
 
+Query::
+
+    queued ──▶ running ──▶ succeeded | failed | cancelled
+       └─────────────────▶ failed | cancelled
+
 A lease is ``pending`` while its context starts and ``active`` once it runs. ``failed``
 means its context failed underneath it. The tables are the single source of truth: the
 repository builds every guarded ``UPDATE ... WHERE state IN (...)`` from them.
@@ -84,6 +89,29 @@ LEASE_TRANSITIONS: dict[LeaseState, frozenset[LeaseState]] = {
     LeaseState.FAILED: frozenset(),
 }
 
+
+class QueryState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self not in (QueryState.QUEUED, QueryState.RUNNING)
+
+
+QUERY_TRANSITIONS: dict[QueryState, frozenset[QueryState]] = {
+    QueryState.QUEUED: frozenset({QueryState.RUNNING, QueryState.FAILED, QueryState.CANCELLED}),
+    QueryState.RUNNING: frozenset({QueryState.SUCCEEDED, QueryState.FAILED, QueryState.CANCELLED}),
+    QueryState.SUCCEEDED: frozenset(),
+    QueryState.FAILED: frozenset(),
+    QueryState.CANCELLED: frozenset(),
+}
+
+LIVE_QUERY_STATES = frozenset({QueryState.QUEUED, QueryState.RUNNING})
+
 LIVE_CONTEXT_STATES = frozenset(s for s in ContextState if not s.is_terminal)
 JOINABLE_CONTEXT_STATES = frozenset(
     {ContextState.STARTING, ContextState.RUNNING, ContextState.IDLE}
@@ -94,6 +122,11 @@ LIVE_LEASE_STATES = frozenset({LeaseState.PENDING, LeaseState.ACTIVE})
 def context_sources(target: ContextState) -> frozenset[ContextState]:
     """The states a context may move to ``target`` from."""
     return frozenset(s for s, targets in CONTEXT_TRANSITIONS.items() if target in targets)
+
+
+def query_sources(target: QueryState) -> frozenset[QueryState]:
+    """The states a query may move to ``target`` from."""
+    return frozenset(s for s, targets in QUERY_TRANSITIONS.items() if target in targets)
 
 
 def lease_sources(target: LeaseState) -> frozenset[LeaseState]:

@@ -26,20 +26,24 @@ from sqlalchemy import (
     case,
     func,
     insert,
+    or_,
     select,
     update,
 )
 
 from service.config import Profile
-from service.db.schema import contexts, events, leases, profiles, tokens
+from service.db.schema import contexts, events, leases, profiles, queries, tokens
 from service.states import (
     JOINABLE_CONTEXT_STATES,
     LIVE_CONTEXT_STATES,
     LIVE_LEASE_STATES,
+    LIVE_QUERY_STATES,
     ContextState,
     LeaseState,
+    QueryState,
     context_sources,
     lease_sources,
+    query_sources,
 )
 
 
@@ -51,8 +55,10 @@ class Tx:
     conn: Connection
     now: datetime
     leases_changed: set[str] = field(default_factory=set)
+    #: contexts whose state changed: the reconciler has something to do
     contexts_changed: set[str] = field(default_factory=set)
     profiles_freed: set[str] = field(default_factory=set)
+    queries_changed: set[str] = field(default_factory=set)
     deferred_error: Exception | None = None
 
 
@@ -136,6 +142,7 @@ class EventRecord:
     to_state: str | None
     actor: str
     reason: str
+    query_id: str | None = None
 
 
 def new_id() -> str:
@@ -157,6 +164,7 @@ def record_event(
     reason: str,
     context_id: str | None = None,
     lease_id: str | None = None,
+    query_id: str | None = None,
     from_state: str | None = None,
     to_state: str | None = None,
 ) -> None:
@@ -166,6 +174,7 @@ def record_event(
             kind=kind,
             context_id=context_id,
             lease_id=lease_id,
+            query_id=query_id,
             from_state=from_state,
             to_state=to_state,
             actor=actor[:120],
@@ -191,7 +200,7 @@ def _transition(
     Returns the updated row, or None when the row does not exist, is in another state, or
     lost a race to a concurrent actor (the guarded UPDATE matched nothing).
     """
-    kind = "context" if table is contexts else "lease"
+    kind = {"contexts": "context", "leases": "lease", "queries": "query"}[table.name]
     for _ in range(3):
         seen = tx.conn.execute(select(table.c.state).where(table.c.id == row_id)).scalar()
         if seen is None or seen not in sources:
@@ -209,19 +218,22 @@ def _transition(
             if tx.conn.execute(select(table.c.state).where(table.c.id == row_id)).scalar() == seen:
                 return None
             continue
-        context_id = row_id if kind == "context" else row._mapping["context_id"]
+        m = row._mapping
         record_event(
             tx,
             kind=kind,
             actor=actor,
             reason=reason,
-            context_id=context_id,
-            lease_id=row_id if kind == "lease" else None,
+            context_id=row_id if kind == "context" else m["context_id"],
+            lease_id=row_id if kind == "lease" else m.get("lease_id"),
+            query_id=row_id if kind == "query" else None,
             from_state=seen,
             to_state=to,
         )
         if kind == "lease":
             tx.leases_changed.add(row_id)
+        elif kind == "query":
+            tx.queries_changed.add(row_id)
         else:
             tx.contexts_changed.add(row_id)
         return row
@@ -272,7 +284,11 @@ def transition_lease(
     row = _transition(
         tx, leases, lease_id, frozenset(allowed), to, actor=actor, reason=reason, values=values
     )
-    return None if row is None else LeaseRecord.from_row(row)
+    if row is None:
+        return None
+    if to.is_terminal:
+        cancel_lease_queries(tx, lease_id, actor=actor, reason=f"its lease was {to.value}")
+    return LeaseRecord.from_row(row)
 
 
 # -- profiles --------------------------------------------------------------------------
@@ -360,7 +376,7 @@ def join_context(tx: Tx, profile: Profile, *, actor: str, reason: str) -> Contex
                 .returning(*contexts.c)
             ).one_or_none()
             if updated is not None:
-                tx.contexts_changed.add(context_id)
+                # A refcount change alone gives the reconciler nothing to do.
                 return ContextRecord.from_row(updated)
     return None
 
@@ -731,7 +747,12 @@ def heartbeat(tx: Tx, lease_id: str) -> LeaseRecord | None:
         .where(
             leases.c.id == lease_id,
             leases.c.state.in_([s.value for s in LIVE_LEASE_STATES]),
-            leases.c.expires_at > tx.now,
+            or_(
+                leases.c.expires_at > tx.now,
+                leases.c.id.in_(
+                    select(queries.c.lease_id).where(queries.c.state == QueryState.RUNNING.value)
+                ),
+            ),
         )
         .values(heartbeat_at=tx.now)
         .returning(*leases.c)
@@ -751,6 +772,10 @@ def due_lease_ids(tx: Tx, limit: int = 500) -> list[str]:
             .where(
                 leases.c.state.in_([s.value for s in LIVE_LEASE_STATES]),
                 leases.c.expires_at <= tx.now,
+                # A running query keeps its lease alive; its timeout bounds that.
+                ~leases.c.id.in_(
+                    select(queries.c.lease_id).where(queries.c.state == QueryState.RUNNING.value)
+                ),
             )
             .order_by(leases.c.expires_at)
             .limit(limit)
@@ -841,3 +866,189 @@ def token_names(tx: Tx, ids: Iterable[str]) -> dict[str, str]:
         return {}
     rows = tx.conn.execute(select(tokens.c.id, tokens.c.name).where(tokens.c.id.in_(wanted)))
     return {r.id: r.name for r in rows}
+
+
+# -- queries -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueryRecord:
+    id: str
+    lease_id: str
+    context_id: str
+    token_id: str
+    state: QueryState
+    target: str
+    destination: str | None
+    engine: str
+    labels: Mapping[str, str]
+    client_polars_version: str
+    plan_bytes: int
+    timeout_s: float
+    cancel_requested: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    rows: int | None
+    result_bytes: int | None
+    output: str | None
+    error_type: str | None
+    error_message: str | None
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> QueryRecord:
+        m = dict(row._mapping)
+        m["state"] = QueryState(m["state"])
+        return cls(**m)
+
+
+def insert_query(
+    tx: Tx,
+    *,
+    query_id: str,
+    lease: LeaseRecord,
+    target: str,
+    destination: str | None,
+    engine: str,
+    labels: Mapping[str, str],
+    client_polars_version: str,
+    plan_bytes: int,
+    timeout_s: float,
+    actor: str,
+) -> QueryRecord:
+    row = tx.conn.execute(
+        insert(queries)
+        .values(
+            id=query_id,
+            lease_id=lease.id,
+            context_id=lease.context_id,
+            token_id=lease.token_id,
+            state=QueryState.QUEUED.value,
+            target=target,
+            destination=destination,
+            engine=engine,
+            labels=dict(labels),
+            client_polars_version=client_polars_version,
+            plan_bytes=plan_bytes,
+            timeout_s=timeout_s,
+            cancel_requested=0,
+            created_at=tx.now,
+        )
+        .returning(*queries.c)
+    ).one()
+    record_event(
+        tx,
+        kind="query",
+        actor=actor,
+        context_id=lease.context_id,
+        lease_id=lease.id,
+        query_id=query_id,
+        to_state=QueryState.QUEUED.value,
+        reason=f"{target} query submitted ({plan_bytes} plan bytes)",
+    )
+    tx.queries_changed.add(query_id)
+    return QueryRecord.from_row(row)
+
+
+def get_query(tx: Tx, query_id: str) -> QueryRecord | None:
+    row = tx.conn.execute(select(queries).where(queries.c.id == query_id)).one_or_none()
+    return None if row is None else QueryRecord.from_row(row)
+
+
+def list_queries(
+    tx: Tx,
+    *,
+    lease_id: str | None = None,
+    context_id: str | None = None,
+    states: Iterable[QueryState] | None = None,
+    limit: int = 500,
+) -> list[QueryRecord]:
+    stmt = select(queries).order_by(queries.c.created_at.desc()).limit(limit)
+    if lease_id is not None:
+        stmt = stmt.where(queries.c.lease_id == lease_id)
+    if context_id is not None:
+        stmt = stmt.where(queries.c.context_id == context_id)
+    if states is not None:
+        stmt = stmt.where(queries.c.state.in_([s.value for s in states]))
+    return [QueryRecord.from_row(r) for r in tx.conn.execute(stmt)]
+
+
+def transition_query(
+    tx: Tx,
+    query_id: str,
+    to: QueryState,
+    *,
+    actor: str,
+    reason: str,
+    sources: Iterable[QueryState] | None = None,
+    values: Mapping[str, Any] | None = None,
+) -> QueryRecord | None:
+    allowed = query_sources(to)
+    if sources is not None:
+        allowed = allowed & frozenset(sources)
+    row = _transition(
+        tx, queries, query_id, frozenset(allowed), to, actor=actor, reason=reason, values=values
+    )
+    return None if row is None else QueryRecord.from_row(row)
+
+
+def request_query_cancel(tx: Tx, query_id: str, *, actor: str, reason: str) -> None:
+    """A queued query is cancelled at once; a running one is flagged for its runner."""
+    cancelled = transition_query(
+        tx,
+        query_id,
+        QueryState.CANCELLED,
+        actor=actor,
+        reason=reason,
+        sources=[QueryState.QUEUED],
+        values={"finished_at": tx.now, "error_type": "Cancelled", "error_message": reason},
+    )
+    if cancelled is None:
+        result = tx.conn.execute(
+            update(queries)
+            .where(
+                queries.c.id == query_id,
+                queries.c.state == QueryState.RUNNING.value,
+                queries.c.cancel_requested == 0,
+            )
+            .values(cancel_requested=1, error_message=reason)
+        )
+        if result.rowcount:
+            tx.queries_changed.add(query_id)
+
+
+def cancel_lease_queries(tx: Tx, lease_id: str, *, actor: str, reason: str) -> None:
+    live = (
+        tx.conn.execute(
+            select(queries.c.id).where(
+                queries.c.lease_id == lease_id,
+                queries.c.state.in_([s.value for s in LIVE_QUERY_STATES]),
+            )
+        )
+        .scalars()
+        .all()
+    )
+    for query_id in live:
+        request_query_cancel(tx, query_id, actor=actor, reason=reason)
+
+
+def leases_with_running_queries(tx: Tx) -> set[str]:
+    return set(
+        tx.conn.execute(
+            select(queries.c.lease_id).where(queries.c.state == QueryState.RUNNING.value)
+        ).scalars()
+    )
+
+
+def extend_lease(tx: Tx, lease_id: str) -> None:
+    """Give a live lease a full TTL from now (after a long query, so the client can act)."""
+    lease = get_lease(tx, lease_id)
+    if lease is not None and not lease.state.is_terminal:
+        tx.conn.execute(
+            update(leases)
+            .where(
+                leases.c.id == lease_id,
+                leases.c.expires_at < tx.now + timedelta(seconds=lease.ttl_s),
+            )
+            .values(expires_at=tx.now + timedelta(seconds=lease.ttl_s))
+        )

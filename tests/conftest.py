@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -79,11 +80,15 @@ class Harness:
     headers: dict[str, str]
 
     async def tick(self, seconds: float = 0.0) -> None:
-        """Move the clock, run one reconciler tick and wait for its backend calls."""
+        """Move the clock, run one reconciler and one query-runner tick, and wait for the
+        reconciler's backend calls (queries keep running until they finish)."""
         if seconds:
             self.clock.advance(seconds)
         await self.service.reconciler.tick()
         await self.service.reconciler.drain()
+        await self.service.runner.tick()
+        for _ in range(5):
+            await asyncio.sleep(0)
 
     async def settle(self, ticks: int = 3) -> None:
         for _ in range(ticks):

@@ -32,6 +32,15 @@ TOO_LARGE = (413, "payload_too_large")
 NO_LEASE = (404, "lease_not_found")
 NO_CONTEXT = (404, "context_not_found")
 NO_ROUTE = (404, "not_found")
+NO_QUERY = (404, "query_not_found")
+PLAN_INVALID = (422, "plan_invalid")
+GOOD_OPTIONS = '{"target": "collect", "polars_version": "2.0.0"}'
+
+
+def submission(plan: bytes = b"", options: str = GOOD_OPTIONS) -> dict[str, Any]:
+    return {"files": {"plan": ("plan.bin", plan)}, "data": {"options": options}}
+
+
 BAD_METHOD = (405, "method_not_allowed")
 
 MAX_BYTES = 65536  # the default max_request_bytes
@@ -275,6 +284,36 @@ CASES = [
     bad("unknown-version", "GET", "/v2/leases", NO_ROUTE, "/v2/leases"),
     bad("unknown-sub-route", "POST", "/v1/leases/{lease}/renew", NO_ROUTE, "/docs"),
     bad("path-traversal", "GET", "/v1/leases/..%2f..%2fetc%2fpasswd", NO_ROUTE, "/docs"),
+    # -- queries --------------------------------------------------------------------------
+    bad("query-no-multipart", "POST", "/v1/leases/{lease}/queries", INVALID, "plan",
+        json={"plan": "x"}),
+    bad("query-options-not-json", "POST", "/v1/leases/{lease}/queries", INVALID,
+        "options must be a JSON object", **submission(b"DSL_VERSION", "{target")),
+    bad("query-options-array", "POST", "/v1/leases/{lease}/queries", INVALID,
+        "options must be a JSON object", **submission(b"DSL_VERSION", "[]")),
+    bad("query-unknown-target", "POST", "/v1/leases/{lease}/queries", INVALID,
+        "options.target", **submission(b"x", '{"target": "xlsx", "polars_version": "2"}')),
+    bad("query-sink-without-destination", "POST", "/v1/leases/{lease}/queries", INVALID,
+        "destination", **submission(b"x", '{"target": "parquet", "polars_version": "2"}')),
+    bad("query-unknown-option", "POST", "/v1/leases/{lease}/queries", INVALID,
+        "options.gpu", **submission(b"x", '{"target": "collect", "polars_version": "2", '
+                                          '"gpu": true}')),
+    bad("query-not-a-plan", "POST", "/v1/leases/{lease}/queries", PLAN_INVALID,
+        "not a Polars plan", **submission(b"SELECT * FROM secrets")),
+    bad("query-truncated-header", "POST", "/v1/leases/{lease}/queries", PLAN_INVALID,
+        "truncated", **submission(b"DSL_VERSION\x18\x00")),
+    bad("query-unknown-lease", "POST", f"/v1/leases/{UNKNOWN_ID}/queries", NO_LEASE,
+        UNKNOWN_ID, **submission(b"DSL_VERSION")),
+    bad("query-list-unknown-lease", "GET", f"/v1/leases/{UNKNOWN_ID}/queries", NO_LEASE,
+        UNKNOWN_ID),
+    bad("query-unknown", "GET", f"/v1/queries/{UNKNOWN_ID}", NO_QUERY, UNKNOWN_ID),
+    bad("query-very-long-id", "GET", f"/v1/queries/{LONG_ID}", NO_QUERY, "..."),
+    bad("query-negative-wait", "GET", f"/v1/queries/{UNKNOWN_ID}", INVALID, "wait_s",
+        params={"wait_s": -1}),
+    bad("query-cancel-unknown", "POST", f"/v1/queries/{UNKNOWN_ID}/cancel", NO_QUERY,
+        UNKNOWN_ID),
+    bad("query-result-unknown", "GET", f"/v1/queries/{UNKNOWN_ID}/result", NO_QUERY,
+        UNKNOWN_ID),
 ]
 # fmt: on
 

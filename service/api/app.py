@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -64,6 +65,9 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(problems) or "invalid request"
 
 
+_QUERY_SUBMIT = re.compile(r"^/v1/leases/[^/]+/queries/?$")
+
+
 class BodySizeLimit:
     """Refuse request bodies over ``max_bytes`` with 413 before they are read whole.
 
@@ -72,17 +76,25 @@ class BodySizeLimit:
     never see a half-read body. Bodies are small JSON documents, so buffering costs little.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_plan_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        # Query submissions carry plan bytes and get their own, larger limit.
+        self.max_plan_bytes = max_plan_bytes or max_bytes
+
+    def _limit(self, scope: Scope) -> int:
+        if scope.get("method") == "POST" and _QUERY_SUBMIT.match(scope.get("path", "")):
+            return self.max_plan_bytes
+        return self.max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self._limit(scope)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(scope, receive, send, limit)
             return
         chunks: list[bytes] = []
         seen = 0
@@ -92,8 +104,8 @@ class BodySizeLimit:
                 break  # the client went away: the app hears it on its first receive()
             body = message.get("body", b"")
             seen += len(body)
-            if seen > self.max_bytes:
-                await self._refuse(scope, receive, send)
+            if seen > limit:
+                await self._refuse(scope, receive, send, limit)
                 return
             chunks.append(body)
             if not message.get("more_body", False):
@@ -106,11 +118,13 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        what = "plan" if limit == self.max_plan_bytes != self.max_bytes else "request body"
         response = error_response(
             413,
             "payload_too_large",
-            f"the request body is larger than {self.max_bytes} bytes; send less",
+            f"the {what} is larger than {limit} bytes; send less (plans: sink large "
+            "inputs to storage and scan them instead of embedding DataFrames)",
         )
         await response(scope, receive, send)
 
@@ -133,7 +147,11 @@ def create_app(service: Service) -> FastAPI:
     app.state.service = service
     app.state.token_cache = TokenCache(service.settings.token_cache_s)
     app.include_router(v1.router)
-    app.add_middleware(BodySizeLimit, max_bytes=service.settings.max_request_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=service.settings.max_request_bytes,
+        max_plan_bytes=service.settings.max_plan_bytes,
+    )
 
     @app.exception_handler(PcleaseError)
     async def _domain_error(request: Request, exc: PcleaseError) -> JSONResponse:

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import math
 from datetime import datetime, timedelta
-from typing import Any, Self
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    model_validator,
+)
 
+from service.backends.base import QueryTarget
 from service.config import Profile
-from service.states import ContextState, LeaseState
-from service.store import ContextRecord, EventRecord, LeaseRecord
+from service.states import ContextState, LeaseState, QueryState
+from service.store import ContextRecord, EventRecord, LeaseRecord, QueryRecord
 
 _MAX_HOLDER_KEYS = 20
 
@@ -209,3 +218,94 @@ class ErrorBody(BaseModel):
 
 class ErrorOut(BaseModel):
     error: ErrorBody
+
+
+class QueryOptions(BaseModel):
+    """The JSON part of a query submission (the plan bytes travel beside it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: QueryTarget = Field(description="collect, or the sink format: parquet/csv/ipc/ndjson.")
+    destination: str | None = Field(
+        None,
+        max_length=2048,
+        description="The sink's path or URI as the client wrote it (informational).",
+    )
+    engine: Literal["auto", "streaming", "in-memory"] = "auto"
+    streaming: StrictBool | None = Field(None, description="Legacy: true means engine=streaming.")
+    distributed: StrictBool = False
+    labels: dict[str, str] = Field(default_factory=dict, max_length=20)
+    polars_version: str = Field(min_length=1, max_length=32)
+    timeout_s: StrictFloat | StrictInt | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.target is QueryTarget.COLLECT and self.destination not in (None, ""):
+            raise ValueError("a collect query has no destination; leave it out")
+        if self.target is not QueryTarget.COLLECT and not self.destination:
+            raise ValueError(f"a {self.target.value} sink needs its destination")
+        if self.streaming and self.engine == "in-memory":
+            raise ValueError("streaming=true contradicts engine='in-memory'")
+        for key, value in self.labels.items():
+            if len(key) > 64 or len(value) > 250 or "\x00" in key + value:
+                raise ValueError("labels are up to 64-character keys and 250-character values")
+        return self
+
+
+class QueryError(BaseModel):
+    type: str
+    message: str
+
+
+class QueryOut(BaseModel):
+    id: str
+    lease_id: str
+    context_id: str
+    state: QueryState
+    target: str
+    destination: str | None
+    engine: str
+    labels: dict[str, str]
+    plan_bytes: int
+    timeout_s: float
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_s: float | None
+    rows: int | None
+    result_bytes: int | None
+    output: str | None = Field(description="Sink location, or the result URL of a collect.")
+    error: QueryError | None
+
+    @classmethod
+    def of(cls, q: QueryRecord) -> QueryOut:
+        duration = None
+        if q.started_at is not None and q.finished_at is not None:
+            duration = round((q.finished_at - q.started_at).total_seconds(), 6)
+        error = None
+        if q.error_type is not None:
+            error = QueryError(type=q.error_type, message=q.error_message or "")
+        return cls(
+            id=q.id,
+            lease_id=q.lease_id,
+            context_id=q.context_id,
+            state=q.state,
+            target=q.target,
+            destination=q.destination,
+            engine=q.engine,
+            labels=dict(q.labels),
+            plan_bytes=q.plan_bytes,
+            timeout_s=q.timeout_s,
+            created_at=q.created_at,
+            started_at=q.started_at,
+            finished_at=q.finished_at,
+            duration_s=duration,
+            rows=q.rows,
+            result_bytes=q.result_bytes,
+            output=q.output,
+            error=error,
+        )
+
+
+class QueryList(BaseModel):
+    queries: list[QueryOut]

@@ -21,6 +21,14 @@ A backend must provide exactly these coroutine methods:
     reconciler can adopt the ones the database lost track of and stop the ones it does not
     know.
 
+``execute(handle, query) -> QueryOutcome``
+    Run one query on the context and return when it has finished. The plan bytes are
+    Polars' serialized plan exactly as the client sent them: deserialize them only where
+    the query runs, never in the service process. Cancelling the awaiting task must stop
+    the query (and leave the context usable). Failures of the *query* (Polars errors, a
+    refused plan, a timeout) are returned as an outcome with ``error_type`` and
+    ``error_message``; only failures of the *backend* raise :class:`BackendError`.
+
 ``close() -> None``
     Release clients and connections. ``stop_on_shutdown`` says whether the service should
     stop running contexts when it shuts down cleanly (true for local processes that would
@@ -85,6 +93,55 @@ class Observed:
     context_id: str | None
 
 
+class QueryTarget(StrEnum):
+    COLLECT = "collect"
+    PARQUET = "parquet"
+    CSV = "csv"
+    IPC = "ipc"
+    NDJSON = "ndjson"
+
+
+# The sink path the client attaches for ``collect`` (as Polars Cloud's own client does); the
+# backend redirects it to ``QuerySpec.result_path``.
+IN_MEMORY_SINK = "<in-memory>"
+
+
+@dataclass(frozen=True)
+class QuerySpec:
+    """One query to run on a context."""
+
+    query_id: str
+    plan: bytes
+    target: QueryTarget
+    #: collect only: where to write the result as an Arrow IPC file.
+    result_path: str | None = None
+    engine: str = "auto"
+    timeout_s: float = 3600.0
+    #: collect only: refuse results larger than this (hint: sink instead).
+    max_result_bytes: int = 1 << 30
+    allow_python_udfs: bool = False
+    #: Local directories (absolute) and object-store URI prefixes the plan may read and
+    #: write. Anything else is refused before execution.
+    data_roots: tuple[str, ...] = ()
+    #: Paths that are refused even inside a data root (the service's own files).
+    denied_paths: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class QueryOutcome:
+    """How a query ended. ``error_type`` is Polars' exception class name (or one of
+    pclease's: ``PlanRefused``, ``MemoryLimitExceeded``, ``QueryTimeout``,
+    ``ResultTooLarge``, ``PlanVersionMismatch``, ...)."""
+
+    ok: bool
+    rows: int | None = None
+    result_bytes: int | None = None
+    output: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+
+
 class BackendError(Exception):
     """A backend call failed; the message is safe to show to users."""
 
@@ -104,6 +161,9 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def list(self) -> list[Observed]: ...
+
+    async def execute(self, handle: Handle, query: QuerySpec) -> QueryOutcome:
+        raise BackendError(f"the {self.kind} backend cannot run queries")
 
     async def close(self) -> None:
         return None

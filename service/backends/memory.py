@@ -10,6 +10,8 @@ Knobs (plain attributes, change them at any time):
 - ``fail_after_launch``: the context launches, then reports ``failed``
 - ``fail_stop``: ``stop()`` raises
 - ``hang_s``: every call sleeps this long first (for timeout tests)
+- ``query_gate``: an ``asyncio.Event`` every query waits for (to hold queries running)
+- ``query_outcome``: what every query returns (it runs nothing)
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from service.backends.base import (
     Observation,
     Observed,
     Phase,
+    QueryOutcome,
+    QuerySpec,
 )
 from service.clock import Clock, SystemClock
 
@@ -55,6 +59,10 @@ class MemoryBackend(Backend):
         self.contexts: dict[str, FakeContext] = {}
         self.calls: list[tuple[str, str]] = []
         self._names = itertools.count(1)
+        self.query_gate: asyncio.Event | None = None
+        self.query_outcome = QueryOutcome(ok=True, rows=0, result_bytes=0)
+        self.executed: list[QuerySpec] = []
+        self.cancelled: list[str] = []
 
     # -- inspection helpers -------------------------------------------------------------
     @property
@@ -130,3 +138,17 @@ class MemoryBackend(Backend):
             for c in self.contexts.values()
             if c.phase is not Phase.STOPPED
         ]
+
+    async def execute(self, handle: Handle, query: QuerySpec) -> QueryOutcome:
+        await self._maybe_hang()
+        self.executed.append(query)
+        ctx = self.contexts.get(str(handle["name"]))
+        if ctx is None or ctx.phase is not Phase.RUNNING:
+            raise BackendError("the context is not running")
+        try:
+            if self.query_gate is not None:
+                await self.query_gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(query.query_id)
+            raise
+        return self.query_outcome

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -28,9 +30,15 @@ class Database:
         self.engine = engine
         self.clock = clock
         self._limiter = anyio.CapacityLimiter(max_threads)
+        # SQLite has one writer at a time. Left to SQLite, waiting writers poll the lock
+        # with sleeps of up to 100 ms; queueing them on a lock here instead hands the write
+        # lock over at once and in order. Other processes (the CLI) still use busy_timeout.
+        self._write_lock: threading.Lock | contextlib.nullcontext[None] = (
+            threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
+        )
 
     def write_sync(self, fn: Callable[[Tx], T]) -> tuple[T, Tx]:
-        with self.engine.begin() as conn:
+        with self._write_lock, self.engine.begin() as conn:
             tx = Tx(conn, self.clock.now())
             result = fn(tx)
         if tx.deferred_error is not None:
