@@ -11,7 +11,6 @@ any way, flags it; the runner cancels the task that runs it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import uuid
@@ -45,6 +44,7 @@ from service.errors import (
     QueryNotFound,
 )
 from service.leases import Principal
+from service.loops import tick_forever
 from service.notify import Notifier, wait_token
 from service.states import LIVE_QUERY_STATES, ContextState, LeaseState, QueryState
 from service.store import QueryRecord, Tx
@@ -319,17 +319,13 @@ class QueryRunner:
             log.warning("failed %d query(ies) left running by a previous process", count)
 
     async def run(self) -> None:
-        wake = self.notifier.runner
-        while True:
-            wake.clear()
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("query runner tick failed; retrying next tick")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), self.settings.reconcile_interval_s)
+        """Tick forever; a failing tick is logged with its traceback and the loop goes on."""
+        await tick_forever(
+            self.tick,
+            wake=self.notifier.runner,
+            interval_s=self.settings.reconcile_interval_s,
+            log=log,
+        )
 
     async def tick(self) -> None:
         def snapshot(tx: Tx) -> tuple[list[QueryRecord], dict[str, tuple[str, str, object]]]:
