@@ -39,7 +39,8 @@ def build_submission(
     """Attach the sink for ``target`` to ``lf`` and serialize it for the service.
 
     ``storage_options`` (object-store credentials) travel inside the plan, as they do to
-    Polars Cloud, and are never part of the options the service records.
+    Polars Cloud, and are never part of the options the service records. Scans that take
+    ``storage_options`` need ``credential_provider=None`` too, for the same reason.
     """
     import polars as pl
     from polars._utils.cloud import prepare_cloud_plan
@@ -60,6 +61,9 @@ def build_submission(
         }.get(target)
         if sink is None:
             raise ValueError(f"unknown target {target!r}; use collect, parquet, csv, ipc, ndjson")
+        # credential_provider=None: Polars' default ("auto") would be pickled into the
+        # plan, and pclease refuses plans that carry pickled Python.
+        extra.setdefault("credential_provider", None)
         sunk = sink(  # type: ignore[operator]
             destination, storage_options=dict(storage_options or {}) or None, lazy=True, **extra
         )

@@ -7,7 +7,7 @@
     ├── InvalidInput                  422 invalid_input
     │   ├── UnknownProfile            422 unknown_profile
     │   └── PlanRefused               422 plan_invalid | python_udf_refused |
-    │                                     plan_version_mismatch
+    │                                     plan_version_mismatch | plan_refused
     ├── Unauthorized                  401 unauthorized
     ├── Forbidden                     403 forbidden
     ├── NotFound                      404 not_found

@@ -1,7 +1,7 @@
 """What the service may know about a plan without deserializing it.
 
-A serialized Polars plan is ``b"DSL_VERSION"``, a little-endian u32 DSL version, a 64-hex
-schema hash, then a MessagePack payload. The service checks that frame, walks the
+A serialized Polars plan is ``b"DSL_VERSION"``, little-endian u16 major and minor DSL
+versions, a 64-hex schema hash, then a MessagePack payload. The service checks that frame, walks the
 MessagePack structure to prove it is complete (walking builds no Polars objects and runs
 no pickles), compares the version with what its contexts run, and looks for the marker of
 pickled Python functions. Only a backend's worker ever turns the bytes into a plan.
@@ -32,7 +32,8 @@ class PlanRejected(ValueError):
 
 @dataclass(frozen=True)
 class PlanSignature:
-    dsl_version: int
+    major: int
+    minor: int
     schema_hash: str
 
 
@@ -45,11 +46,11 @@ def read_signature(data: bytes) -> PlanSignature:
         )
     if len(data) < _HEADER_LEN:
         raise PlanRejected("plan_invalid", "the plan is truncated inside its header")
-    (version,) = struct.unpack_from("<I", data, len(MAGIC))
+    major, minor = struct.unpack_from("<HH", data, len(MAGIC))
     schema_hash = data[len(MAGIC) + 4 : _HEADER_LEN]
     if not _HASH.match(schema_hash):
         raise PlanRejected("plan_invalid", "the plan header is damaged (bad schema hash)")
-    return PlanSignature(version, schema_hash.decode())
+    return PlanSignature(major, minor, schema_hash.decode())
 
 
 def check_complete(data: bytes) -> None:

@@ -23,6 +23,7 @@ from typing import TypeVar
 import anyio.to_thread
 
 from service import plans, store
+from service.backends import plan_guard
 from service.backends.base import (
     Backend,
     BackendError,
@@ -31,7 +32,7 @@ from service.backends.base import (
     QueryTarget,
 )
 from service.clock import Clock
-from service.config import Settings
+from service.config import Profile, Settings
 from service.db.session import Database
 from service.errors import (
     Conflict,
@@ -112,7 +113,9 @@ class QueryManager:
         *,
         context_polars_version: str,
         context_signature: Callable[[], plans.PlanSignature],
+        denied_paths: tuple[str, ...] = (),
     ) -> None:
+        self.denied_paths = denied_paths
         self.settings = settings
         self.db = db
         self.notifier = notifier
@@ -121,6 +124,7 @@ class QueryManager:
         self.context_signature = context_signature
 
     def _check_plan(self, data: bytes, request: QueryRequest, allow_udfs: bool) -> None:
+        """The cheap checks, on the event loop: header, version, completeness, UDF marker."""
         try:
             signature = plans.read_signature(data)
             if signature != self.context_signature():
@@ -142,6 +146,23 @@ class QueryManager:
                 "true on the profile",
             )
 
+    def _guard(self, data: bytes, target: QueryTarget, profile: Profile | None) -> None:
+        """Walk the whole plan (in a thread: it is pure Python and takes time on big plans)
+        for pickled Python without the marker and for paths outside the data roots, so a
+        plan that would be refused anyway is refused now, with a 422, before it is queued.
+        The backend checks again where the plan runs."""
+        allow = profile.allow_python_udfs if profile else False
+        roots = tuple(profile.data_roots) if profile else ()
+        try:
+            info = plan_guard.inspect(data, allow_python_udfs=allow)
+            plan_guard.check_access(info, target, roots, self.denied_paths)
+        except plan_guard.PlanError as exc:
+            code = {
+                "PlanInvalid": "plan_invalid",
+                "PlanVersionMismatch": "plan_version_mismatch",
+            }.get(exc.type, "plan_refused")
+            raise PlanRefused(code, exc.message) from None
+
     async def submit(
         self, principal: Principal, lease_id: str, data: bytes, request: QueryRequest
     ) -> QueryRecord:
@@ -154,6 +175,7 @@ class QueryManager:
             raise LeaseEnded(lease_id, lease.state.value, lease.end_reason)
         profile = self.settings.profiles.get(lease.profile)
         self._check_plan(data, request, profile.allow_python_udfs if profile else False)
+        await anyio.to_thread.run_sync(self._guard, data, request.target, profile)
         timeout = request.timeout_s or self.settings.query_timeout_s
         if timeout > self.settings.query_timeout_max_s:
             raise InvalidInput(

@@ -53,6 +53,7 @@ class Service:
             self.spool,
             context_polars_version=plans.local_polars_version(),
             context_signature=plans.local_signature,
+            denied_paths=self._denied_paths(),
         )
         self.runner = QueryRunner(
             settings,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import shutil
 import signal
@@ -17,8 +16,17 @@ from typing import Any
 import polars as pl
 import pytest
 
-from service.backends.base import LABEL_CONTEXT_ID, BackendError, ContextSpec, Handle, Phase
-from service.backends.local import LocalBackend, QueryFailed
+from service.backends.base import (
+    LABEL_CONTEXT_ID,
+    BackendError,
+    ContextSpec,
+    Handle,
+    Phase,
+    QueryOutcome,
+    QuerySpec,
+    QueryTarget,
+)
+from service.backends.local import LocalBackend
 
 SMALL_PLAN = pl.LazyFrame({"a": [1, 2, 3]}).with_columns(b=pl.col("a") * 2)
 
@@ -116,6 +124,19 @@ async def wait_for_phase(
         await asyncio.sleep(0.05)
 
 
+async def collect(
+    backend: LocalBackend, handle: Handle, plan: bytes, result_path: Path
+) -> QueryOutcome:
+    spec = QuerySpec(
+        query_id="q",
+        plan=plan,
+        target=QueryTarget.COLLECT,
+        result_path=str(result_path),
+        timeout_s=30,
+    )
+    return await backend.execute(handle, spec)
+
+
 async def wait_for_executor(backend: LocalBackend, handle: Handle) -> int:
     deadline = time.monotonic() + 10
     while (pid := (await backend.ping(handle))["executor_pid"]) is None:
@@ -184,7 +205,7 @@ async def test_stop_is_idempotent_and_leaves_no_process_or_directory(workers: Wo
     assert (await backend.status(handle)).phase is Phase.STOPPED
     assert await backend.list() == []
     with pytest.raises(BackendError, match="is not running"):
-        await backend.run(handle, SMALL_PLAN.serialize(), timeout_s=5)
+        await collect(backend, handle, SMALL_PLAN.serialize(), workers.state_dir / "r.arrow")
 
 
 async def test_stopping_a_booting_worker_does_not_wait_for_it(workers: Workers) -> None:
@@ -296,13 +317,17 @@ async def test_the_authkey_is_private(workers: Workers) -> None:
     assert key.hex() not in (Path(handle["dir"]) / "worker.log").read_text()
 
 
-async def test_run_returns_the_collected_frame(workers: Workers) -> None:
+async def test_a_plan_without_a_sink_is_collected(workers: Workers) -> None:
     backend = workers.backend()
     handle = await workers.start_running(backend, spec("ctx-run"))
+    result = workers.state_dir / "result.arrow"
 
-    result = await backend.run(handle, SMALL_PLAN.serialize(), timeout_s=30)
+    outcome = await collect(backend, handle, SMALL_PLAN.serialize(), result)
 
-    frame = pl.read_ipc(io.BytesIO(result))
+    assert outcome == QueryOutcome(
+        ok=True, rows=3, result_bytes=result.stat().st_size, output=str(result)
+    )
+    frame = pl.read_ipc(result)
     assert frame.to_dict(as_series=False) == {"a": [1, 2, 3], "b": [2, 4, 6]}
 
 
@@ -312,31 +337,33 @@ async def test_a_query_beyond_memory_gb_fails_clearly_and_the_worker_lives_on(
     backend = workers.backend()
     handle = await workers.start_running(backend, spec("ctx-mem"))
     huge = pl.LazyFrame().select(pl.int_range(0, 500_000_000).alias("x"))  # 4 GB of int64
+    result = workers.state_dir / "result.arrow"
 
-    with pytest.raises(QueryFailed) as failed:
-        await backend.run(handle, huge.serialize(), timeout_s=30)
+    outcome = await collect(backend, handle, huge.serialize(), result)
 
-    assert failed.value.type == "MemoryLimitExceeded"
-    assert failed.value.message == (
+    assert outcome.error_type == "MemoryLimitExceeded"
+    assert outcome.error_message == (
         "query exceeded the profile's memory limit of 0.5 GB (memory_gb); "
         "use a larger profile or sink instead of collect"
     )
+    assert not result.exists()
     assert (await backend.ping(handle))["ok"] is True
-    result = await backend.run(handle, SMALL_PLAN.serialize(), timeout_s=30)
-    assert pl.read_ipc(io.BytesIO(result)).height == 3
+    outcome = await collect(backend, handle, SMALL_PLAN.serialize(), result)
+    assert outcome.rows == 3
 
 
 async def test_a_malformed_plan_is_an_error_not_a_dead_worker(workers: Workers) -> None:
     backend = workers.backend()
     handle = await workers.start_running(backend, spec("ctx-junk"))
 
-    with pytest.raises(QueryFailed) as failed:
-        await backend.run(handle, os.urandom(4096), timeout_s=30)
+    result = workers.state_dir / "result.arrow"
 
-    assert failed.value.type == "ComputeError"
+    outcome = await collect(backend, handle, os.urandom(4096), result)
+
+    assert outcome.error_type == "PlanInvalid"
     assert (await backend.status(handle)).phase is Phase.RUNNING
-    result = await backend.run(handle, SMALL_PLAN.serialize(), timeout_s=30)
-    assert pl.read_ipc(io.BytesIO(result)).height == 3
+    outcome = await collect(backend, handle, SMALL_PLAN.serialize(), result)
+    assert outcome.rows == 3
 
 
 async def test_a_python_that_cannot_be_spawned_is_a_backend_error(workers: Workers) -> None:

@@ -223,16 +223,32 @@ async def test_queries_of_a_previous_process_fail_on_restart(h: Harness) -> None
     h.backend.query_gate.set()
 
 
-async def test_sink_queries_have_no_result_to_download(h: Harness) -> None:
+async def test_sink_queries_have_no_result_to_download(make_harness: Any, tmp_path: Any) -> None:
+    root = str(tmp_path / "lake")
+    h: Harness = await make_harness(profiles={"small": {**PROFILES["small"], "data_roots": [root]}})
     lease = await active_lease(h)
-    sink = plan("parquet", "/data/out.parquet")
+    sink = plan("parquet", f"{root}/out.parquet")
     q = (await submit(h, lease["id"], sink)).json()
-    assert q["destination"] == "/data/out.parquet"
+    assert q["destination"] == f"{root}/out.parquet"
     await h.tick()
     await h.service.runner.drain()
     response = await h.client.get(f"/v1/queries/{q['id']}/result", headers=h.headers)
     assert response.status_code == 409
     assert "sink" in response.json()["error"]["message"]
+
+
+async def test_paths_outside_the_data_roots_are_refused_at_submission(h: Harness) -> None:
+    lease = await active_lease(h)  # "small" has no data_roots: no file may be touched
+    response = await submit(h, lease["id"], plan("parquet", "/etc/pclease/out.parquet"))
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "plan_refused"
+    assert "/etc/pclease/out.parquet" in error["message"]
+    scan = build_submission(pl.scan_csv("/etc/passwd"), "collect")
+    response = await submit(h, lease["id"], scan)
+    assert response.status_code == 422
+    assert "/etc/passwd" in response.json()["error"]["message"]
+    assert h.backend.executed == []
 
 
 async def test_other_tokens_cannot_see_or_cancel_a_query(h: Harness) -> None:

@@ -18,10 +18,16 @@ The handle is ``{"pid": int, "proc_start": int, "dir": str}``; ``proc_start`` is
 handle and the directory are all there is, a new ``LocalBackend`` on the same ``state_dir``
 (a restarted service) can list, poll and stop workers an earlier one started.
 
+Queries (:meth:`LocalBackend.execute`) go to the worker's ``query`` op on a connection of
+their own, which stays open until the outcome arrives. Cancelling the awaiting task shuts
+that connection down; the worker sees it end, kills the executor running the query and
+starts a fresh one, so the context stays usable. What a query may touch and how it runs is
+in ``local_worker`` and ``plan_guard``.
+
 Exceptions::
 
     BackendError    launching failed, a handle is unusable, or a worker cannot be reached
-    QueryFailed     the worker ran a plan and it failed: ``.type`` and ``.message``
+                    (a query that fails is an outcome, not an exception)
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ from service.backends.base import (
     Observation,
     Observed,
     Phase,
+    QueryOutcome,
+    QuerySpec,
 )
 from service.backends.local_worker import (
     AUTHKEY_NAME,
@@ -75,9 +83,9 @@ PROCESS_NAME = "process.json"
 PING_TIMEOUT_S = 2.0
 STOP_GRACE_S = 5.0
 TERM_GRACE_S = 2.0
-# The time a run may take on top of its own timeout (the worker enforces that one) for
-# shipping the plan and the result.
-RUN_TRANSFER_MARGIN_S = 10.0
+# The time a query may take on top of its own timeout (the worker enforces that one) for
+# shipping the plan and counting the rows of its output.
+QUERY_MARGIN_S = 30.0
 # AF_UNIX paths are limited to 108 bytes including the terminating NUL.
 
 _ENV_PASSTHROUGH = frozenset({"PATH", "LANG", "TMPDIR", "HOME"})
@@ -85,16 +93,6 @@ _CONTEXT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # The directory holding the ``service`` package, so ``-m service.backends.local_worker``
 # resolves in a worker whose environment has been scrubbed.
 _CODE_ROOT = Path(__file__).resolve().parents[2]
-
-
-class QueryFailed(Exception):
-    """A plan ran on a worker and failed; ``type`` is the Polars exception class name
-    (or MemoryLimitExceeded, QueryTimeout, ExecutorCrashed, ...)."""
-
-    def __init__(self, type: str, message: str) -> None:
-        super().__init__(f"{type}: {message}")
-        self.type = type
-        self.message = message
 
 
 class _NotAnswering(Exception):
@@ -202,8 +200,48 @@ def _write_json_atomically(path: Path, value: Mapping[str, Any]) -> None:
 
 
 # -- talking to a worker ---------------------------------------------------------------------
+class _Abort:
+    """Lets the event loop end a call that a thread is blocked in: shutting the socket down
+    wakes the thread (EOF) and tells the worker its client has gone."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self.aborted = False
+
+    def attach(self, fd: int) -> None:
+        with self._lock:
+            self._fd = fd
+            if self.aborted:
+                self._shutdown()
+
+    def detach(self) -> None:
+        with self._lock:
+            self._fd = None  # before the fd is closed, so it is never shut down once reused
+
+    def abort(self) -> None:
+        with self._lock:
+            self.aborted = True
+            if self._fd is not None:
+                self._shutdown()
+
+    def _shutdown(self) -> None:
+        assert self._fd is not None
+        sock = socket.socket(fileno=self._fd)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            sock.detach()
+
+
 def _call(
-    directory: Path, request: Mapping[str, Any], payload: bytes | None, timeout_s: float
+    directory: Path,
+    request: Mapping[str, Any],
+    payload: bytes | None,
+    timeout_s: float,
+    abort: _Abort | None = None,
 ) -> tuple[dict[str, Any], bytes | None]:
     """One request on a fresh connection. Raises _NotAnswering or BackendError."""
     try:
@@ -222,7 +260,10 @@ def _call(
     except OSError as exc:
         sock.close()
         raise _NotAnswering(f"cannot connect to its socket: {exc}") from exc
-    with Connection(sock.detach()) as conn:
+    conn = Connection(sock.detach())
+    if abort is not None:
+        abort.attach(conn.fileno())
+    try:
         try:
             answer_challenge(conn, authkey)
             deliver_challenge(conn, authkey)
@@ -240,6 +281,10 @@ def _call(
             raise _NotAnswering(f"no answer within {timeout_s:g} s") from exc
         except (EOFError, OSError, ValueError) as exc:
             raise _NotAnswering(f"the connection broke: {type(exc).__name__}: {exc}") from exc
+    finally:
+        if abort is not None:
+            abort.detach()
+        conn.close()
     return reply, data
 
 
@@ -277,20 +322,43 @@ class LocalBackend(Backend):
         executor_pid). Raises BackendError if it does not answer."""
         return await asyncio.to_thread(self._ping, handle)
 
-    async def run(self, handle: Handle, plan: bytes, timeout_s: float) -> bytes:
-        """Run a serialized plan (``LazyFrame.serialize()``, binary) on the context and
-        return the collected frame as Arrow IPC bytes.
-
-        Raises QueryFailed if the plan fails (including MemoryLimitExceeded and
-        QueryTimeout), BackendError if the worker cannot be reached.
-        """
-        reply, data = await asyncio.to_thread(self._run, handle, plan, timeout_s)
-        if not reply.get("ok"):
-            error = reply.get("error") or {}
-            raise QueryFailed(str(error.get("type", "Unknown")), str(error.get("message", "")))
-        if data is None:
-            raise BackendError("the local worker answered a run without a result")
-        return data
+    async def execute(self, handle: Handle, query: QuerySpec) -> QueryOutcome:
+        """Run ``query`` on the context's worker (see the module docstring of
+        ``local_worker`` for the checks and how each target runs). Queries on one context
+        run one at a time (not necessarily in arrival order); time spent waiting counts
+        against ``timeout_s``. Raises BackendError only if the worker cannot be reached."""
+        ref = self._ref(handle)
+        request = {
+            "op": "query",
+            "query_id": query.query_id,
+            "target": query.target.value,
+            "result_path": query.result_path,
+            "engine": query.engine,
+            "timeout_s": query.timeout_s,
+            "max_result_bytes": query.max_result_bytes,
+            "allow_python_udfs": query.allow_python_udfs,
+            "data_roots": list(query.data_roots),
+            "denied_paths": list(query.denied_paths),
+        }
+        abort = _Abort()
+        try:
+            reply = await asyncio.to_thread(self._query, ref, request, query.plan, abort)
+        except asyncio.CancelledError:
+            abort.abort()
+            raise
+        if reply.get("ok"):
+            return QueryOutcome(
+                ok=True,
+                rows=reply.get("rows"),
+                result_bytes=reply.get("result_bytes"),
+                output=reply.get("output"),
+            )
+        error = reply.get("error") or {}
+        return QueryOutcome(
+            ok=False,
+            error_type=str(error.get("type", "Unknown")),
+            error_message=str(error.get("message", "")),
+        )
 
     # -- implementation (blocking, always called in a thread) ---------------------------------
     def _ping(self, handle: Handle) -> dict[str, Any]:
@@ -301,13 +369,13 @@ class LocalBackend(Backend):
             raise BackendError(f"the local worker {ref.pid} does not answer: {exc}") from exc
         return reply
 
-    def _run(
-        self, handle: Handle, plan: bytes, timeout_s: float
-    ) -> tuple[dict[str, Any], bytes | None]:
-        ref = self._ref(handle)
-        request = {"op": "run", "timeout_s": timeout_s}
+    def _query(
+        self, ref: _Ref, request: Mapping[str, Any], plan: bytes, abort: _Abort
+    ) -> dict[str, Any]:
+        timeout_s = float(request["timeout_s"]) + QUERY_MARGIN_S
         try:
-            return _call(ref.dir, request, plan, timeout_s + RUN_TRANSFER_MARGIN_S)
+            reply, _ = _call(ref.dir, request, plan, timeout_s, abort)
+            return reply
         except _NotAnswering as exc:
             state = "does not answer" if _alive(ref) else "is not running"
             raise BackendError(

@@ -10,10 +10,10 @@ worker (``--dir DIR``)
 
 executor (``--executor-fd FD``)
     A child of the worker that imports Polars, warms up, caps its own address space at
-    ``RLIMIT_AS = baseline + memory_gb`` and then runs plans one at a time. Plans are only
-    ever deserialized here, so a plan that blows the limit (or crashes Polars) kills a
-    process that the worker simply replaces. It is started with ``subprocess`` (fork+exec),
-    never a bare fork of a process whose Polars thread pool is running.
+    ``RLIMIT_AS = baseline + memory_gb`` and then runs queries one at a time. Plans are only
+    ever read here, so a plan that blows the limit (or crashes Polars) kills a process that
+    the worker simply replaces. It is started with ``subprocess`` (fork+exec), never a bare
+    fork of a process whose Polars thread pool is running.
 
 Wire protocol (both hops): every message is one ``send_bytes`` frame; nothing is pickled.
 A request is a JSON header, optionally followed by one raw frame; so is a reply.
@@ -25,18 +25,37 @@ ping      ``{"op": "ping"}``                          ``{"ok": true, "pid", "pol
                                                       "threads", "memory_gb", "uptime_s",
                                                       "executor_pid"}``
 stop      ``{"op": "stop"}``                          ``{"ok": true}``, then the worker exits 0
-run       ``{"op": "run", "timeout_s"}`` + plan frame  ``{"ok": true, "payload": true}`` + Arrow
-          (``LazyFrame.serialize()``, binary)          IPC frame, or ``{"ok": false, "error":
-                                                      {"type", "message"}}``
+query     ``{"op": "query", "query_id", "target",     ``{"ok": true, "rows", "result_bytes",
+          "result_path", "engine", "timeout_s",       "output"}`` or ``{"ok": false,
+          "max_result_bytes", "allow_python_udfs",    "error": {"type", "message"}}``
+          "data_roots", "denied_paths"}`` + the plan
+          frame (Polars' binary plan, as sent)
 ========  ==========================================  =====================================
 
-Error types are Polars exception class names, plus ``MemoryLimitExceeded``,
-``QueryTimeout``, ``ExecutorCrashed``, ``ExecutorUnavailable`` and ``ProtocolError``.
+A query passes two rounds of checks before any of it runs. The worker, without decoding
+the plan, refuses the ``PLPYFN`` marker of pickled Python (unless the profile allows UDFs)
+and plans of another Polars DSL version. The executor then decodes the plan with
+:mod:`service.backends.plan_guard` (still without Polars) and refuses every other form of
+pickled Python, native plugins, and paths outside the data roots. Only then does Polars
+deserialize and run it. A ``collect`` plan (one that sinks to ``"<in-memory>"``, or has no
+sink) is re-rooted at the sink's input, collected with the query's engine and written as
+Arrow IPC to ``result_path``.
+
+The worker serializes queries per context (one executor, one query at a time). While a
+query runs, the worker watches the client's connection as well as the executor: if the
+client goes away (the service cancelled the query, or died), the executor is killed and
+replaced, exactly as when ``timeout_s`` runs out.
+
+Error types are Polars exception class names, plus ``PlanRefused``, ``PlanInvalid``,
+``PlanVersionMismatch``, ``ResultTooLarge``, ``InvalidQuery``, ``MemoryLimitExceeded``,
+``QueryTimeout``, ``QueryCancelled``, ``ExecutorCrashed``, ``ExecutorUnavailable`` and
+``ProtocolError``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -60,9 +79,14 @@ from multiprocessing.connection import (
     answer_challenge,
     deliver_challenge,
 )
+from multiprocessing.connection import wait as wait_readable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from service.backends import plan_guard
+from service.backends.base import IN_MEMORY_SINK, QueryTarget
+from service.backends.plan_guard import PlanError
 
 
 def socket_address(directory: Path) -> str:
@@ -84,6 +108,12 @@ LOG_NAME = "worker.log"
 EXIT_ORPHANED = 3
 
 HEADER_MAX_BYTES = 1 << 20
+ENGINES = frozenset({"auto", "streaming", "in-memory"})
+# Polars' messages end with the whole plan ("Resolved plan until failure: ..."); the type
+# and first lines say what went wrong.
+ERROR_MESSAGE_MAX_CHARS = 2000
+# How often a worker waiting for the executor's lock checks whether its client left.
+LOCK_POLL_S = 0.1
 HANDSHAKE_TIMEOUT_S = 5.0
 # Between requests a client may keep its connection open; one that says nothing for this
 # long is dropped so its thread does not live forever.
@@ -157,24 +187,172 @@ def _vm_size_bytes() -> int:
     return int(match.group(1)) * 1024 if match else 0
 
 
-def _collect_to_ipc(pl: ModuleType, plan: bytes) -> bytes:
-    frame = pl.LazyFrame.deserialize(io.BytesIO(plan), format="binary").collect()
-    out = io.BytesIO()
-    frame.write_ipc(out)
-    return out.getvalue()
+class QueryError(Exception):
+    """A query ended without a result; ``type`` is the outcome's error type."""
+
+    def __init__(self, type: str, message: str) -> None:
+        super().__init__(f"{type}: {message}")
+        self.type = type
+        self.message = message
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _polars_message(exc: BaseException) -> str:
+    text = str(exc).split("\n\nResolved plan until failure")[0].strip()
+    return text[:ERROR_MESSAGE_MAX_CHARS]
+
+
+def _deserialize(pl: ModuleType, plan: bytes) -> Any:
+    try:
+        return pl.LazyFrame.deserialize(io.BytesIO(plan), format="binary")
+    except Exception as exc:
+        message = _polars_message(exc)
+        if "is not compatible with this Polars version" in message:
+            raise QueryError("PlanVersionMismatch", message) from exc
+        raise QueryError("PlanInvalid", f"Polars cannot read the plan: {message}") from exc
+
+
+def _write_result(frame: Any, path: str, max_bytes: int) -> Json:
+    too_large = (
+        "the result is {size}, more than this service returns ({limit}, max_result_bytes); "
+        "sink it to a file in a data root instead (sink_parquet), or reduce it"
+    )
+    if frame.estimated_size() > max_bytes:
+        raise QueryError(
+            "ResultTooLarge",
+            too_large.format(size=f"about {_size(frame.estimated_size())}", limit=_size(max_bytes)),
+        )
+    partial = f"{path}.partial"
+    try:
+        frame.write_ipc(partial)
+        size = os.path.getsize(partial)
+        if size > max_bytes:
+            raise QueryError(
+                "ResultTooLarge", too_large.format(size=_size(size), limit=_size(max_bytes))
+            )
+        os.replace(partial, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+    return {"ok": True, "rows": frame.height, "result_bytes": size, "output": path}
+
+
+_COUNT_PLACEHOLDER = "/pclease-count-placeholder"
+
+
+def _count_template(pl: ModuleType, output: plan_guard.OutputSink) -> bytes | None:
+    """A plan counting the rows of a file like the output (its path is replaced later)."""
+    options = output.options
+    compression = options.get("compression")
+    if output.format is QueryTarget.PARQUET:
+        lf = pl.scan_parquet(_COUNT_PLACEHOLDER, glob=False)
+    elif output.format is QueryTarget.IPC:
+        lf = pl.scan_ipc(_COUNT_PLACEHOLDER, glob=False)
+    elif output.format is QueryTarget.NDJSON and compression in (None, "Uncompressed"):
+        lf = pl.scan_ndjson(_COUNT_PLACEHOLDER)
+    elif output.format is QueryTarget.CSV and compression in (None, "Uncompressed"):
+        csv = options.get("serialize_options")
+        if not isinstance(csv, dict) or csv.get("line_terminator") not in ("\n", "\r\n"):
+            return None
+        quote = csv.get("quote_char")
+        lf = pl.scan_csv(
+            _COUNT_PLACEHOLDER,
+            has_header=bool(options.get("include_header", True)),
+            separator=chr(csv.get("separator", 44)),
+            quote_char=chr(quote) if quote else None,
+            glob=False,
+        )
+    else:
+        return None
+    data: bytes = lf.select(pl.len()).serialize()
+    return data
+
+
+def _count_rows(pl: ModuleType, info: plan_guard.PlanInfo) -> int | None:
+    """Rows in the single file a sink wrote, read back from its footer or lines; None when
+    that cannot be done cheaply (partitioned or compressed output)."""
+    output = info.output
+    if output is None or output.kind != "File":
+        return None
+    try:
+        template = _count_template(pl, output)
+        if template is None:
+            return None
+        plan = plan_guard.rescan(template, output.path, info.output_cloud_options())
+        return int(_deserialize(pl, plan).collect().item())
+    except Exception as exc:
+        log.info("could not count the rows of %s: %s", output.path, exc)
+        return None
+
+
+def _run_query(pl: ModuleType, request: Json, plan: bytes) -> Json:
+    target = QueryTarget(request["target"])
+    info = plan_guard.inspect(plan, allow_python_udfs=bool(request["allow_python_udfs"]))
+    plan_guard.check_access(
+        info, target, tuple(request["data_roots"]), tuple(request["denied_paths"])
+    )
+    engine = request["engine"]
+    if target is QueryTarget.COLLECT:
+        path = request["result_path"]
+        try:
+            frame = _deserialize(pl, info.without_output_sink()).collect(engine=engine)
+            return _write_result(frame, path, int(request["max_result_bytes"]))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+    assert info.output is not None  # check_access refuses sink queries without one
+    _deserialize(pl, plan).collect(engine=engine)
+    path = info.output.path
+    size = os.path.getsize(path) if path.startswith("/") and os.path.isfile(path) else None
+    return {"ok": True, "rows": _count_rows(pl, info), "result_bytes": size, "output": path}
+
+
+def _answer(pl: ModuleType, request: Json, plan: bytes, memory_gb: float | None) -> Json:
+    oom = {**error_reply("MemoryLimitExceeded", memory_error_message(memory_gb)), "recycle": True}
+    try:
+        return _run_query(pl, request, plan)
+    except (PlanError, QueryError) as exc:
+        return error_reply(exc.type, exc.message)
+    except MemoryError:
+        return oom
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # Polars' PanicException derives from BaseException
+        text = f"{type(exc).__name__}: {exc}"
+        if memory_gb and looks_like_oom(text):
+            return oom
+        return error_reply(type(exc).__name__, _polars_message(exc))
 
 
 def _warm_up(pl: ModuleType) -> None:
-    # Touch what most queries touch (both engines, a Parquet scan) so that Polars' thread
-    # pools and allocator arenas exist before the baseline address space is measured.
-    lf = pl.LazyFrame({"a": [1, 2, 3], "b": ["x", "y", "x"]})
-    query = lf.group_by("b").agg(pl.col("a").sum()).sort("b")
-    _collect_to_ipc(pl, query.serialize())
-    query.collect(engine="streaming")
+    # Touch what most queries touch (the plan guard, both engines, a Parquet scan and sink,
+    # an IPC result) so that Polars' thread pools and allocator arenas exist before the
+    # baseline address space is measured.
     with tempfile.TemporaryDirectory(prefix="pclease-warmup-") as tmp:
-        path = Path(tmp) / "warmup.parquet"
-        lf.collect().write_parquet(path)
-        pl.scan_parquet(path).collect()
+        source = Path(tmp) / "warmup.parquet"
+        pl.DataFrame({"a": [1, 2, 3], "b": ["x", "y", "x"]}).write_parquet(source)
+        query = pl.scan_parquet(source).group_by("b").agg(pl.col("a").sum()).sort("b")
+        request: Json = {
+            "target": QueryTarget.COLLECT.value,
+            "result_path": str(Path(tmp) / "warmup.arrow"),
+            "engine": "auto",
+            "max_result_bytes": 1 << 20,
+            "allow_python_udfs": False,
+            "data_roots": [tmp],
+            "denied_paths": [],
+        }
+        _run_query(pl, request, query.sink_parquet(IN_MEMORY_SINK, lazy=True).serialize())
+        request |= {"target": QueryTarget.PARQUET.value, "engine": "streaming"}
+        sink = query.sink_parquet(Path(tmp) / "out.parquet", lazy=True)
+        _run_query(pl, request, sink.serialize())
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:
@@ -205,38 +383,14 @@ def executor_main(fd: int, memory_gb: float | None) -> int:
     )
     while True:
         try:
-            recv_json(conn)
+            request = recv_json(conn)
             plan = conn.recv_bytes()
         except EOFError:
             return 0
-        try:
-            data = _collect_to_ipc(pl, plan)
-        except MemoryError:
-            send_json(
-                conn,
-                {
-                    **error_reply("MemoryLimitExceeded", memory_error_message(memory_gb)),
-                    "recycle": True,
-                },
-            )
+        reply = _answer(pl, request, plan, memory_gb)
+        send_json(conn, reply)
+        if reply.get("recycle"):
             return 0
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # Polars' PanicException derives from BaseException
-            text = f"{type(exc).__name__}: {exc}"
-            if memory_gb and looks_like_oom(text):
-                send_json(
-                    conn,
-                    {
-                        **error_reply("MemoryLimitExceeded", memory_error_message(memory_gb)),
-                        "recycle": True,
-                    },
-                )
-                return 0
-            send_json(conn, error_reply(type(exc).__name__, str(exc)))
-            continue
-        send_json(conn, {"ok": True, "payload": True})
-        conn.send_bytes(data)
 
 
 class _ExecutorProcess:
@@ -358,15 +512,22 @@ class Executor:
         if current is not None:
             current.kill()
 
-    def run(self, plan: bytes, timeout_s: float) -> tuple[Json, bytes | None]:
+    def query(self, request: Json, plan: bytes, client: Connection) -> Json:
+        """Run one query; ``client`` is the connection it came on, whose end (EOF) cancels
+        the query."""
+        timeout_s = float(request["timeout_s"])
         deadline = time.monotonic() + timeout_s
-        if not self._lock.acquire(timeout=max(timeout_s, 0)):
-            return error_reply(
-                "QueryTimeout",
-                f"another query kept this context busy for the whole timeout of {timeout_s:g} s",
-            ), None
+        while not self._lock.acquire(timeout=LOCK_POLL_S):
+            if client.poll(0):
+                return _cancelled()
+            if time.monotonic() >= deadline:
+                return error_reply(
+                    "QueryTimeout",
+                    f"another query kept this context busy for the whole timeout of "
+                    f"{timeout_s:g} s; retry later or raise timeout_s",
+                )
         try:
-            return self._run_locked(plan, timeout_s, deadline)
+            return self._query_locked(request, plan, client, timeout_s, deadline)
         finally:
             self._lock.release()
 
@@ -374,9 +535,15 @@ class Executor:
         proc.kill()
         self.spawn()
 
-    def _run_locked(
-        self, plan: bytes, timeout_s: float, deadline: float
-    ) -> tuple[Json, bytes | None]:
+    def _wait(self, proc: _ExecutorProcess, client: Connection, deadline: float) -> str:
+        ready = wait_readable([proc.conn, client], max(deadline - time.monotonic(), 0))
+        if proc.conn in ready:
+            return "answer"
+        return "cancelled" if client in ready else "timeout"
+
+    def _query_locked(
+        self, request: Json, plan: bytes, client: Connection, timeout_s: float, deadline: float
+    ) -> Json:
         proc = self._current
         if proc is None or not proc.alive():
             if proc is not None:
@@ -386,11 +553,14 @@ class Executor:
         assert proc is not None
         try:
             if not proc.ready:
-                if not proc.conn.poll(max(deadline - time.monotonic(), 0)):
+                waited = self._wait(proc, client, deadline)
+                if waited == "cancelled":
+                    return _cancelled()  # the executor keeps warming up for the next query
+                if waited == "timeout":
                     return error_reply(
                         "QueryTimeout",
                         f"the executor did not start within the timeout of {timeout_s:g} s",
-                    ), None
+                    )
                 recv_json(proc.conn)
                 proc.ready = True
         except (EOFError, OSError, ValueError):
@@ -400,35 +570,85 @@ class Executor:
             return error_reply(
                 "ExecutorUnavailable",
                 f"the query executor failed to start (exited with {_describe_exit(code)}: {last})",
-            ), None
+            )
         try:
-            send_json(proc.conn, {"op": "run"})
+            send_json(proc.conn, request)
             proc.conn.send_bytes(plan)
-            if not proc.conn.poll(max(deadline - time.monotonic(), 0)):
+            waited = self._wait(proc, client, deadline)
+            if waited != "answer":
                 self._replace(proc)
+                if waited == "cancelled":
+                    log.info("query %s cancelled; executor replaced", request.get("query_id"))
+                    return _cancelled()
                 return error_reply(
                     "QueryTimeout",
-                    f"the query did not finish within {timeout_s:g} s and was cancelled",
-                ), None
+                    f"the query did not finish within its timeout of {timeout_s:g} s and was "
+                    "stopped; raise timeout_s or make the query cheaper",
+                )
             reply = recv_json(proc.conn)
-            data = proc.conn.recv_bytes() if reply.get("ok") else None
         except (EOFError, OSError, ValueError):
             code, tail = proc.death_notice()
             self._replace(proc)
             log.warning("executor died during a query with %s", _describe_exit(code))
             # SIGKILL without a word is how the kernel's OOM killer ends a process.
             if self.memory_gb and (looks_like_oom(tail) or code == -signal.SIGKILL):
-                return error_reply(
-                    "MemoryLimitExceeded", memory_error_message(self.memory_gb)
-                ), None
+                return error_reply("MemoryLimitExceeded", memory_error_message(self.memory_gb))
             last = tail.splitlines()[-1] if tail else "no output"
             return error_reply(
                 "ExecutorCrashed",
                 f"the query crashed its executor ({_describe_exit(code)}: {last})",
-            ), None
+            )
         if reply.pop("recycle", False):
             self._replace(proc)
-        return reply, data
+        return reply
+
+
+def _cancelled() -> Json:
+    return error_reply("QueryCancelled", "the query was cancelled")
+
+
+def _parse_query(request: Json) -> Json:
+    """The query op's fields, checked and normalized; raises QueryError("InvalidQuery")."""
+
+    def bad(message: str) -> QueryError:
+        return QueryError("InvalidQuery", message)
+
+    try:
+        target = QueryTarget(str(request.get("target")))
+    except ValueError:
+        targets = ", ".join(t.value for t in QueryTarget)
+        raise bad(f"target must be one of {targets}, not {request.get('target')!r}") from None
+    engine = request.get("engine", "auto")
+    if engine not in ENGINES:
+        raise bad(f"engine must be one of {', '.join(sorted(ENGINES))}, not {engine!r}")
+    result_path = request.get("result_path")
+    if target is QueryTarget.COLLECT and not (
+        isinstance(result_path, str) and result_path.startswith("/")
+    ):
+        raise bad("a collect query needs an absolute result_path")
+    timeout_s = request.get("timeout_s", 3600.0)
+    max_result_bytes = request.get("max_result_bytes", 1 << 30)
+    roots = request.get("data_roots", [])
+    denied = request.get("denied_paths", [])
+    if not (isinstance(timeout_s, int | float) and timeout_s > 0):
+        raise bad("timeout_s must be a positive number of seconds")
+    if not (isinstance(max_result_bytes, int) and max_result_bytes >= 0):
+        raise bad("max_result_bytes must be a whole number of bytes")
+    for name, value in (("data_roots", roots), ("denied_paths", denied)):
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise bad(f"{name} must be a list of strings")
+    return {
+        "op": "query",
+        "query_id": str(request.get("query_id", "")),
+        "target": target.value,
+        "result_path": result_path,
+        "engine": engine,
+        "timeout_s": float(timeout_s),
+        "max_result_bytes": max_result_bytes,
+        "allow_python_udfs": request.get("allow_python_udfs") is True,
+        "data_roots": roots,
+        "denied_paths": denied,
+    }
 
 
 # -- worker -------------------------------------------------------------------------------
@@ -447,11 +667,13 @@ class Worker:
         self._active = 0
         self._exiting = threading.Lock()
         self.polars_version = "?"
+        self.dsl_header: plan_guard.PlanHeader | None = None
 
     def serve(self) -> None:
         import polars as pl
 
         self.polars_version = pl.__version__
+        self.dsl_header = plan_guard.read_header(pl.LazyFrame().serialize())
         self._pl = pl
         self.executor.spawn()
         listener = Listener(socket_address(self.directory), family="AF_UNIX", backlog=32)
@@ -544,15 +766,28 @@ class Worker:
             log.info("stop requested")
             send_json(conn, {"ok": True})
             self.exit(0)
-        elif op == "run":
+        elif op == "query":
             plan = conn.recv_bytes()
-            timeout_s = float(request.get("timeout_s", 60.0))
-            reply, data = self.executor.run(plan, timeout_s)
-            send_json(conn, reply)
-            if data is not None:
-                conn.send_bytes(data)
+            send_json(conn, self._query(request, plan, conn))
         else:
             send_json(conn, error_reply("ProtocolError", f"unknown op {op!r}"))
+
+    def _query(self, request: Json, plan: bytes, conn: Connection) -> Json:
+        # The checks that need no plan decoding run here, so a refused plan never even
+        # reaches the executor (the executor repeats them: defence in depth).
+        assert self.dsl_header is not None
+        try:
+            query = _parse_query(request)
+            plan_guard.refuse_python_udfs(plan, query["allow_python_udfs"])
+            header = plan_guard.read_header(plan)
+            plan_guard.check_compatible(header, self.dsl_header, self.polars_version)
+        except (PlanError, QueryError) as exc:
+            log.info("query %s refused: %s", request.get("query_id"), exc.type)
+            return error_reply(exc.type, exc.message)
+        reply = self.executor.query(query, plan, conn)
+        error = reply.get("error") or {}
+        log.info("query %s: %s", query["query_id"], error.get("type") or "ok")
+        return reply
 
 
 def worker_main(directory: Path, orphan_timeout_s: float, boot_delay_s: float) -> int:
