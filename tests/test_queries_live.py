@@ -44,6 +44,9 @@ class Env:
         )
         run_cli(self.config, "db", "upgrade")
         token = run_cli(self.config, "token", "create", "q", "--scope", "lease").strip()
+        self.admin_token = run_cli(
+            self.config, "token", "create", "ops", "--scope", "admin"
+        ).strip()
         self.server = LiveServer(self.config, tmp_path / "server.log").start()
         self.client = PcleaseClient(self.server.url, token, retries=1)
 
@@ -186,6 +189,17 @@ def test_a_query_on_an_ended_lease_is_refused(env: Env) -> None:
     with pytest.raises(PcleaseHTTPError) as caught:
         env.client.submit(held.id, build_submission(pl.LazyFrame({"a": [1]}), "collect"))
     assert caught.value.status == 410
-    with pytest.raises(LeaseLost):
-        held.lost = LeaseLost(held.id, "released", None)
-        held.check()
+
+
+def test_the_client_notices_a_lease_revoked_underneath_it(env: Env) -> None:
+    admin = PcleaseClient(env.server.url, env.admin_token, retries=1)
+    with env.client.lease("small", ttl_s=3) as held:
+        admin.request("POST", f"/v1/contexts/{held.context_id}/stop")
+        deadline = time.monotonic() + 10
+        while held.lost is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with pytest.raises(LeaseLost, match="revoked"):
+            held.check()
+        with pytest.raises(LeaseLost):
+            held.remote(pl.LazyFrame({"a": [1]})).collect()
+    admin.close()
