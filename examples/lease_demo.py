@@ -2,17 +2,26 @@
 
     python examples/lease_demo.py --url http://127.0.0.1:8040 --token pcl_...
 
-Leases profile "small" twice (the second lease shares the first one's context), heartbeats,
-releases both, and watches the idle grace period stop the context.
+Leases profile "small" twice (the second lease shares the first one's context), runs Polars
+queries through the lease (a CSV turned into Parquet on the context, then an aggregate
+collected back), heartbeats, releases both, and watches the idle grace period stop the
+context.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
+import polars as pl
+
+from pclease_client import PcleaseClient
+
+# The data root examples/pclease.toml allows: absolute, and the same on every machine.
+LAKE = Path("/tmp/pclease-demo-lake")  # noqa: S108
 
 
 def show(what: str, obj: dict[str, Any]) -> None:
@@ -65,20 +74,43 @@ def main() -> None:
     show("context", context)
     assert second_lease["context_id"] == first["context_id"]
 
-    print("3. heartbeats keep a lease alive")
+    print("3. run Polars queries through the lease (the worker runs them, not this process)")
+    LAKE.mkdir(parents=True, exist_ok=True)
+    orders = LAKE / "orders.csv"
+    pl.DataFrame(
+        {
+            "order_id": list(range(1, 1001)),
+            "city": [("Amsterdam", "Berlin", "Paris", "Rome")[i % 4] for i in range(1000)],
+            "amount": [round(5 + (i * 37 % 100) * 0.75, 2) for i in range(1000)],
+        }
+    ).write_csv(orders)
+    query_client = PcleaseClient(args.url, args.token)
+    lease = query_client.attach(first)
+    out = LAKE / "orders.parquet"
+    sunk = lease.remote(pl.scan_csv(orders).filter(pl.col("amount") > 20)).sink_parquet(str(out))
+    print(f"  sink_parquet: {sunk['rows']} rows to {sunk['output']} in {sunk['duration_s']} s")
+    totals = lease.remote(
+        pl.scan_parquet(out).group_by("city").agg(pl.col("amount").sum().round(2)).sort("city")
+    ).collect()
+    print("  collect of the per-city totals:")
+    for row in totals.iter_rows(named=True):
+        print(f"    {row['city']:10} {row['amount']:>10.2f}")
+    query_client.close()
+
+    print("4. heartbeats keep a lease alive")
     for _ in range(2):
         time.sleep(first["heartbeat_interval_s"] / 4)
         beat = client.post(f"/v1/leases/{first['id']}/heartbeat").raise_for_status().json()
         show("heartbeat", beat)
 
-    print("4. release both; the last release starts the idle grace period")
+    print("5. release both; the last release starts the idle grace period")
     client.delete(f"/v1/leases/{second_lease['id']}").raise_for_status()
     released = client.delete(f"/v1/leases/{first['id']}").raise_for_status().json()
     show("released", released)
     context = client.get(f"/v1/contexts/{first['context_id']}").raise_for_status().json()
     show("context", context)
 
-    print("5. wait for the grace period to stop the context")
+    print("6. wait for the grace period to stop the context")
     deadline = time.monotonic() + 60
     while context["state"] not in ("stopped", "failed") and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -87,7 +119,7 @@ def main() -> None:
     if context["state"] != "stopped":
         raise SystemExit(f"the context did not stop: {context}")
 
-    print("6. its history")
+    print("7. its history")
     events = client.get("/v1/events", params={"context_id": context["id"]}).raise_for_status()
     for event in reversed(events.json()["events"]):
         move = f"{event['from_state'] or '-'} -> {event['to_state']}" if event["to_state"] else ""

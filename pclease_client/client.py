@@ -151,6 +151,12 @@ class PcleaseClient:
         finally:
             lease.close()
 
+    def attach(self, lease: str | Mapping[str, Any]) -> Lease:
+        """A handle on a lease someone else holds (a setup task, another process): it runs
+        queries on the lease but neither heartbeats nor releases it."""
+        data = self.get_lease(lease) if isinstance(lease, str) else dict(lease)
+        return Lease(self, data, owned=False)
+
     # -- queries ---------------------------------------------------------------------------
 
     def submit(self, lease_id: str, submission: Submission) -> dict[str, Any]:
@@ -216,9 +222,11 @@ class Lease:
         data: dict[str, Any],
         *,
         on_progress: Callable[[str], None] | None = None,
+        owned: bool = True,
     ) -> None:
         self.client = client
         self.data = data
+        self.owned = owned
         self.id: str = data["id"]
         self.context_id: str = data["context_id"]
         self._say = on_progress or (lambda message: log.info("%s", message))
@@ -274,10 +282,12 @@ class Lease:
             raise self.lost
 
     def close(self) -> None:
-        """Stop heartbeating and release (idempotent)."""
+        """Stop heartbeating and release (idempotent; an attached lease is left alone)."""
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        if not self.owned:
+            return
         try:
             self.client.release(self.id)
         except Exception as exc:  # the service-side TTL ends it anyway
