@@ -57,7 +57,7 @@ def main() -> None:
             {
                 "bench": {
                     "cpus": 2,
-                    "memory_gb": 4,
+                    "memory_gb": 16,
                     "idle_grace_s": 600,
                     "data_roots": [str(work / "lake")],
                 }
@@ -93,8 +93,9 @@ def main() -> None:
                 print(lines[-1], flush=True)
 
                 rows = args.big_mb * 1024 * 1024 // 16
-                big = pl.LazyFrame(
-                    {"i": pl.int_range(rows, eager=True), "x": pl.int_range(rows, eager=True) * 3}
+                # Generated on the context from a tiny plan: the result is what travels.
+                big = pl.LazyFrame().select(
+                    i=pl.int_range(rows, dtype=pl.Int64), x=pl.int_range(rows, dtype=pl.Int64) * 3
                 )
                 sizes, speeds = [], []
                 for _ in range(3):

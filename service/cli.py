@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,19 +69,31 @@ def main() -> None:
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
-def serve(config_file: Path | None, host: str, port: int, log_level: str) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default=None,
+    help="json: one JSON object a line, with lease and context ids [default: log_format "
+    "from the config, text]",
+)
+def serve(
+    config_file: Path | None, host: str, port: int, log_level: str, log_format: str | None
+) -> None:
     """Run the service (migrates the database first)."""
     import uvicorn
 
+    from service import logs
     from service.api.app import create_app
+    from service.config import LogFormat
     from service.runtime import Service
 
     settings = _settings(config_file)
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    if log_format is not None:
+        settings = settings.model_copy(update={"log_format": LogFormat(log_format)})
+    logs.configure(settings.log_format, log_level)
     app = create_app(Service(settings))
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    # log_config=None: uvicorn's loggers propagate to the handler configured above.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, log_config=None)
 
 
 @main.group()

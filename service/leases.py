@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
-from service import store
+from service import metrics, store
 from service.config import Profile, Settings
 from service.db.session import Database
 from service.errors import (
@@ -107,6 +107,7 @@ class LeaseManager:
             )
         return wait_s
 
+    @metrics.timed_lease_request
     async def acquire(
         self,
         principal: Principal,

@@ -22,7 +22,7 @@ from typing import TypeVar
 
 import anyio.to_thread
 
-from service import plans, store
+from service import metrics, plans, store
 from service.backends import plan_guard
 from service.backends.base import (
     Backend,
@@ -497,6 +497,11 @@ class QueryRunner:
             store.extend_lease(tx, query.lease_id)
 
         await self._write(unit)
+        if query.started_at is not None:
+            metrics.query_finished(
+                "succeeded" if outcome.ok else "failed",
+                (self.clock.now() - query.started_at).total_seconds(),
+            )
         if not outcome.ok and query.target == QueryTarget.COLLECT.value:
             self.spool.result_path(query.id).unlink(missing_ok=True)
 
@@ -516,6 +521,9 @@ class QueryRunner:
             )
 
         await self._write(unit)
+        if query.started_at is not None:
+            elapsed = (self.clock.now() - query.started_at).total_seconds()
+            metrics.query_finished("cancelled", elapsed)
 
     async def housekeeping(self) -> None:
         """Delete spooled plans of finished queries and results whose lease ended long ago."""

@@ -17,13 +17,12 @@ start never delays expiry or another profile's stop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import TypeVar
 
-from service import store
+from service import metrics, store
 from service.backends.base import (
     LABEL_CONTEXT_ID,
     LABEL_INSTANCE,
@@ -38,6 +37,7 @@ from service.backends.base import (
 from service.clock import Clock
 from service.config import BackendKind, Profile, Settings
 from service.db.session import Database
+from service.loops import tick_forever
 from service.notify import Notifier
 from service.states import LIVE_CONTEXT_STATES, ContextState, LeaseState
 from service.store import ContextRecord, Tx
@@ -73,17 +73,12 @@ class Reconciler:
 
     async def run(self) -> None:
         """Tick forever; a failing tick is logged with its traceback and the loop goes on."""
-        wake = self.notifier.reconciler
-        while True:
-            wake.clear()
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("reconciler tick failed; retrying next tick")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), self.settings.reconcile_interval_s)
+        await tick_forever(
+            self.tick,
+            wake=self.notifier.reconciler,
+            interval_s=self.settings.reconcile_interval_s,
+            log=log,
+        )
 
     async def tick(self) -> None:
         self.ticks += 1
@@ -136,7 +131,9 @@ class Reconciler:
 
     async def _call(self, what: str, call: Awaitable[T]) -> T:
         try:
-            return await asyncio.wait_for(call, self.settings.backend_call_timeout_s)
+            return await metrics.backend_call(
+                what, asyncio.wait_for(call, self.settings.backend_call_timeout_s)
+            )
         except TimeoutError:
             raise BackendError(
                 f"the {self.backend.kind} backend did not answer {what} within "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -16,9 +17,11 @@ from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import __version__
+from service import __version__, dashboard, logs, metrics
 from service.api import v1
 from service.api.deps import ServiceDep, TokenCache
+from service.backends.base import BackendError
+from service.config import LogFormat
 from service.errors import CapacityExhausted, PcleaseError
 from service.runtime import Service
 
@@ -211,6 +214,18 @@ def create_app(service: Service) -> FastAPI:
         except Exception as exc:  # any failure here means "not ready", with the reason
             ok = False
             checks["database"] = f"failing: {type(exc).__name__}"
+        try:  # listing needs working credentials, so this checks them too
+            await asyncio.wait_for(
+                svc.backend.list(), min(5.0, svc.settings.backend_call_timeout_s)
+            )
+            checks["backend"] = "ok"
+        except TimeoutError:
+            ok = False
+            checks["backend"] = "failing: no answer within 5 s"
+        except Exception as exc:
+            ok = False
+            detail = str(exc) if isinstance(exc, BackendError) else type(exc).__name__
+            checks["backend"] = f"failing: {detail}"
         if svc.reconciler_alive:
             checks["reconciler"] = "ok"
         else:
@@ -221,4 +236,8 @@ def create_app(service: Service) -> FastAPI:
             status_code=200 if ok else 503,
         )
 
+    ledger = metrics.install(app, service)
+    dashboard.install(app, service, ledger)
+    if service.settings.log_format is LogFormat.JSON:
+        app.add_middleware(logs.RequestLog)
     return app
