@@ -144,6 +144,16 @@ async def test_ending_a_lease_cancels_its_queries_and_refuses_new_ones(h: Harnes
     assert refused.json()["error"]["code"] == "lease_ended"
 
 
+async def test_a_query_on_an_expired_lease_is_refused(h: Harness) -> None:
+    lease = await active_lease(h, ttl_s=10)
+    await h.tick(11)
+    assert (await h.get_lease(lease["id"]))["state"] == "expired"
+    refused = await submit(h, lease["id"])
+    assert refused.status_code == 410
+    assert "expired" in refused.json()["error"]["message"]
+    assert h.backend.executed == []
+
+
 async def test_a_running_query_keeps_its_lease_alive(h: Harness) -> None:
     h.backend.query_gate = asyncio.Event()
     lease = await active_lease(h, ttl_s=10)
