@@ -8,6 +8,8 @@ import logging
 import os
 from pathlib import Path
 
+from sqlalchemy import make_url
+
 from service import plans, store
 from service.backends import create_backend
 from service.backends.base import Backend
@@ -76,6 +78,11 @@ class Service:
         config = os.environ.get("PCLEASE_CONFIG")
         if config:
             denied.append(str(Path(config).resolve()))
+        url = make_url(self.settings.resolved_database_url)
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            # The database may live outside data_dir; it and its WAL files are ours too.
+            db_file = Path(url.database).resolve()
+            denied += [str(db_file), f"{db_file}-wal", f"{db_file}-shm", f"{db_file}-journal"]
         return tuple(denied)
 
     async def start(self) -> None:

@@ -306,3 +306,21 @@ def test_client_builds_plans_for_every_sink(target: str) -> None:
     }
     with pytest.raises(ValueError, match="needs a destination"):
         plan(target)
+
+
+async def test_the_services_own_files_are_refused_even_inside_a_data_root(
+    make_harness: Any, tmp_path: Any, database_url: str
+) -> None:
+    h: Harness = await make_harness(
+        profiles={"small": {**PROFILES["small"], "data_roots": [str(tmp_path)]}}
+    )
+    lease = await active_lease(h)
+    own_files = [tmp_path / "data" / "spool" / "anything.parquet"]
+    if database_url.startswith("sqlite"):
+        own_files.append(tmp_path / "pclease.db")
+    for path in own_files:
+        response = await submit(h, lease["id"], build_submission(pl.scan_csv(path), "collect"))
+        assert response.status_code == 422, path
+        assert response.json()["error"]["code"] == "plan_refused"
+    allowed = await submit(h, lease["id"], plan("parquet", str(tmp_path / "lake" / "ok.parquet")))
+    assert allowed.status_code == 202
