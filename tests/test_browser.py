@@ -1,6 +1,8 @@
 """The dashboard in a real headless Chromium (Debian's, driven by Playwright) against a real
 ``pclease serve``: sign in, watch a context appear, count down and stop, force-stop as
-admin, and be refused as a read token. Screenshots of the main pages go to ``docs/``.
+admin, and be refused as a read token. Screenshots of the main pages are taken on every run
+(into a temporary folder); ``PCLEASE_UPDATE_SCREENSHOTS=1`` writes them to ``docs/``, where
+the README shows them.
 
 An hour of finished history is seeded through the store (with past clock readings) before
 the server starts, so the chart has something to show; everything asserted happens live.
@@ -8,7 +10,9 @@ the server starts, so the chart has something to show; everything asserted happe
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,6 +43,11 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 DOCS = Path(__file__).parent.parent / "docs"
+SHOTS = (
+    DOCS
+    if os.environ.get("PCLEASE_UPDATE_SCREENSHOTS") == "1"
+    else Path(tempfile.mkdtemp(prefix="pclease-shots-"))
+)
 PROFILES: dict[str, dict[str, Any]] = {
     "small": {"cpus": 2, "memory_gb": 4, "idle_grace_s": 4, "hourly_cost": 0.6},
     "large": {"cpus": 16, "memory_gb": 64, "idle_grace_s": 600, "hourly_cost": 4.8},
@@ -193,8 +202,9 @@ def sign_in(chromium: Any, env: Env, token: str) -> Any:
 
 
 def shot(page: Any, name: str) -> None:
-    DOCS.mkdir(exist_ok=True)
-    page.screenshot(path=str(DOCS / f"dashboard-{name}.png"), full_page=True)
+    path = SHOTS / f"dashboard-{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000, f"{name}: the screenshot looks empty"
 
 
 def test_watch_a_context_live_then_force_stop_as_admin(chromium: Any, env: Env) -> None:
