@@ -225,7 +225,7 @@ class LeaseManager:
             return _Acquired(lease, created=True)
 
         try:
-            outcome, tx = await self.db.write(unit)
+            outcome = await self.db.write(unit)
         except IntegrityError:
             # The same Idempotency-Key raced in concurrently and the other request won.
             if idempotency_key is None:
@@ -236,7 +236,6 @@ class LeaseManager:
             if existing is None:
                 raise
             return _Acquired(self._replay(existing, fp), created=False)
-        self.notifier.publish(tx)
         return outcome
 
     # -- read -----------------------------------------------------------------------------
@@ -329,13 +328,7 @@ class LeaseManager:
             tx.deferred_error = LeaseEnded(lease_id, ended.state.value, ended.end_reason)
             return ended
 
-        try:
-            lease, tx = await self.db.write(unit)
-        except LeaseEnded:
-            self.notifier.reconciler.set()
-            raise
-        self.notifier.publish(tx)
-        return lease
+        return await self.db.write(unit)
 
     async def release(self, principal: Principal, lease_id: str) -> LeaseRecord:
         """End the lease; idempotent (an ended lease is returned as it is)."""
@@ -353,9 +346,7 @@ class LeaseManager:
             assert lease is not None
             return lease
 
-        lease, tx = await self.db.write(unit)
-        self.notifier.publish(tx)
-        return lease
+        return await self.db.write(unit)
 
     async def release_holder(
         self, principal: Principal, *, dag_id: str, run_id: str, task_id: str | None
@@ -389,9 +380,7 @@ class LeaseManager:
                     released.append(ended)
             return released
 
-        released, tx = await self.db.write(unit)
-        self.notifier.publish(tx)
-        return released
+        return await self.db.write(unit)
 
 
 def _describe_holder(holder: Mapping[str, Any], principal: Principal) -> str:
@@ -420,6 +409,4 @@ async def force_stop_context(
         )
         return stopped or context
 
-    context, tx = await db.write(unit)
-    notifier.publish(tx)
-    return context
+    return await db.write(unit)

@@ -18,7 +18,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TypeVar
 
 import anyio.to_thread
 
@@ -53,7 +52,6 @@ from service.store import QueryRecord, Tx
 log = logging.getLogger("pclease.queries")
 
 ACTOR = "query-runner"
-T = TypeVar("T")
 _RECHECK_S = 1.0
 _HOUSEKEEPING_S = 60.0
 
@@ -204,11 +202,10 @@ class QueryManager:
             )
 
         try:
-            query, tx = await self.db.write(unit)
+            query = await self.db.write(unit)
         except BaseException:
             self.spool.discard_plan(query_id)
             raise
-        self.notifier.publish(tx)
         return query
 
     def _visible(
@@ -260,9 +257,7 @@ class QueryManager:
             assert updated is not None
             return updated
 
-        query, tx = await self.db.write(unit)
-        self.notifier.publish(tx)
-        return query
+        return await self.db.write(unit)
 
     async def result_file(self, principal: Principal, query_id: str) -> Path:
         query = self._visible(
@@ -311,11 +306,6 @@ class QueryRunner:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._housekept_at: float | None = None
 
-    async def _write(self, fn: Callable[[Tx], T]) -> T:
-        result, tx = await self.db.write(fn)
-        self.notifier.publish(tx)
-        return result
-
     async def recover(self) -> None:
         """Queries left ``running`` by a previous service process cannot be followed."""
 
@@ -337,7 +327,7 @@ class QueryRunner:
                 )
             return len(orphans)
 
-        if count := await self._write(unit):
+        if count := await self.db.write(unit):
             log.warning("failed %d query(ies) left running by a previous process", count)
 
     async def run(self) -> None:
@@ -376,7 +366,7 @@ class QueryRunner:
                 continue  # its context is still starting; ended leases cancel their queries
             if context_state != ContextState.RUNNING.value or not isinstance(handle, Mapping):
                 continue
-            started = await self._write(self._start_unit(query.id))
+            started = await self.db.write(self._start_unit(query.id))
             if started is not None:
                 self._tasks[started.id] = asyncio.create_task(
                     self._execute(started, handle), name=f"query-{started.id}"
@@ -496,7 +486,7 @@ class QueryRunner:
                 )
             store.extend_lease(tx, query.lease_id)
 
-        await self._write(unit)
+        await self.db.write(unit)
         if query.started_at is not None:
             metrics.query_finished(
                 "succeeded" if outcome.ok else "failed",
@@ -520,7 +510,7 @@ class QueryRunner:
                 values={"finished_at": tx.now, "error_type": "Cancelled", "error_message": reason},
             )
 
-        await self._write(unit)
+        await self.db.write(unit)
         if query.started_at is not None:
             elapsed = (self.clock.now() - query.started_at).total_seconds()
             metrics.query_finished("cancelled", elapsed)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from datetime import datetime, timedelta
 from typing import TypeVar
 
@@ -116,18 +116,13 @@ class Reconciler:
             for context in live:
                 store.force_stop(tx, context.id, actor=ACTOR, reason="the service is shutting down")
 
-        await self._write(stop_all)
+        await self.db.write(stop_all)
         stopping = await self.db.read(
             lambda tx: store.list_contexts(tx, states=[ContextState.STOPPING], limit=100_000)
         )
         await asyncio.gather(*(self._stop(c) for c in stopping), return_exceptions=True)
 
     # -- helpers --------------------------------------------------------------------------
-
-    async def _write(self, fn: Callable[[Tx], T]) -> T:
-        result, tx = await self.db.write(fn)
-        self.notifier.publish(tx)
-        return result
 
     async def _call(self, what: str, call: Awaitable[T]) -> T:
         try:
@@ -193,7 +188,7 @@ class Reconciler:
                     expired += 1
             return expired
 
-        expired = await self._write(unit)
+        expired = await self.db.write(unit)
         if expired:
             log.info("expired %d lease(s)", expired)
 
@@ -221,7 +216,7 @@ class Reconciler:
             return
         if record is not None and not record.state.is_terminal:
             if record.backend_handle is None:
-                await self._write(lambda tx: self._adopt(tx, record, item))
+                await self.db.write(lambda tx: self._adopt(tx, record, item))
                 return
             if dict(record.backend_handle) == dict(item.handle):
                 return
@@ -237,7 +232,7 @@ class Reconciler:
             log.warning("could not stop orphaned instance %s: %s", dict(item.handle), exc)
             return
         if record is not None:
-            await self._write(
+            await self.db.write(
                 lambda tx: store.record_event(
                     tx,
                     kind="context",
@@ -306,7 +301,7 @@ class Reconciler:
         except BackendError as exc:
             await self._fail(context, f"start failed: {exc}")
             return
-        await self._write(lambda tx: store.save_handle(tx, context.id, handle))
+        await self.db.write(lambda tx: store.save_handle(tx, context.id, handle))
         self.notifier.reconciler.set()
 
     async def _poll_start(self, context: ContextRecord) -> None:
@@ -317,7 +312,7 @@ class Reconciler:
             observation = None
             message = str(exc)
         if observation is not None and observation.phase is Phase.RUNNING:
-            await self._write(lambda tx: store.mark_started(tx, context.id, actor=ACTOR))
+            await self.db.write(lambda tx: store.mark_started(tx, context.id, actor=ACTOR))
             log.info("context %s is running", context.id)
             return
         if observation is not None and observation.phase in (Phase.FAILED, Phase.STOPPED):
@@ -333,7 +328,7 @@ class Reconciler:
                 f"(last status: {message})",
             )
         elif message != context.status_message:
-            await self._write(lambda tx: store.set_status_message(tx, context.id, message))
+            await self.db.write(lambda tx: store.set_status_message(tx, context.id, message))
 
     async def _health_check(self, context: ContextRecord) -> None:
         if context.backend_handle is None:
@@ -348,7 +343,7 @@ class Reconciler:
 
     async def _fail(self, context: ContextRecord, message: str) -> None:
         log.warning("context %s failed: %s", context.id, message)
-        await self._write(lambda tx: store.fail_context(tx, context.id, message, actor=ACTOR))
+        await self.db.write(lambda tx: store.fail_context(tx, context.id, message, actor=ACTOR))
         self._checked_at.pop(context.id, None)
         if context.backend_handle is not None:
             # Whatever is left of it still costs money.
@@ -372,7 +367,7 @@ class Reconciler:
         # The cutoff keeps the guard honest: if a lease made it running and it went idle
         # again since we looked, its new idle_since is later than the cutoff.
         cutoff = now if reason.startswith("idle past") else now - timedelta(seconds=grace)
-        stopping = await self._write(
+        stopping = await self.db.write(
             lambda tx: store.begin_idle_stop(
                 tx, context.id, idle_cutoff=cutoff, actor=ACTOR, reason=reason
             )
@@ -389,11 +384,11 @@ class Reconciler:
                 self._stop_failures[context.id] = failures
                 message = f"stop failed ({failures}x), retrying: {exc}"
                 log.warning("context %s: %s", context.id, message)
-                await self._write(lambda tx: store.set_status_message(tx, context.id, message))
+                await self.db.write(lambda tx: store.set_status_message(tx, context.id, message))
                 backoff = self.settings.reconcile_interval_s * 2 ** min(failures, 6)
                 await asyncio.sleep(min(30.0, backoff))
                 return
         self._stop_failures.pop(context.id, None)
         self._checked_at.pop(context.id, None)
-        await self._write(lambda tx: store.mark_stopped(tx, context.id, actor=ACTOR))
+        await self.db.write(lambda tx: store.mark_stopped(tx, context.id, actor=ACTOR))
         log.info("context %s stopped", context.id)

@@ -777,12 +777,11 @@ async def revoke_lease(
             button="Revoke",
         )
     actor = viewer.principal.actor
-    ended, tx = await dash.service.db.write(
+    ended = await dash.service.db.write(
         lambda tx: store.end_lease(
             tx, lease_id, LeaseState.REVOKED, actor=actor, reason=f"revoked by {actor}"
         )
     )
-    dash.service.notifier.publish(tx)
     if ended is None:
         raise PageError(409, "Lease already ended", f"Lease {lease_id} ended meanwhile.")
     return RedirectResponse(f"/ui/leases/{lease_id}?done=revoked", status_code=303)

@@ -24,11 +24,22 @@ class Database:
 
     A function may set ``tx.deferred_error``: it is raised after the commit, for requests
     that must persist a change (say, expire a lease) and still fail.
+
+    ``on_commit`` sees every committed unit of ``write`` (on the event loop): the service
+    passes ``Notifier.publish``, so no caller can forget to wake the waiters of a change.
     """
 
-    def __init__(self, engine: Engine, clock: Clock, *, max_threads: int = 16) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        clock: Clock,
+        *,
+        max_threads: int = 16,
+        on_commit: Callable[[Tx], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.clock = clock
+        self.on_commit = on_commit
         self._limiter = anyio.CapacityLimiter(max_threads)
         # SQLite has one writer at a time. Left to SQLite, waiting writers poll the lock
         # with sleeps of up to 100 ms; queueing them on a lock here instead hands the write
@@ -37,10 +48,15 @@ class Database:
             threading.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
         )
 
-    def write_sync(self, fn: Callable[[Tx], T]) -> tuple[T, Tx]:
+    def _commit(self, fn: Callable[[Tx], T]) -> tuple[T, Tx]:
         with self._write_lock, self.engine.begin() as conn:
             tx = Tx(conn, self.clock.now())
             result = fn(tx)
+        return result, tx
+
+    def write_sync(self, fn: Callable[[Tx], T]) -> tuple[T, Tx]:
+        """For synchronous callers (the CLI, tests): no ``on_commit``."""
+        result, tx = self._commit(fn)
         if tx.deferred_error is not None:
             raise tx.deferred_error
         return result, tx
@@ -49,8 +65,13 @@ class Database:
         with self.engine.connect().execution_options(**READ_ONLY) as conn, conn.begin():
             return fn(Tx(conn, self.clock.now()))
 
-    async def write(self, fn: Callable[[Tx], T]) -> tuple[T, Tx]:
-        return await anyio.to_thread.run_sync(self.write_sync, fn, limiter=self._limiter)
+    async def write(self, fn: Callable[[Tx], T]) -> T:
+        result, tx = await anyio.to_thread.run_sync(self._commit, fn, limiter=self._limiter)
+        if self.on_commit is not None:
+            self.on_commit(tx)
+        if tx.deferred_error is not None:
+            raise tx.deferred_error
+        return result
 
     async def read(self, fn: Callable[[Tx], T]) -> T:
         return await anyio.to_thread.run_sync(self.read_sync, fn, limiter=self._limiter)
