@@ -187,11 +187,12 @@ def _transition(
     tx: Tx,
     table: Table,
     row_id: str,
-    sources: frozenset[str],
+    allowed: frozenset[str],
     to: str,
     *,
     actor: str,
     reason: str,
+    only_from: Iterable[str] | None = None,
     where: Sequence[ColumnElement[bool]] = (),
     values: Mapping[str, Any] | None = None,
 ) -> Row[Any] | None:
@@ -200,6 +201,7 @@ def _transition(
     Returns the updated row, or None when the row does not exist, is in another state, or
     lost a race to a concurrent actor (the guarded UPDATE matched nothing).
     """
+    sources = allowed if only_from is None else allowed & frozenset(only_from)
     kind = {"contexts": "context", "leases": "lease", "queries": "query"}[table.name]
     for _ in range(3):
         seen = tx.conn.execute(select(table.c.state).where(table.c.id == row_id)).scalar()
@@ -251,17 +253,15 @@ def transition_context(
     where: Sequence[ColumnElement[bool]] = (),
     values: Mapping[str, Any] | None = None,
 ) -> ContextRecord | None:
-    allowed = context_sources(to)
-    if sources is not None:
-        allowed = allowed & frozenset(sources)
     row = _transition(
         tx,
         contexts,
         context_id,
-        frozenset(allowed),
+        context_sources(to),
         to,
         actor=actor,
         reason=reason,
+        only_from=sources,
         where=where,
         values=values,
     )
@@ -278,11 +278,16 @@ def transition_lease(
     sources: Iterable[LeaseState] | None = None,
     values: Mapping[str, Any] | None = None,
 ) -> LeaseRecord | None:
-    allowed = lease_sources(to)
-    if sources is not None:
-        allowed = allowed & frozenset(sources)
     row = _transition(
-        tx, leases, lease_id, frozenset(allowed), to, actor=actor, reason=reason, values=values
+        tx,
+        leases,
+        lease_id,
+        lease_sources(to),
+        to,
+        actor=actor,
+        reason=reason,
+        only_from=sources,
+        values=values,
     )
     if row is None:
         return None
@@ -983,11 +988,16 @@ def transition_query(
     sources: Iterable[QueryState] | None = None,
     values: Mapping[str, Any] | None = None,
 ) -> QueryRecord | None:
-    allowed = query_sources(to)
-    if sources is not None:
-        allowed = allowed & frozenset(sources)
     row = _transition(
-        tx, queries, query_id, frozenset(allowed), to, actor=actor, reason=reason, values=values
+        tx,
+        queries,
+        query_id,
+        query_sources(to),
+        to,
+        actor=actor,
+        reason=reason,
+        only_from=sources,
+        values=values,
     )
     return None if row is None else QueryRecord.from_row(row)
 
