@@ -68,6 +68,7 @@ class Reconciler:
         self._born = clock.now()
         self._checked_at: dict[str, datetime] = {}
         self._stop_failures: dict[str, int] = {}
+        self._launched: set[str] = set()
 
     # -- loop -----------------------------------------------------------------------------
 
@@ -91,6 +92,7 @@ class Reconciler:
         live = await self.db.read(
             lambda tx: store.list_contexts(tx, states=LIVE_CONTEXT_STATES, limit=100_000)
         )
+        self._launched &= {context.id for context in live if context.state.value == "starting"}
         for context in live:
             task = self._inflight.get(context.id)
             if task is not None and not task.done():
@@ -294,6 +296,18 @@ class Reconciler:
         return now - context.idle_since >= timedelta(seconds=profile.idle_grace_s)
 
     async def _start(self, context: ContextRecord, profile: Profile) -> None:
+        # The tick's snapshot may predate the previous start's checkpoint (a task can finish
+        # between the snapshot and this launch): look again, and never start one twice.
+        if context.id in self._launched:
+            return
+        current = await self.db.read(lambda tx: store.get_context(tx, context.id))
+        if (
+            current is None
+            or current.state is not ContextState.STARTING
+            or current.backend_handle is not None
+        ):
+            return
+        self._launched.add(context.id)
         spec = self.spec_for(context, profile)
         log.info("starting context %s (profile %s)", context.id, profile.name)
         try:

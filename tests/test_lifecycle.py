@@ -402,3 +402,21 @@ async def test_max_lifetime_stops_joining_and_stops_when_idle(make_harness: Any)
     context = await h.context(old["context_id"])
     assert context["state"] == "stopped"
     assert "max_lifetime_s" in context["stop_reason"]
+
+
+async def test_a_stale_snapshot_never_starts_a_context_twice(h: Harness) -> None:
+    """A tick can read a context before the previous start saved its checkpoint and act
+    after that start finished; it must not launch a second instance."""
+    import dataclasses
+
+    lease = await h.lease()
+    await h.tick()  # launches the start and saves the handle
+    record, _ = h.service.db.write_sync(lambda tx: store.get_context(tx, lease["context_id"]))
+    assert record is not None
+    assert record.backend_handle is not None
+    stale = dataclasses.replace(record, backend_handle=None)
+    h.service.reconciler._reconcile(stale)
+    await h.service.reconciler.drain()
+    assert h.backend.starts == 1
+    await h.settle()
+    assert (await h.context(lease["context_id"]))["state"] == "running"
