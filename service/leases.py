@@ -349,7 +349,13 @@ class LeaseManager:
         return await self.db.write(unit)
 
     async def release_holder(
-        self, principal: Principal, *, dag_id: str, run_id: str, task_id: str | None
+        self,
+        principal: Principal,
+        *,
+        dag_id: str,
+        run_id: str,
+        task_id: str | None,
+        map_index: int | None = None,
     ) -> list[LeaseRecord]:
         """Release every live lease of one holder (its own unless the caller is admin)."""
         if not principal.can_lease:
@@ -365,6 +371,9 @@ class LeaseManager:
                 run_id=run_id,
                 task_id=task_id,
             )
+            if map_index is not None:
+                # A mapped task's instances share a task_id; only one of them is meant.
+                live = [lease for lease in live if lease.holder.get("map_index") == map_index]
             released = []
             for lease in live:
                 ended = store.end_lease(

@@ -222,6 +222,8 @@ CASES = [
         params={"dag_id": "etl", "run_id": "r1", "task_id": "t" * 251}),
     bad("bulk-release-nul-in-run-id", "DELETE", "/v1/leases", INVALID, "run_id", "NUL",
         params={"dag_id": "etl", "run_id": "r\x00"}),
+    bad("bulk-release-bad-map-index", "DELETE", "/v1/leases", INVALID, "map_index", "-1",
+        params={"dag_id": "etl", "run_id": "r1", "task_id": "t", "map_index": -2}),
     # -- GET /v1/contexts, GET /v1/contexts/{id}, POST /v1/contexts/{id}/stop ------------------
     bad("list-contexts-bad-state", "GET", "/v1/contexts", INVALID, "state", "'running'",
         params={"state": "up"}),

@@ -325,6 +325,17 @@ async def test_release_by_holder(h: Harness) -> None:
     assert [x["id"] for x in one_task.json()["leases"]] == [other_run["id"]]
 
 
+async def test_release_by_holder_can_name_one_mapped_task_instance(h: Harness) -> None:
+    mapped = {i: await h.lease(holder={**AIRFLOW_HOLDER, "map_index": i}) for i in (0, 1)}
+    response = await h.client.delete(
+        "/v1/leases",
+        params={"dag_id": "etl", "run_id": "r1", "task_id": "t1", "map_index": 1},
+        headers=h.headers,
+    )
+    assert [x["id"] for x in response.json()["leases"]] == [mapped[1]["id"]]
+    assert (await h.get_lease(mapped[0]["id"]))["state"] == "pending"
+
+
 async def test_every_transition_is_an_event_with_a_reason(h: Harness) -> None:
     lease = await h.lease(holder=AIRFLOW_HOLDER)
     await h.settle()

@@ -184,9 +184,12 @@ async def release_holder(
     dag_id: Annotated[str, Query(min_length=1, max_length=250), NoNul],
     run_id: Annotated[str, Query(min_length=1, max_length=250), NoNul],
     task_id: Annotated[str | None, Query(min_length=1, max_length=250), NoNul] = None,
+    map_index: Annotated[
+        int | None, Query(ge=-1, description="With task_id: only this mapped task instance.")
+    ] = None,
 ) -> LeaseList:
     released = await service.leases.release_holder(
-        principal, dag_id=dag_id, run_id=run_id, task_id=task_id
+        principal, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index
     )
     return LeaseList(leases=[LeaseOut.of(lease) for lease in released])
 
