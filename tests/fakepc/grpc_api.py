@@ -1,0 +1,132 @@
+"""The gRPC half of the fake: ``ClientService`` SubmitQuery / GetQueryResult on raw bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from tests.fakepc import plans, protowire
+from tests.fakepc.control import Call, ControlPlane, NotFound, Unavailable
+from tests.fakepc.tokens import bearer_of
+
+SERVICE = "polars_cloud.control_plane.client.v1.ClientService"
+
+_HTTP_EQUIVALENT = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+}
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _ids(raw: bytes | None) -> str | None:
+    """``{1: id string}``, the shape every id travels in."""
+    return None if raw is None else protowire.first_str(protowire.decode(raw), 1)
+
+
+def _strings(values: list[int | bytes]) -> list[str]:
+    return [v.decode(errors="replace") for v in values if isinstance(v, bytes)]
+
+
+class ClientService(grpc.GenericRpcHandler):
+    def __init__(self, plane: ControlPlane) -> None:
+        self._plane = plane
+        self._methods: dict[str, Callable[[bytes, str], bytes]] = {
+            f"/{SERVICE}/SubmitQuery": self._submit_query,
+            f"/{SERVICE}/GetQueryResult": self._get_query_result,
+        }
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        bearer = bearer_of(metadata.get("authorization"))
+
+        def behaviour(request: bytes, context: grpc.ServicerContext) -> bytes:
+            code = grpc.StatusCode.OK
+            try:
+                claims = self._plane.auth.verify(bearer)
+                if claims is None:
+                    raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
+                impl = self._methods.get(method)
+                if impl is None:
+                    raise _Abort(grpc.StatusCode.UNIMPLEMENTED, f"fakepc: no {method}")
+                return impl(request, str(claims.get("sub")))
+            except _Abort as exc:
+                code = exc.code
+                context.abort(exc.code, exc.message)
+                raise  # abort raises; this line is never reached
+            finally:
+                self._plane.record(Call("POST", method, bearer, _HTTP_EQUIVALENT.get(code, 500)))
+
+        return grpc.unary_unary_rpc_method_handler(behaviour)
+
+    def _submit_query(self, request: bytes, user_id: str) -> bytes:
+        fields = protowire.decode(request)
+        compute_id = _ids(protowire.first_bytes(fields, 1))
+        plan = protowire.first_bytes(fields, 3)
+        if compute_id is None or plan is None:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "compute id and plan are required")
+        labels = _labels(protowire.first_bytes(fields, 4))
+        try:
+            q = self._plane.submit_query(user_id, compute_id, plan, labels)
+        except NotFound as exc:
+            raise _Abort(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+        except Unavailable as exc:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+        return protowire.encode([(1, [(1, q.id)])])
+
+    def _get_query_result(self, request: bytes, user_id: str) -> bytes:
+        query_id = _ids(protowire.first_bytes(protowire.decode(request), 1))
+        if query_id is None:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "query id is required")
+        try:
+            q = self._plane.query_result(query_id)
+        except NotFound as exc:
+            raise _Abort(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+        result: list[tuple[int, Any]] = [
+            (1, 1),
+            (2, 1 if q.status == "Success" else 0),
+            (3, 1 if q.status == "Failed" else 0),
+        ]
+        result += [(4, [(1, e)]) for e in self._plane.result_errors(q)]
+        output: list[tuple[int, Any]] = [(1, [(1, uri)]) for uri in q.uris]
+        output.append((2, plans.FILE_TYPES.get(q.file_type or "", ("", 1))[1]))
+        if q.n_rows is not None:
+            output.append((3, q.n_rows))
+        result.append((5, output))
+        return protowire.encode([(1, result)])
+
+
+def _labels(raw: bytes | None) -> list[str]:
+    """Field 4 of SubmitQuery; an empty message when the query has no labels."""
+    if not raw:
+        return []
+    try:
+        fields = protowire.decode(raw)
+    except ValueError:
+        return [raw.decode(errors="replace")]
+    return [s for values in fields.values() for s in _strings(values)]
+
+
+def serve(plane: ControlPlane) -> tuple[grpc.Server, int]:
+    """A grpcio server on a free loopback port; the front splices HTTP/2 connections to it."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="fakepc-grpc"),
+        handlers=[ClientService(plane)],
+        options=[("grpc.max_receive_message_length", 256 * 1024 * 1024)],
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
