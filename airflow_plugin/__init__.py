@@ -1,0 +1,79 @@
+"""pclease's Airflow 3 provider: lease Polars compute and run Polars queries from DAGs.
+
+Registered with Airflow through the ``apache_airflow_provider`` entry point
+(:func:`get_provider_info`) and, for the UI links and the listener, ``airflow.plugins``.
+The Airflow side holds a pclease token only, never Polars Cloud credentials.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "pclease",
+        "name": "pclease",
+        "description": "Lease Polars Cloud compute through pclease and run Polars queries on it.",
+        "versions": [__version__],
+        "connection-types": [
+            {
+                "hook-class-name": "airflow_plugin.hooks.PcleaseHook",
+                "hook-name": "pclease",
+                "connection-type": "pclease",
+                "conn-fields": {
+                    "verify_tls": {
+                        "label": "Verify TLS certificates",
+                        "schema": {"type": ["boolean", "null"], "default": True},
+                    },
+                    "ca_bundle": {
+                        "label": "CA bundle path",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "A PEM file to verify the service's certificate with.",
+                    },
+                    "timeout_s": {
+                        "label": "Request timeout (seconds)",
+                        "schema": {"type": ["number", "null"], "default": 30},
+                    },
+                    "dashboard_url": {
+                        "label": "Dashboard URL",
+                        "schema": {"type": ["string", "null"]},
+                        "description": "Where users reach the dashboard, if not the API address.",
+                    },
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["login", "extra"],
+                    "relabeling": {"schema": "Scheme", "password": "pclease token"},
+                    "placeholders": {
+                        "host": "pclease.example.com or https://pclease.example.com",
+                        "port": "8040",
+                        "schema": "http or https",
+                        "password": "a token from `pclease token create` (scopes: lease, read)",
+                    },
+                },
+            }
+        ],
+        "hook-class-names": [],
+        "task-decorators": [
+            {"name": "pclease", "class-name": "airflow_plugin.decorators.pclease_task"}
+        ],
+        "extra-links": ["airflow_plugin.links.PcleaseLeaseLink"],
+        "plugins": [{"name": "pclease", "plugin-class": "airflow_plugin.plugin.PcleasePlugin"}],
+        "config": {
+            "pclease": {
+                "description": "The pclease provider.",
+                "options": {
+                    "dashboard_url": {
+                        "description": "The pclease dashboard's address, for Airflow's "
+                        "navigation and DAG-run views.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "https://pclease.example.com",
+                        "default": "http://127.0.0.1:8040",
+                    }
+                },
+            }
+        },
+    }

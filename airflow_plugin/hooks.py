@@ -1,0 +1,342 @@
+"""``PcleaseHook``: the Airflow side's one way to reach the pclease service.
+
+The connection (type ``pclease``) holds the service's address and a pclease token. That
+token can lease compute and run queries; it never reveals the Polars Cloud credentials,
+which only the service holds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+from airflow.sdk import BaseHook
+
+from pclease_client import LeaseLost, PcleaseClient, PcleaseClientError, QueryFailed
+from pclease_client.client import Lease, RemoteQuery
+from pclease_client.plans import Engine
+
+if TYPE_CHECKING:
+    import polars as pl
+
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Holder keys filled from the running task instance.
+HOLDER_KEYS = ("dag_id", "run_id", "task_id", "try_number", "map_index")
+
+
+class PcleaseLeaseLostError(RuntimeError):
+    """The task's lease ended underneath it (expired, revoked, or its context failed)."""
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """What the hook reads off the Airflow connection (never the token)."""
+
+    base_url: str
+    dashboard_url: str
+    verify: bool | str
+    timeout_s: float
+
+
+def settings_from_connection(conn: Any) -> ConnectionSettings:
+    """Read host, port, scheme and the extras of a ``pclease`` connection.
+
+    Accepts a bare host (``pclease.internal``), a host with a scheme
+    (``https://pclease.internal``), or the scheme in the connection's ``schema`` field.
+    """
+    host = (conn.host or "").strip()
+    if not host:
+        raise ValueError(
+            f"connection {conn.conn_id!r} has no host: set it to the pclease service's "
+            "address, e.g. 127.0.0.1 or https://pclease.example.com"
+        )
+    extra = conn.extra_dejson or {}
+    scheme = (conn.schema or extra.get("scheme") or "").strip().lower()
+    if "://" in host:
+        scheme, host = host.split("://", 1)
+    scheme = scheme or "http"
+    if scheme not in ("http", "https"):
+        raise ValueError(f"connection {conn.conn_id!r}: scheme must be http or https, not {scheme}")
+    host = host.rstrip("/")
+    base_url = f"{scheme}://{host}" + (f":{conn.port}" if conn.port else "")
+    verify: bool | str = True
+    if extra.get("ca_bundle"):
+        verify = str(extra["ca_bundle"])
+    elif "verify_tls" in extra:
+        verify = _as_bool(extra["verify_tls"], "verify_tls", conn.conn_id)
+    timeout_s = float(extra.get("timeout_s") or 30.0)
+    if timeout_s <= 0:
+        raise ValueError(f"connection {conn.conn_id!r}: timeout_s must be positive")
+    dashboard_url = str(extra.get("dashboard_url") or base_url).rstrip("/")
+    return ConnectionSettings(base_url, dashboard_url, verify, timeout_s)
+
+
+def _as_bool(value: Any, key: str, conn_id: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"connection {conn_id!r}: extra {key} must be true or false, not {value!r}")
+
+
+class PcleaseHook(BaseHook):
+    """Lease Polars compute from pclease and run Polars queries through it.
+
+    ::
+
+        hook = PcleaseHook()
+        with hook.lease("large") as lease:
+            lease.remote(lf).sink_parquet("s3://bucket/out.parquet")
+    """
+
+    conn_name_attr = "pclease_conn_id"
+    default_conn_name = "pclease_default"
+    conn_type = "pclease"
+    hook_name = "pclease"
+
+    def __init__(self, pclease_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pclease_conn_id = pclease_conn_id
+        self._client: PcleaseClient | None = None
+        self._settings: ConnectionSettings | None = None
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        return {
+            "hidden_fields": ["login", "extra"],
+            "relabeling": {"schema": "Scheme", "password": "pclease token"},
+            "placeholders": {
+                "host": "pclease.example.com or https://pclease.example.com",
+                "port": "8040",
+                "schema": "http or https",
+                "password": "a token from `pclease token create` (scopes: lease, read)",
+            },
+        }
+
+    @property
+    def settings(self) -> ConnectionSettings:
+        if self._settings is None:
+            self._settings = settings_from_connection(self.get_connection(self.pclease_conn_id))
+        return self._settings
+
+    def get_conn(self) -> PcleaseClient:
+        if self._client is None:
+            conn = self.get_connection(self.pclease_conn_id)
+            settings = self.settings
+            if not conn.password:
+                raise ValueError(
+                    f"connection {self.pclease_conn_id!r} has no password: put a pclease "
+                    "token there (make one with `pclease token create NAME --scope lease`)"
+                )
+            self._client = PcleaseClient(
+                settings.base_url,
+                conn.password,
+                timeout_s=settings.timeout_s,
+                verify=settings.verify,
+            )
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def test_connection(self) -> tuple[bool, str]:
+        try:
+            client = self.get_conn()
+            profiles = client.request("GET", "/v1/profiles").json()["profiles"]
+        except (PcleaseClientError, ValueError, OSError) as exc:
+            return False, f"pclease at {self._address()}: {exc}"
+        names = ", ".join(p["name"] for p in profiles) or "none"
+        return True, f"connected to pclease at {self.settings.base_url}; profiles: {names}"
+
+    def _address(self) -> str:
+        try:
+            return self.settings.base_url
+        except ValueError:
+            return f"connection {self.pclease_conn_id!r}"
+
+    # -- leases ----------------------------------------------------------------------------
+
+    def lease_url(self, lease_id: str) -> str:
+        return f"{self.settings.dashboard_url}/ui/leases/{lease_id}"
+
+    @contextmanager
+    def lease(
+        self,
+        profile: str,
+        *,
+        ttl_s: float | None = None,
+        wait_s: float | None = None,
+        start_timeout_s: float = 900.0,
+        holder: Mapping[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
+    ) -> Iterator[TaskLease]:
+        """Lease ``profile`` for the running task; release on exit, whatever way it ends.
+
+        Waits until the context runs (logging progress), heartbeats from a background thread
+        at the interval the service advises, and fails the task with
+        :class:`PcleaseLeaseLostError` when the lease ends underneath it.
+        """
+        who = {**task_holder(context), **dict(holder or {})}
+        client = self.get_conn()
+        self.log.info("leasing pclease profile %r for %s", profile, _describe(who))
+        try:
+            with client.lease(
+                profile,
+                holder=who,
+                ttl_s=ttl_s,
+                wait_s=wait_s,
+                start_timeout_s=start_timeout_s,
+                on_progress=self.log.info,
+            ) as lease:
+                self.log.info("lease %s on the dashboard: %s", lease.id, self.lease_url(lease.id))
+                task_lease = TaskLease(lease, self)
+                try:
+                    yield task_lease
+                except LeaseLost as exc:
+                    raise PcleaseLeaseLostError(_lost_message(exc)) from exc
+                if lease.lost is not None:
+                    raise PcleaseLeaseLostError(_lost_message(lease.lost))
+        except LeaseLost as exc:  # while waiting for the context to start
+            raise PcleaseLeaseLostError(_lost_message(exc)) from exc
+
+    def release(self, lease_id: str) -> None:
+        self.get_conn().release(lease_id)
+
+    def release_holder(
+        self,
+        dag_id: str,
+        run_id: str,
+        task_id: str | None = None,
+        map_index: int | None = None,
+    ) -> list[str]:
+        """Release every live lease held by a DAG run (or one of its task instances);
+        returns the ids released."""
+        params: dict[str, Any] = {"dag_id": dag_id, "run_id": run_id}
+        if task_id is not None:
+            params["task_id"] = task_id
+            if map_index is not None:
+                params["map_index"] = map_index
+        body = self.get_conn().request("DELETE", "/v1/leases", params=params).json()
+        return [lease["id"] for lease in body["leases"]]
+
+
+class TaskLease:
+    """A lease as a task sees it: ``lease.remote(lf)`` mirrors Polars Cloud's
+    ``lf.remote(ctx)``, logs query progress to the task log and raises Polars' own error
+    when a query fails."""
+
+    def __init__(self, lease: Lease, hook: PcleaseHook) -> None:
+        self._lease = lease
+        self._hook = hook
+
+    @property
+    def id(self) -> str:
+        return self._lease.id
+
+    @property
+    def context_id(self) -> str:
+        return self._lease.context_id
+
+    @property
+    def profile(self) -> str:
+        return str(self._lease.data["profile"])
+
+    @property
+    def url(self) -> str:
+        return self._hook.lease_url(self.id)
+
+    def __repr__(self) -> str:
+        return f"TaskLease(id={self.id!r}, profile={self.profile!r})"
+
+    def release(self) -> None:
+        """Release now (idempotent); later queries on it fail with a clear error."""
+        self._lease.close()
+
+    def remote(
+        self,
+        lf: pl.LazyFrame,
+        *,
+        engine: Engine = "auto",
+        labels: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> TaskRemoteQuery:
+        self._lease.check()
+        return TaskRemoteQuery(
+            self._lease.remote(lf, engine=engine, labels=labels, timeout_s=timeout_s)
+        )
+
+
+class TaskRemoteQuery:
+    def __init__(self, query: RemoteQuery) -> None:
+        self._query = query
+
+    def sink_parquet(self, destination: str, **options: Any) -> dict[str, Any]:
+        return _polars_errors(self._query.sink_parquet, destination, **options)
+
+    def sink_csv(self, destination: str, **options: Any) -> dict[str, Any]:
+        return _polars_errors(self._query.sink_csv, destination, **options)
+
+    def sink_ipc(self, destination: str, **options: Any) -> dict[str, Any]:
+        return _polars_errors(self._query.sink_ipc, destination, **options)
+
+    def sink_ndjson(self, destination: str, **options: Any) -> dict[str, Any]:
+        return _polars_errors(self._query.sink_ndjson, destination, **options)
+
+    def collect(self) -> pl.DataFrame:
+        return _polars_errors(self._query.collect)
+
+
+def _polars_errors(call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    try:
+        return call(*args, **kwargs)
+    except QueryFailed as exc:
+        error = exc.as_polars_error()
+        if error is exc:
+            raise
+        raise error from exc
+
+
+def task_holder(context: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The holder fields of the running task instance (empty outside a task)."""
+    if context is None:
+        try:
+            from airflow.sdk import get_current_context
+
+            context = get_current_context()
+        except Exception:  # not inside a running task: no holder to fill
+            return {}
+    ti = context.get("ti") or context.get("task_instance")
+    if ti is None:
+        return {}
+    holder: dict[str, Any] = {}
+    for key in HOLDER_KEYS:
+        value = getattr(ti, key, None)
+        if value is not None:
+            holder[key] = value
+    return holder
+
+
+def _describe(holder: Mapping[str, Any]) -> str:
+    if not holder:
+        return "this process"
+    return " ".join(f"{key}={holder[key]}" for key in HOLDER_KEYS if key in holder)
+
+
+def _lost_message(exc: LeaseLost) -> str:
+    return (
+        f"pclease lease {exc.lease_id} ended underneath this task ({exc.state}"
+        + (f": {exc.reason}" if exc.reason else "")
+        + "); no more work was submitted on it. If the task outlived the lease TTL without "
+        "heartbeating, raise ttl_s; if an operator revoked it, see the pclease dashboard."
+    )
