@@ -26,7 +26,17 @@ def create_backend(settings: Settings, clock: Clock) -> Backend:
         from service.backends.local import LocalBackend
 
         return LocalBackend(settings.data_dir / "local")
-    raise NotImplementedError(
-        f"backend {settings.backend.value!r} is not available in this version; "
-        'use backend = "local" or "memory"'
-    )
+    if settings.backend is BackendKind.POLARS_CLOUD:
+        from service.backends.polars_cloud import PolarsCloudBackend
+        from service.credentials import TokenProvider, create_source
+
+        options = settings.polars_cloud
+        provider = TokenProvider(
+            create_source(options.credentials),
+            options.token_url,
+            refresh_margin_s=options.token_refresh_margin_s,
+            reread_interval_s=options.credentials.reread_interval_s,
+            timeout_s=options.request_timeout_s,
+        )
+        return PolarsCloudBackend(settings, provider)
+    raise NotImplementedError(f"backend {settings.backend.value!r} is not available")
