@@ -120,6 +120,72 @@ class Profile(BaseModel):
         return self
 
 
+class CredentialSourceKind(StrEnum):
+    ENV = "env"
+    FILE = "file"
+    AWS_SECRETS_MANAGER = "aws_secrets_manager"
+
+
+class CredentialsSettings(BaseModel):
+    """Where the Polars Cloud service account (client id and secret) is read from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: CredentialSourceKind = CredentialSourceKind.ENV
+    client_id_env: str = Field("POLARS_CLOUD_CLIENT_ID", min_length=1)
+    client_secret_env: str = Field("POLARS_CLOUD_CLIENT_SECRET", min_length=1)
+    client_id_file: Path | None = Field(
+        None, description="Mounted secret files; surrounding whitespace is ignored."
+    )
+    client_secret_file: Path | None = None
+    secret_id: str | None = Field(
+        None,
+        description="AWS Secrets Manager secret whose SecretString is JSON "
+        '{"client_id": ..., "client_secret": ...}.',
+    )
+    aws_region: str | None = None
+    aws_endpoint_url: str | None = None
+    reread_interval_s: float = Field(
+        300.0, gt=0, description="Re-read the source this often, so rotation needs no restart."
+    )
+
+    @model_validator(mode="after")
+    def _source_is_complete(self) -> Self:
+        if self.source is CredentialSourceKind.FILE and (
+            self.client_id_file is None or self.client_secret_file is None
+        ):
+            raise ValueError(
+                'source = "file" needs both client_id_file and client_secret_file '
+                "(the paths of the mounted secret files)"
+            )
+        if self.source is CredentialSourceKind.AWS_SECRETS_MANAGER and not self.secret_id:
+            raise ValueError(
+                'source = "aws_secrets_manager" needs secret_id (the name or ARN of the '
+                "secret holding client_id and client_secret)"
+            )
+        return self
+
+
+class PolarsCloudSettings(BaseModel):
+    """How the polars_cloud backend reaches Polars Cloud."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    credentials: CredentialsSettings = Field(default_factory=CredentialsSettings)
+    token_url: str = Field(
+        "https://auth.prd.cloud.pola.rs/realms/Polars/protocol/openid-connect/token",
+        pattern=r"^https?://",
+        description="OAuth2 token endpoint for the client-credentials grant.",
+    )
+    token_refresh_margin_s: float = Field(
+        60.0, ge=0, description="Refresh the access token this long before it expires."
+    )
+    api_addr: str | None = Field(None, description="Overrides POLARS_CLOUD_API_ADDR.")
+    workspace: str | None = Field(None, description="For profiles that name no workspace.")
+    request_timeout_s: float = Field(30.0, gt=0)
+    status_poll_s: float = Field(5.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Everything the service reads at startup."""
 
@@ -179,6 +245,7 @@ class Settings(BaseSettings):
     )
 
     profiles: dict[str, Profile] = Field(default_factory=dict)
+    polars_cloud: PolarsCloudSettings = Field(default_factory=PolarsCloudSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -234,6 +301,18 @@ class Settings(BaseSettings):
             raise ValueError("; ".join(problems))
         named = {name: p.model_copy(update={"name": name}) for name, p in self.profiles.items()}
         object.__setattr__(self, "profiles", named)
+        return self
+
+    @model_validator(mode="after")
+    def _polars_cloud_workspace(self) -> Self:
+        if self.backend is not BackendKind.POLARS_CLOUD or self.polars_cloud.workspace:
+            return self
+        missing = [name for name, profile in self.profiles.items() if not profile.workspace]
+        if missing:
+            raise ValueError(
+                f"the polars_cloud backend needs a workspace for profile(s) {', '.join(missing)}: "
+                "set polars_cloud.workspace, or workspace in each of those profiles"
+            )
         return self
 
     @property
