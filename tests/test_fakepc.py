@@ -347,7 +347,8 @@ def test_queries_sink_and_execute_for_real(fake: FakePolarsCloud, tmp_path: Path
         lf = pl.LazyFrame({{"a": [1, 2, 3]}}).with_columns(b=pl.col("a") * 10)
         sunk = lf.remote(ctx).single_node().sink_parquet({str(target)!r}).await_result()
         out["sink"] = [str(sunk.status), sunk.n_rows_total, sunk.location]
-        res = lf.filter(pl.col("a") > 1).remote(ctx).single_node().execute()
+        remote = lf.filter(pl.col("a") > 1).remote(ctx).labels(["lease=l-1", "x"])
+        res = remote.single_node().execute()
         out["execute"] = [str(res.status), res.n_rows_total, res.file_type, res.location]
         out["frame"] = res.lazy().collect().to_dict(as_series=False)
         """,
@@ -364,6 +365,7 @@ def test_queries_sink_and_execute_for_real(fake: FakePolarsCloud, tmp_path: Path
     queries = fake.queries()
     assert [q["status"] for q in queries] == ["Success", "Success"]
     assert [q["n_rows"] for q in queries] == [3, 2]
+    assert [q["labels"] for q in queries] == [[], ["lease=l-1", "x"]]
     grpc_calls = [c for c in fake.calls if c.path.startswith("/polars_cloud.")]
     assert {c.path.rsplit("/", 1)[1] for c in grpc_calls} == {"SubmitQuery", "GetQueryResult"}
     assert all(c.bearer and c.status == 200 for c in grpc_calls)

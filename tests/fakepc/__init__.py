@@ -39,14 +39,17 @@ Wire facts verified by driving the real client (beyond the shared reference):
   "storage", "big_instance_storage", "cluster_size", "mode": "Proxy", "python_version":
   {"major", "minor", "patch"}, "polars_version": "2.0.0", "labels": ["a=b", ...],
   "log_level": "Info", "idle_timeout_mins", "requirements_txt", "env_vars": {}}``.
-- Labels go out as a plain list of strings and come back nowhere: the client's
-  ``ComputeModel`` has no labels field and ``ComputeContext.list()`` sets ``labels=None``, so
-  a backend cannot recognise its contexts from ``list`` by label. It has to remember compute
-  ids (``name`` exists on the model but only named manifests set it). The fake keeps the list
-  (``computes()[i]["label_list"]``) and a dict of ``key=value``/``key:value`` pairs
-  (``["labels"]``; a bare label maps to ``""``).
-- ``compute_plane_version`` must be semver or null. Query labels (SubmitQuery field 4) arrive
-  as an empty message when none are given.
+- Labels go out as a plain list of strings and never come back as names. The client's Rust
+  compute model parses ``label_ids`` (a list of UUIDs: a non-UUID there breaks decoding), but
+  the Python ``ComputeModel`` exposes no labels at all and ``ComputeContext.list()`` sets
+  ``labels=None``. So a backend cannot recognise its contexts from ``list`` by label: it must
+  remember the compute ids it started (``name`` exists on the model but only named manifests
+  set it). The fake answers ``label_ids`` as a stable uuid5 per label name
+  (``fake.label_id(name)``), keeps the list (``computes()[i]["label_list"]``) and a dict of
+  ``key=value``/``key:value`` pairs (``["labels"]``; a bare label maps to ``""``).
+- ``compute_plane_version`` must be semver or null.
+- SubmitQuery field 4 (query labels, from ``lf.remote(ctx).labels([...])``) is
+  ``{1: repeated {1: label}}``, an empty message without labels; ``queries()[i]["labels"]``.
 - ``.remote(ctx).sink_parquet(path)`` returns a ``ProxyQuery`` without waiting; call
   ``.await_result()``. ``.collect()`` is refused client-side for proxy contexts; use
   ``.execute()`` (sinks to ``<in-memory>``) then ``.lazy()``.

@@ -260,7 +260,7 @@ class ControlPlane:
         }
         for q in self._queries.values():
             if q.compute_id == c.id and q.status not in DONE:
-                self._finish(q, "Failed", f"ComputeError: compute {c.id} {reason.lower()}")
+                self._finish(q, "Failed", f"ComputeError: compute {c.id} is {status.lower()}")
                 q.cancel.set()
 
     def _compute(self, workspace_id: str, compute_id: str) -> Compute:
@@ -320,6 +320,10 @@ class ControlPlane:
                 raise ValueError(f"compute {compute_id} is {c.status}, not live")
             self._terminate(c, "Failed", "Failed", message)
 
+    def label_id(self, label: str) -> str:
+        """A stable id per label name in this workspace, like the label objects upstream."""
+        return str(uuid.uuid5(uuid.UUID(self.workspace_id), label))
+
     def compute_json(self, c: Compute) -> dict[str, Any]:
         specs = c.specs
         cpus = specs.get("cpus")
@@ -350,6 +354,9 @@ class ControlPlane:
             "polars_version": c.body.get("polars_version") or "2.0.0",
             "compute_plane_version": None,
             "tunnel_addr": None,
+            "last_heartbeat_time": _iso(c.updated_at) if c.status in LIVE else None,
+            # The real model carries label ids, not names; the Python client exposes neither.
+            "label_ids": [self.label_id(label) for label in c.labels],
             "created_at": _iso(c.request_time),
             "updated_at": _iso(c.updated_at),
             "deleted_at": None,

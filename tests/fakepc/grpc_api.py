@@ -36,10 +36,6 @@ def _ids(raw: bytes | None) -> str | None:
     return None if raw is None else protowire.first_str(protowire.decode(raw), 1)
 
 
-def _strings(values: list[int | bytes]) -> list[str]:
-    return [v.decode(errors="replace") for v in values if isinstance(v, bytes)]
-
-
 class ClientService(grpc.GenericRpcHandler):
     def __init__(self, plane: ControlPlane) -> None:
         self._plane = plane
@@ -110,14 +106,14 @@ class ClientService(grpc.GenericRpcHandler):
 
 
 def _labels(raw: bytes | None) -> list[str]:
-    """Field 4 of SubmitQuery; an empty message when the query has no labels."""
+    """SubmitQuery field 4: ``{1: repeated {1: label string}}``; empty without labels."""
     if not raw:
         return []
-    try:
-        fields = protowire.decode(raw)
-    except ValueError:
-        return [raw.decode(errors="replace")]
-    return [s for values in fields.values() for s in _strings(values)]
+    labels = []
+    for entry in protowire.decode(raw).get(1, []):
+        if isinstance(entry, bytes) and (label := protowire.first_str(protowire.decode(entry), 1)):
+            labels.append(label)
+    return labels
 
 
 def serve(plane: ControlPlane) -> tuple[grpc.Server, int]:
