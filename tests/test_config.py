@@ -85,7 +85,9 @@ def test_local_backend_needs_cpus_and_memory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"profiles\.gpu: the local backend needs cpus"):
         load_settings(config)
     cloud = write(
-        tmp_path, 'backend = "polars_cloud"\n[profiles.gpu]\ninstance_type = "p4d.24xlarge"\n'
+        tmp_path,
+        'backend = "polars_cloud"\n'
+        '[profiles.gpu]\ninstance_type = "p4d.24xlarge"\nworkspace = "ws"\n',
     )
     assert load_settings(cloud).profiles["gpu"].instance_type == "p4d.24xlarge"
 
