@@ -61,8 +61,12 @@ Behaviour and limits: computes go Starting -> Running after ``start_delay_s`` (o
 with ``start_ends_failed``), stop gives Stopping -> Stopped after ``stop_delay_s`` with
 ``termination.termination_reason = "StoppedByUser"``. No idle timeout, no Idle status, no
 manifests (named contexts), no direct mode. Queries are accepted only on Running computes
-(else gRPC FAILED_PRECONDITION), run for real in a worker thread (``collect(background=True)``
-so a cancel can interrupt them), and report one stage. Errors are ``{"scheduler": "Class: msg"}``.
+(else gRPC FAILED_PRECONDITION), run for real in a worker thread, and report one stage.
+Errors are ``{"scheduler": "Class: msg"}``. ``error_burst`` hits REST only, not gRPC.
+Cancel marks a query Canceled at once and a query still waiting out ``query_delay_s`` never
+runs; but polars 2.0's ``InProcessQuery.cancel()`` does not interrupt a running sink
+(measured), so a query already executing finishes in the background (a sink to a path the
+caller chose is still written) and its result is discarded. ``close()`` waits for it.
 """
 
 from tests.fakepc.control import Call

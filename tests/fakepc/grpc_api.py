@@ -36,7 +36,7 @@ def _ids(raw: bytes | None) -> str | None:
     return None if raw is None else protowire.first_str(protowire.decode(raw), 1)
 
 
-class ClientService(grpc.GenericRpcHandler):
+class ClientService(grpc.GenericRpcHandler):  # type: ignore[misc]
     def __init__(self, plane: ControlPlane) -> None:
         self._plane = plane
         self._methods: dict[str, Callable[[bytes, str], bytes]] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,7 @@ def count_rows(path: str, file_format: str | None) -> int | None:
     p = Path(path)
     if not p.is_file():
         return None
-    readers = {
+    readers: dict[str, Callable[[Path], pl.LazyFrame]] = {
         "Parquet": pl.scan_parquet,
         "Ipc": pl.scan_ipc,
         "Csv": pl.scan_csv,
