@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from service import metrics, store
 from service.config import Profile, Settings
 from service.db.session import Database
 from service.errors import (
+    BackendUnavailable,
     CapacityExhausted,
     Forbidden,
     IdempotencyConflict,
@@ -71,12 +72,20 @@ class _Acquired:
 
 class LeaseManager:
     def __init__(
-        self, settings: Settings, db: Database, notifier: Notifier, backend_kind: str
+        self,
+        settings: Settings,
+        db: Database,
+        notifier: Notifier,
+        backend_kind: str,
+        *,
+        ready_check: Callable[[], Awaitable[str | None]] | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.notifier = notifier
         self.backend_kind = backend_kind
+        # Says why the backend cannot start contexts now (bad credentials), or None.
+        self.ready_check = ready_check
 
     # -- acquire --------------------------------------------------------------------------
 
@@ -125,6 +134,9 @@ class LeaseManager:
         ttl = self._check_ttl(ttl_s)
         wait = self._check_wait(wait_s)
         fp = store.fingerprint({"profile": profile.name, "holder": dict(holder), "ttl_s": ttl})
+        if self.ready_check is not None and (problem := await self.ready_check()):
+            # A lease that waits for a context which cannot start would wait forever.
+            raise BackendUnavailable(f"{problem}; fix them and retry the lease request")
 
         if idempotency_key is not None:
             existing = await self.db.read(

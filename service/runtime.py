@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import make_url
@@ -15,6 +17,7 @@ from service.backends import create_backend
 from service.backends.base import Backend
 from service.clock import Clock, SystemClock
 from service.config import Settings
+from service.credentials import CredentialStatus, TokenProvider, install_sighup
 from service.db.engine import create_db_engine, redacted
 from service.db.migrate import upgrade
 from service.db.session import Database
@@ -45,7 +48,17 @@ class Service:
         self.engine = create_db_engine(settings.resolved_database_url)
         self.notifier = Notifier()
         self.db = Database(self.engine, self.clock, on_commit=self.notifier.publish)
-        self.leases = LeaseManager(settings, self.db, self.notifier, self.backend.kind)
+        #: The Polars Cloud service account's tokens, when the backend uses one.
+        self.credentials: TokenProvider | None = getattr(self.backend, "provider", None)
+        if not isinstance(self.credentials, TokenProvider):
+            self.credentials = None
+        self.leases = LeaseManager(
+            settings,
+            self.db,
+            self.notifier,
+            self.backend.kind,
+            ready_check=self.credentials_problem if self.credentials else None,
+        )
         self.reconciler = Reconciler(settings, self.db, self.backend, self.notifier, self.clock)
         self.spool = Spool(settings.data_dir / "spool")
         self.queries = QueryManager(
@@ -68,6 +81,8 @@ class Service:
         )
         self._run_reconciler = run_reconciler
         self._migrate = migrate
+        self._uninstall_sighup: Callable[[], None] | None = None
+        self._check_task: asyncio.Task[CredentialStatus] | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._runner_task: asyncio.Task[None] | None = None
         self.loop_error: BaseException | None = None
@@ -92,6 +107,14 @@ class Service:
         await self.db.write(lambda tx: store.sync_profiles(tx, self.settings.profiles))
         self.spool.prepare()
         await self.runner.recover()
+        if self.credentials is not None:
+            # Learn early whether the credentials work (readiness and lease requests say
+            # so), without holding up startup on the token endpoint.
+            self._check_task = asyncio.create_task(
+                asyncio.to_thread(self.credentials.check), name="credentials-check"
+            )
+            if threading.current_thread() is threading.main_thread():
+                self._uninstall_sighup = install_sighup(self.credentials)
         log.info(
             "pclease ready: backend=%s database=%s profiles=%s",
             self.backend.kind,
@@ -118,7 +141,30 @@ class Service:
             task is not None and not task.done() for task in (self._loop_task, self._runner_task)
         )
 
+    def credential_status(self) -> CredentialStatus | None:
+        return self.credentials.status() if self.credentials else None
+
+    async def credentials_problem(self) -> str | None:
+        """Why the credentials do not work (safe to show: names the source, never the
+        secret), or None. A failing status is checked again first, so a fixed source is
+        noticed by the next request."""
+        if self.credentials is None:
+            return None
+        status = self.credentials.status()
+        if status.ok:
+            return None
+        status = await asyncio.to_thread(self.credentials.check)
+        if status.ok:
+            return None
+        return (
+            f"the Polars Cloud credentials from {status.source} do not work: "
+            f"{status.message or 'unknown problem'}"
+        )
+
     async def stop(self) -> None:
+        if self._uninstall_sighup is not None:
+            self._uninstall_sighup()
+            self._uninstall_sighup = None
         for task in (self._runner_task, self._loop_task):
             if task is not None:
                 task.cancel()

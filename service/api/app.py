@@ -214,6 +214,13 @@ def create_app(service: Service) -> FastAPI:
         except Exception as exc:  # any failure here means "not ready", with the reason
             ok = False
             checks["database"] = f"failing: {type(exc).__name__}"
+        if svc.credentials is not None:
+            problem = await svc.credentials_problem()
+            if problem is None:
+                checks["credentials"] = "ok"
+            else:
+                ok = False
+                checks["credentials"] = f"failing: {problem}"
         try:  # listing needs working credentials, so this checks them too
             await asyncio.wait_for(
                 svc.backend.list(), min(5.0, svc.settings.backend_call_timeout_s)

@@ -18,7 +18,8 @@ Facts this module relies on (observed with polars-cloud 0.12.0):
 - ``POLARS_CLOUD_API_ADDR`` is read once per process, at the first call, and cannot be
   changed afterwards.
 - Errors come back as ``ValueError`` whose text is the JSON error body; a 401 is rewritten
-  to ``Status 401 Unauthorized ...``. 404 raises ``NotFoundError``. 429 is retried inside
+  to ``Status 401 Unauthorized ...``, and a gRPC UNAUTHENTICATED reads "The request does not
+  have valid authentication credentials". 404 raises ``NotFoundError``. 429 is retried inside
   the client for about 10 s; nothing else is retried.
 
 Everything here is blocking; the backend calls it in threads.
@@ -127,7 +128,16 @@ def translate(exc: BaseException) -> CloudError:
             "no usable access token (" + _message(exc).split("\n")[0] + ")", auth=True
         )
     message = _message(exc)
-    auth = "401 Unauthorized" in message or "UNAUTHENTICATED" in message.upper()
+    # REST 401s are rewritten by the client; gRPC UNAUTHENTICATED arrives as tonic's
+    # description of the code.
+    auth = any(
+        marker in message
+        for marker in (
+            "401 Unauthorized",
+            "Unauthenticated",
+            "does not have valid authentication credentials",
+        )
+    )
     return CloudError(message or type(exc).__name__, auth=auth)
 
 

@@ -240,6 +240,7 @@ class Dashboard:
             "now": now,
             "path": request.url.path,
             "full_path": request.url.path + (f"?{request.url.query}" if request.url.query else ""),
+            "credentials": self.service.credential_status() if viewer else None,
             **values,
         }
         if request.headers.get(FRAGMENT_HEADER) == "1" and "live" in tmpl.blocks:
