@@ -423,6 +423,12 @@ def test_bad_credentials_fail_readiness_and_leases_naming_the_source(
     assert r.json()["error"]["code"] == "backend_unavailable"
     assert "POLARS_CLOUD_CLIENT_SECRET" in r.json()["error"]["message"]
     assert wrong not in r.text and wrong not in ready.text
+    with httpx.Client(base_url=server.url, follow_redirects=True) as browser:
+        login = browser.get("/ui/login")
+        csrf = login.cookies.get(LOGIN_COOKIE) or ""
+        page = browser.post("/ui/login", data={"token": env.token, "csrf": csrf})
+    assert "Polars Cloud credentials do not work" in page.text
+    assert "POLARS_CLOUD_CLIENT_SECRET" in page.text and wrong not in page.text
     assert not cloud.running()
     server.stop()
     assert wrong not in server.log()
