@@ -103,11 +103,22 @@ class PcleaseHook(BaseHook):
     conn_type = "pclease"
     hook_name = "pclease"
 
-    def __init__(self, pclease_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+    def __init__(
+        self, pclease_conn_id: str = default_conn_name, *, connection: Any = None, **kwargs: Any
+    ) -> None:
+        """``connection`` is an already resolved connection, for callers outside a task
+        (the listener, in the scheduler), where the Task SDK cannot look it up."""
         super().__init__(**kwargs)
         self.pclease_conn_id = pclease_conn_id
+        self._connection = connection
         self._client: PcleaseClient | None = None
         self._settings: ConnectionSettings | None = None
+
+    @property
+    def connection(self) -> Any:
+        if self._connection is None:
+            self._connection = self.get_connection(self.pclease_conn_id)
+        return self._connection
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
@@ -125,12 +136,12 @@ class PcleaseHook(BaseHook):
     @property
     def settings(self) -> ConnectionSettings:
         if self._settings is None:
-            self._settings = settings_from_connection(self.get_connection(self.pclease_conn_id))
+            self._settings = settings_from_connection(self.connection)
         return self._settings
 
     def get_conn(self) -> PcleaseClient:
         if self._client is None:
-            conn = self.get_connection(self.pclease_conn_id)
+            conn = self.connection
             settings = self.settings
             if not conn.password:
                 raise ValueError(

@@ -268,13 +268,16 @@ class Lease:
                 self.data = self.client.heartbeat(self.id)
             except PcleaseHTTPError as exc:
                 if exc.status == 410:
-                    current = self.client.get_lease(self.id)
-                    self.lost = LeaseLost(self.id, current["state"], current.get("end_reason"))
+                    self.lost = self._lost()
                     log.error("%s", self.lost)
                     return
                 log.warning("heartbeat of lease %s failed: %s", self.id, exc)
             except Exception as exc:  # the next beat retries; the TTL is the limit
                 log.warning("heartbeat of lease %s failed: %s", self.id, exc)
+
+    def _lost(self) -> LeaseLost:
+        current = self.client.get_lease(self.id)
+        return LeaseLost(self.id, current["state"], current.get("end_reason"))
 
     def check(self) -> None:
         """Raise :class:`LeaseLost` if the lease ended underneath us."""
@@ -308,7 +311,13 @@ class Lease:
         self, submission: Submission, *, on_progress: ProgressCallback | None = None
     ) -> dict[str, Any]:
         self.check()
-        query = self.client.submit(self.id, submission)
+        try:
+            query = self.client.submit(self.id, submission)
+        except PcleaseHTTPError as exc:
+            if exc.status == 410:  # it ended before the heartbeat thread noticed
+                self.lost = self._lost()
+                raise self.lost from None
+            raise
         self._say(f"query {query['id']} submitted ({submission.options['target']})")
         return self.client.wait_query(
             query["id"], on_progress=on_progress or self._report, lease=self
