@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from contextvars import ContextVar
 from typing import Any
 
@@ -69,10 +70,16 @@ class _PcleaseDecoratedOperator(DecoratedOperator, PythonOperator):
         self._holding = _LeaseHolder()
 
     def execute(self, context: Any) -> Any:
-        hook = PcleaseHook(self.pclease_conn_id)
-        with hook.lease(
-            self.profile, ttl_s=self.ttl_s, start_timeout_s=self.start_timeout_s, context=context
-        ) as lease:
+        # The lease ends (and is released) before the hook's client closes.
+        with (
+            closing(PcleaseHook(self.pclease_conn_id)) as hook,
+            hook.lease(
+                self.profile,
+                ttl_s=self.ttl_s,
+                start_timeout_s=self.start_timeout_s,
+                context=context,
+            ) as lease,
+        ):
             self._holding.hold(lease)
             token = _current_lease.set(lease)
             try:

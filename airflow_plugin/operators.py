@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import closing
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator
@@ -99,10 +100,16 @@ class PcleaseOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         import polars as pl
 
-        hook = PcleaseHook(self.pclease_conn_id)
-        with hook.lease(
-            self.profile, ttl_s=self.ttl_s, start_timeout_s=self.start_timeout_s, context=context
-        ) as lease:
+        # The lease ends (and is released) before the hook's client closes.
+        with (
+            closing(PcleaseHook(self.pclease_conn_id)) as hook,
+            hook.lease(
+                self.profile,
+                ttl_s=self.ttl_s,
+                start_timeout_s=self.start_timeout_s,
+                context=context,
+            ) as lease,
+        ):
             self._holding.hold(lease)
             try:
                 persist_lease_link(context, lease.id, lease.url)
@@ -165,15 +172,15 @@ class PcleaseAcquireLeaseOperator(BaseOperator):
         self._pending: Lease | None = None
 
     def execute(self, context: Any) -> str:
-        hook = PcleaseHook(self.pclease_conn_id)
-        client = hook.get_conn()
-        holder = {**task_holder(context), "purpose": "warm"}
-        data = client.create_lease(self.profile, holder=holder, ttl_s=self.ttl_s)
-        lease = Lease(client, data, on_progress=self.log.info)
-        self._pending = lease
-        persist_lease_link(context, lease.id, hook.lease_url(lease.id))
-        lease.wait_active(self.start_timeout_s)
-        self._pending = None
+        with closing(PcleaseHook(self.pclease_conn_id)) as hook:
+            client = hook.get_conn()
+            holder = {**task_holder(context), "purpose": "warm"}
+            data = client.create_lease(self.profile, holder=holder, ttl_s=self.ttl_s)
+            lease = Lease(client, data, on_progress=self.log.info)
+            self._pending = lease
+            persist_lease_link(context, lease.id, hook.lease_url(lease.id))
+            lease.wait_active(self.start_timeout_s)
+            self._pending = None
         self.log.info(
             "profile %r is warm: lease %s holds context %s for up to %g s",
             self.profile,
@@ -210,7 +217,11 @@ class PcleaseReleaseLeaseOperator(BaseOperator):
         if not self.lease_id:
             self.log.info("no lease to release (its setup task took none)")
             return
-        lease = PcleaseHook(self.pclease_conn_id).get_conn().release(str(self.lease_id))
+        hook = PcleaseHook(self.pclease_conn_id)
+        try:
+            lease = hook.get_conn().release(str(self.lease_id))
+        finally:
+            hook.close()
         self.log.info("released pclease lease %s (%s)", lease["id"], lease["state"])
 
 
