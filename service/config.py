@@ -183,7 +183,11 @@ class PolarsCloudSettings(BaseModel):
     api_addr: str | None = Field(None, description="Overrides POLARS_CLOUD_API_ADDR.")
     workspace: str | None = Field(None, description="For profiles that name no workspace.")
     request_timeout_s: float = Field(30.0, gt=0)
-    status_poll_s: float = Field(5.0, gt=0)
+    stop_unknown_computes: bool = Field(
+        False,
+        description="Stop live computes the service account started that this deployment "
+        "has no record of (only with a service account of its own).",
+    )
 
 
 class Settings(BaseSettings):

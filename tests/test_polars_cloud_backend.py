@@ -191,7 +191,7 @@ async def test_start_status_list_stop(cloud: FakePolarsCloud, tmp_path: Path) ->
 async def test_unknown_and_half_started_computes_are_listed(
     cloud: FakePolarsCloud, tmp_path: Path
 ) -> None:
-    backend = make_backend(cloud, tmp_path)
+    backend = make_backend(cloud, tmp_path, stop_unknown_computes=True)
     await running(backend, spec("known"))
     user = cloud.auth.subject_for(CLIENT_ID)
     # A compute the service account started that no ledger entry knows: an orphan.
@@ -201,6 +201,9 @@ async def test_unknown_and_half_started_computes_are_listed(
     seen = {o.handle["compute_id"]: o.context_id for o in await backend.list()}
     assert seen[orphan.id] is None
     assert len(seen) == 2
+    # By default a compute nobody recorded is not ours to stop: it may be someone else's.
+    cautious = make_backend(cloud, tmp_path)
+    assert orphan.id not in {o.handle["compute_id"] for o in await cautious.list()}
     await backend.stop({"workspace_id": cloud.workspace_id, "compute_id": orphan.id})
 
 

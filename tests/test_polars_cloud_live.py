@@ -80,6 +80,7 @@ class Env:
         *,
         credentials: dict[str, Any] | None = None,
         secret: str = SECRET,
+        cloud_options: dict[str, Any] | None = None,
         **settings: Any,
     ) -> None:
         self.tmp_path = tmp_path
@@ -105,6 +106,7 @@ class Env:
                     "workspace": "pclease-ws",
                     "request_timeout_s": 5,
                     "credentials": credentials or {"source": "env"},
+                    **(cloud_options or {}),
                 },
                 **settings,
             },
@@ -276,7 +278,7 @@ def _assert_secret_nowhere(env: Env, server: LiveServer, seen: list[str], secret
 def test_restart_adopts_its_context_and_stops_unknown_ones(
     make_env: Callable[..., Env], cloud: FakePolarsCloud
 ) -> None:
-    env = make_env()
+    env = make_env(cloud_options={"stop_unknown_computes": True})
     server = env.server()
     client = env.client(server)
     lease = client.create_lease("small", holder=HOLDER, ttl_s=60)

@@ -28,9 +28,11 @@ start returns. :meth:`list` reports
 - a live compute that the service account started and no entry knows, if a pending
   entry of the same workspace asked for it (a start whose answer was lost or timed out);
   the entry is completed, so the reconciler adopts or stops it;
-- any other live compute the service account started, without a context id, so the
-  reconciler stops it. **Give each pclease deployment a service account of its own**:
-  computes its service account starts elsewhere count as this deployment's orphans.
+- with ``polars_cloud.stop_unknown_computes`` on, any other live compute the service
+  account started, without a context id, so the reconciler stops it. That setting is for
+  a service account this deployment has to itself: computes the account starts elsewhere
+  would count as orphans. Off (the default), they are left alone and Polars Cloud's own
+  ``idle_timeout_mins`` is the backstop for a lost ledger.
 
 **Failures.** Status, list and stop are retried on errors (they are safe to repeat). A
 start is retried only after listing shows that the failed attempt did not create a
@@ -429,7 +431,7 @@ class PolarsCloudBackend(Backend):
                         await asyncio.to_thread(self.ledger.write, entry)
                 if entry is not None:
                     found.append(Observed(entry.handle(), phase, entry.context_id))
-                elif compute.user_id == user_id:
+                elif compute.user_id == user_id and self.options.stop_unknown_computes:
                     handle = {"workspace_id": compute.workspace_id, "compute_id": compute.id}
                     found.append(Observed(handle, phase, None))
         await asyncio.to_thread(self._prune, entries, seen, workspace_ids)
