@@ -188,6 +188,22 @@ def test_a_lease_lost_underneath_fails_clearly_and_stops_work(service: Service) 
     assert "no more work was submitted" in message
 
 
+def test_an_expired_lease_fails_the_task_clearly(service: Service) -> None:
+    hook = service.hook()
+    leases = []
+
+    def stalls_past_the_ttl() -> None:
+        with hook.lease("small", ttl_s=5) as lease:
+            leases.append(lease)
+            lease._lease._stop.set()  # a stalled worker: no more heartbeats
+            threading.Event().wait(8)
+            lease.remote(pl.LazyFrame({"a": [1]})).collect()
+
+    with pytest.raises(PcleaseLeaseLostError, match=r"ended underneath this task \(expired"):
+        stalls_past_the_ttl()
+    assert service.lease(leases[0].id)["state"] == "expired"
+
+
 def test_release_holder_and_task_holder(service: Service) -> None:
     client = service.hook().get_conn()
     mine = [client.create_lease("small", holder={**HOLDER, "map_index": i}) for i in (0, 1)]
