@@ -12,8 +12,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -46,6 +44,7 @@ from service.credentials import (
 from service.credentials.aws import AwsSecretsManagerSource
 from service.credentials.env import EnvSource
 from service.credentials.file import FileSource
+from tests.moto import moto_server
 
 # Everything secret this module makes, so the log check can look for all of it.
 SECRETS: list[str] = []
@@ -327,28 +326,8 @@ def test_polars_cloud_settings_from_the_environment(monkeypatch: pytest.MonkeyPa
 # -- AWS Secrets Manager (moto as a real HTTP server) ------------------------------------
 @pytest.fixture(scope="module")
 def moto_url() -> Iterator[str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None, "moto_server exited"
-                assert time.monotonic() < deadline, "moto_server did not listen"
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture

@@ -13,8 +13,6 @@ import os
 import pathlib
 import pickle
 import shutil
-import socket
-import subprocess
 import sys
 import time
 import types
@@ -41,6 +39,7 @@ from service.backends.base import (
     QueryTarget,
 )
 from service.backends.local import LocalBackend
+from tests.moto import moto_server
 
 SOURCE = pl.DataFrame({"id": list(range(1000)), "group": [f"g{i % 3}" for i in range(1000)]})
 EVEN = SOURCE.filter(pl.col("id") % 2 == 0)
@@ -561,25 +560,7 @@ class S3:
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[S3]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None, "moto_server exited"
-                assert time.monotonic() < deadline, "moto_server did not listen"
-                time.sleep(0.05)
-        endpoint = f"http://127.0.0.1:{port}"
+    with moto_server() as endpoint:
         client = boto3.client(
             "s3",
             endpoint_url=endpoint,
@@ -589,9 +570,6 @@ def s3() -> Iterator[S3]:
         )
         client.create_bucket(Bucket="bucket")
         yield S3(endpoint, client)
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 async def test_s3_sink_and_scan_inside_the_prefix(ctx: Context, s3: S3) -> None:

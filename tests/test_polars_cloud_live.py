@@ -56,20 +56,9 @@ def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakePolarsCloud]:
 
 @pytest.fixture
 def cloud(fake: FakePolarsCloud) -> Iterator[FakePolarsCloud]:
-    for knob, value in (
-        ("start_delay_s", 0.3),
-        ("stop_delay_s", 0.0),
-        ("fail_starts", 0),
-        ("start_ends_failed", False),
-        ("fail_stops", 0),
-        ("query_error", None),
-        ("query_delay_s", 0.0),
-    ):
-        setattr(fake, knob, value)
-    fake.rotate(SECRET, CLIENT_ID)
+    fake.reset(start_delay_s=0.3)
     yield fake
-    for compute in fake.running():
-        fake.stop_compute(fake.workspace_id, compute["id"])
+    fake.reset()
 
 
 class Env:

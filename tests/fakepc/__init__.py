@@ -14,9 +14,14 @@ otherwise). Every other REST call and every gRPC call needs ``authorization: Bea
 with a token this fake issued, unexpired and not revoked (REST 401 ``{"message", "errors"}``,
 gRPC UNAUTHENTICATED). ``fake.issue_token()`` mints one without HTTP.
 
-Knobs (plain attributes, settable from any thread at any time): ``start_delay_s``,
-``stop_delay_s``, ``fail_starts``, ``start_ends_failed``, ``fail_stops``, ``query_error``,
-``query_delay_s``; methods ``error_burst(n, status)``, ``rotate(client_secret, client_id)``,
+Knobs (plain attributes, settable from any thread at any time; ``KNOBS`` has their
+defaults): ``start_delay_s``, ``stop_delay_s``, ``fail_starts`` (answer 500, create
+nothing), ``lose_start_answers`` (create the compute, then answer 500),
+``hang_start_answers_s`` (create the compute, then hold the answer back this long),
+``start_ends_failed``, ``fail_stops``, ``query_error``, ``query_delay_s``,
+``hang_submit_answers_s`` (take the query, then hold the gRPC answer back); methods
+``reset(**knobs)`` (every knob to its default, no error burst, the original credentials,
+no running compute), ``error_burst(n, status)``, ``rotate(client_secret, client_id)``,
 ``revoke_tokens()``, ``fail_compute(compute_id, message)``. Inspection (snapshots):
 ``computes()``, ``running()``, ``queries()``, ``calls`` (:class:`Call`), ``tokens_issued``,
 ``workspace_id``, ``organization_id``.

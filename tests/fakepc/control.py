@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tests.fakepc import plans
 from tests.fakepc.tokens import TokenAuthority
@@ -136,14 +136,47 @@ class ControlPlane:
         self._calls: list[Call] = []
         self._burst: list[int] = []
         self._threads: list[threading.Thread] = []
-        # failure knobs
+        self._credentials = (client_id, client_secret)
+        # failure knobs (their defaults are in KNOBS)
         self.start_delay_s = 0.0
         self.stop_delay_s = 0.0
         self.fail_starts = 0
+        self.lose_start_answers = 0
+        self.hang_start_answers_s = 0.0
         self.start_ends_failed = False
         self.fail_stops = 0
         self.query_error: str | None = None
         self.query_delay_s = 0.0
+        self.hang_submit_answers_s = 0.0
+
+    #: Every failure knob and its default.
+    KNOBS: ClassVar[dict[str, Any]] = {
+        "start_delay_s": 0.0,
+        "stop_delay_s": 0.0,
+        "fail_starts": 0,
+        "lose_start_answers": 0,
+        "hang_start_answers_s": 0.0,
+        "start_ends_failed": False,
+        "fail_stops": 0,
+        "query_error": None,
+        "query_delay_s": 0.0,
+        "hang_submit_answers_s": 0.0,
+    }
+
+    def reset(self, **knobs: Any) -> None:
+        """Every knob back to its default (``knobs`` overrides some), no pending error
+        burst, the credentials the fake was made with, and no running compute."""
+        unknown = set(knobs) - set(self.KNOBS)
+        if unknown:
+            raise TypeError(f"unknown knob(s) {sorted(unknown)}; known: {sorted(self.KNOBS)}")
+        with self._lock:
+            for knob, value in {**self.KNOBS, **knobs}.items():
+                setattr(self, knob, value)
+            self._burst.clear()
+        client_id, client_secret = self._credentials
+        self.rotate(client_secret, client_id)
+        for compute in self.running():
+            self.stop_compute(compute["workspace_id"], compute["id"])
 
     # knobs and bookkeeping ------------------------------------------------------------
 
@@ -160,6 +193,14 @@ class ControlPlane:
         with self._lock:
             if self.fail_starts > 0:
                 self.fail_starts -= 1
+                return True
+            return False
+
+    def take_lost_start(self) -> bool:
+        """Whether to create the next compute but answer its start with a 500."""
+        with self._lock:
+            if self.lose_start_answers > 0:
+                self.lose_start_answers -= 1
                 return True
             return False
 

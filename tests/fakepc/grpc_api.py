@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any
@@ -81,6 +82,8 @@ class ClientService(grpc.GenericRpcHandler):  # type: ignore[misc]
             raise _Abort(grpc.StatusCode.NOT_FOUND, str(exc)) from None
         except Unavailable as exc:
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+        if self._plane.hang_submit_answers_s:
+            time.sleep(self._plane.hang_submit_answers_s)
         return protowire.encode([(1, [(1, q.id)])])
 
     def _get_query_result(self, request: bytes, user_id: str) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -127,6 +128,10 @@ def create_app(plane: ControlPlane) -> FastAPI:
         if not isinstance(body, dict):
             return _error(400, "body must be a JSON object")
         c = plane.start_compute(workspace_id, request.state.user_id, body)
+        if plane.hang_start_answers_s:
+            await asyncio.sleep(plane.hang_start_answers_s)
+        if plane.take_lost_start():
+            return _error(500, "fake: the start's answer was lost")
         return JSONResponse(plane.get_compute(workspace_id, c.id))
 
     @app.get("/api/v1/workspace/{workspace_id}/compute")
