@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Sequence
-from contextlib import closing
 from contextvars import ContextVar
 from typing import Any
 
@@ -26,8 +25,8 @@ from airflow.providers.common.compat.sdk import DecoratedOperator, task_decorato
 from airflow.providers.standard.operators.python import PythonOperator
 
 from airflow_plugin.hooks import PcleaseHook, TaskLease
-from airflow_plugin.links import PcleaseLeaseLink, persist_lease_link
-from airflow_plugin.operators import _LeaseHolder
+from airflow_plugin.links import PcleaseLeaseLink
+from airflow_plugin.operators import _LeaseHolder, task_lease
 
 LEASE_ARG = "lease"
 _current_lease: ContextVar[TaskLease | None] = ContextVar("pclease_task_lease", default=None)
@@ -70,24 +69,19 @@ class _PcleaseDecoratedOperator(DecoratedOperator, PythonOperator):
         self._holding = _LeaseHolder()
 
     def execute(self, context: Any) -> Any:
-        # The lease ends (and is released) before the hook's client closes.
-        with (
-            closing(PcleaseHook(self.pclease_conn_id)) as hook,
-            hook.lease(
-                self.profile,
-                ttl_s=self.ttl_s,
-                start_timeout_s=self.start_timeout_s,
-                context=context,
-            ) as lease,
-        ):
-            self._holding.hold(lease)
+        with task_lease(
+            self._holding,
+            self.pclease_conn_id,
+            self.profile,
+            ttl_s=self.ttl_s,
+            start_timeout_s=self.start_timeout_s,
+            context=context,
+        ) as lease:
             token = _current_lease.set(lease)
             try:
-                persist_lease_link(context, lease.id, lease.url)
                 return super().execute(context)
             finally:
                 _current_lease.reset(token)
-                self._holding.hold(None)
 
     def on_kill(self) -> None:
         self._holding.release(self.log)

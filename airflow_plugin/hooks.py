@@ -104,13 +104,22 @@ class PcleaseHook(BaseHook):
     hook_name = "pclease"
 
     def __init__(
-        self, pclease_conn_id: str = default_conn_name, *, connection: Any = None, **kwargs: Any
+        self,
+        pclease_conn_id: str = default_conn_name,
+        *,
+        connection: Any = None,
+        retries: int = 4,
+        timeout_s: float | None = None,
+        **kwargs: Any,
     ) -> None:
         """``connection`` is an already resolved connection, for callers outside a task
-        (the listener, in the scheduler), where the Task SDK cannot look it up."""
+        (the listener, in the scheduler), where the Task SDK cannot look it up.
+        ``retries`` and ``timeout_s`` (default: the connection's) shape every HTTP call."""
         super().__init__(**kwargs)
         self.pclease_conn_id = pclease_conn_id
         self._connection = connection
+        self._retries = retries
+        self._timeout_s = timeout_s
         self._client: PcleaseClient | None = None
         self._settings: ConnectionSettings | None = None
 
@@ -151,8 +160,9 @@ class PcleaseHook(BaseHook):
             self._client = PcleaseClient(
                 settings.base_url,
                 conn.password,
-                timeout_s=settings.timeout_s,
+                timeout_s=self._timeout_s or settings.timeout_s,
                 verify=settings.verify,
+                retries=self._retries,
             )
         return self._client
 
@@ -191,12 +201,14 @@ class PcleaseHook(BaseHook):
         start_timeout_s: float = 900.0,
         holder: Mapping[str, Any] | None = None,
         context: Mapping[str, Any] | None = None,
+        on_created: Callable[[Lease], None] | None = None,
     ) -> Iterator[TaskLease]:
         """Lease ``profile`` for the running task; release on exit, whatever way it ends.
 
         Waits until the context runs (logging progress), heartbeats from a background thread
         at the interval the service advises, and fails the task with
-        :class:`PcleaseLeaseLostError` when the lease ends underneath it.
+        :class:`PcleaseLeaseLostError` when the lease ends underneath it. ``on_created``
+        gets the lease as soon as it exists, before its context runs (for ``on_kill``).
         """
         who = {**task_holder(context), **dict(holder or {})}
         client = self.get_conn()
@@ -209,6 +221,7 @@ class PcleaseHook(BaseHook):
                 wait_s=wait_s,
                 start_timeout_s=start_timeout_s,
                 on_progress=self.log.info,
+                on_created=on_created,
             ) as lease:
                 self.log.info("lease %s on the dashboard: %s", lease.id, self.lease_url(lease.id))
                 task_lease = TaskLease(lease, self)

@@ -4,8 +4,8 @@ across a task group or a DAG run with setup/teardown tasks."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Collection, Mapping, Sequence
-from contextlib import closing
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator
@@ -21,14 +21,16 @@ SINKS = ("parquet", "csv", "ipc", "ndjson", "collect")
 
 
 class _LeaseHolder:
-    """The lease a running task holds, so that ``on_kill`` (called from the SIGTERM
-    handler, or on ``execution_timeout``) can release it while ``execute`` is blocked."""
+    """The lease a running task holds, from the moment it exists, so that ``on_kill``
+    (called from the SIGTERM handler on the main thread, or on ``execution_timeout``) can
+    release it while ``execute`` is blocked, even while it waits for a cold context."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._lease: TaskLease | None = None
+        # Reentrant: the signal handler runs on the thread that may be inside hold().
+        self._lock = threading.RLock()
+        self._lease: Lease | None = None
 
-    def hold(self, lease: TaskLease | None) -> None:
+    def hold(self, lease: Lease | None) -> None:
         with self._lock:
             self._lease = lease
 
@@ -37,7 +39,36 @@ class _LeaseHolder:
             lease, self._lease = self._lease, None
         if lease is not None:
             log.info("task killed: releasing pclease lease %s", lease.id)
-            lease.release()
+            lease.release_now()
+
+
+@contextmanager
+def task_lease(
+    holding: _LeaseHolder,
+    conn_id: str,
+    profile: str,
+    *,
+    ttl_s: float | None,
+    start_timeout_s: float,
+    context: Any,
+) -> Iterator[TaskLease]:
+    """The lease of one task run: held for ``on_kill`` from its creation, its dashboard
+    link stored for the UI, released (before the hook's client closes) when the task ends."""
+    with (
+        closing(PcleaseHook(conn_id)) as hook,
+        hook.lease(
+            profile,
+            ttl_s=ttl_s,
+            start_timeout_s=start_timeout_s,
+            context=context,
+            on_created=holding.hold,
+        ) as lease,
+    ):
+        try:
+            persist_lease_link(context, lease.id, lease.url)
+            yield lease
+        finally:
+            holding.hold(None)
 
 
 class PcleaseOperator(BaseOperator):
@@ -100,43 +131,36 @@ class PcleaseOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         import polars as pl
 
-        # The lease ends (and is released) before the hook's client closes.
-        with (
-            closing(PcleaseHook(self.pclease_conn_id)) as hook,
-            hook.lease(
-                self.profile,
-                ttl_s=self.ttl_s,
-                start_timeout_s=self.start_timeout_s,
-                context=context,
-            ) as lease,
-        ):
-            self._holding.hold(lease)
-            try:
-                persist_lease_link(context, lease.id, lease.url)
-                lf = self.build(*self.op_args, **self.op_kwargs)
-                if not isinstance(lf, pl.LazyFrame):
-                    raise TypeError(
-                        f"build returned {type(lf).__name__}; it must return a polars.LazyFrame"
-                    )
-                remote = lease.remote(lf, engine=self.engine)  # type: ignore[arg-type]
-                if self.sink == "collect":
-                    frame = remote.collect()
-                    self.log.info("collected %d rows:\n%s", frame.height, frame.head(10))
-                    return {
-                        "lease_id": lease.id,
-                        "rows": frame.height,
-                        "schema": {name: str(dtype) for name, dtype in frame.schema.items()},
-                    }
-                options = {"storage_options": self.storage_options} if self.storage_options else {}
-                query = getattr(remote, f"sink_{self.sink}")(self.target, **options)
+        with task_lease(
+            self._holding,
+            self.pclease_conn_id,
+            self.profile,
+            ttl_s=self.ttl_s,
+            start_timeout_s=self.start_timeout_s,
+            context=context,
+        ) as lease:
+            lf = self.build(*self.op_args, **self.op_kwargs)
+            if not isinstance(lf, pl.LazyFrame):
+                raise TypeError(
+                    f"build returned {type(lf).__name__}; it must return a polars.LazyFrame"
+                )
+            remote = lease.remote(lf, engine=self.engine)  # type: ignore[arg-type]
+            if self.sink == "collect":
+                frame = remote.collect()
+                self.log.info("collected %d rows:\n%s", frame.height, frame.head(10))
                 return {
                     "lease_id": lease.id,
-                    "query_id": query["id"],
-                    "rows": query.get("rows"),
-                    "target": self.target,
+                    "rows": frame.height,
+                    "schema": {name: str(dtype) for name, dtype in frame.schema.items()},
                 }
-            finally:
-                self._holding.hold(None)
+            options = {"storage_options": self.storage_options} if self.storage_options else {}
+            query = getattr(remote, f"sink_{self.sink}")(self.target, **options)
+            return {
+                "lease_id": lease.id,
+                "query_id": query["id"],
+                "rows": query.get("rows"),
+                "target": self.target,
+            }
 
     def on_kill(self) -> None:
         self._holding.release(self.log)
@@ -169,7 +193,7 @@ class PcleaseAcquireLeaseOperator(BaseOperator):
         self.ttl_s = ttl_s
         self.start_timeout_s = start_timeout_s
         self.pclease_conn_id = pclease_conn_id
-        self._pending: Lease | None = None
+        self._holding = _LeaseHolder()
 
     def execute(self, context: Any) -> str:
         with closing(PcleaseHook(self.pclease_conn_id)) as hook:
@@ -177,10 +201,15 @@ class PcleaseAcquireLeaseOperator(BaseOperator):
             holder = {**task_holder(context), "purpose": "warm"}
             data = client.create_lease(self.profile, holder=holder, ttl_s=self.ttl_s)
             lease = Lease(client, data, on_progress=self.log.info)
-            self._pending = lease
-            persist_lease_link(context, lease.id, hook.lease_url(lease.id))
-            lease.wait_active(self.start_timeout_s)
-            self._pending = None
+            self._holding.hold(lease)
+            try:
+                persist_lease_link(context, lease.id, hook.lease_url(lease.id))
+                lease.wait_active(self.start_timeout_s)
+            except BaseException:
+                lease.close()  # whatever stopped the wait, this warm lease has no user
+                raise
+            finally:
+                self._holding.hold(None)
         self.log.info(
             "profile %r is warm: lease %s holds context %s for up to %g s",
             self.profile,
@@ -191,9 +220,7 @@ class PcleaseAcquireLeaseOperator(BaseOperator):
         return lease.id
 
     def on_kill(self) -> None:
-        lease, self._pending = self._pending, None
-        if lease is not None:
-            lease.close()
+        self._holding.release(self.log)
 
 
 class PcleaseReleaseLeaseOperator(BaseOperator):

@@ -46,6 +46,7 @@ class PcleaseClient:
         self.base_url = base_url.rstrip("/")
         self.retries = retries
         self.backoff_s = backoff_s
+        self._verify = verify
         self._http = httpx.Client(
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {token}", "User-Agent": "pclease-client"},
@@ -130,6 +131,21 @@ class PcleaseClient:
     def release(self, lease_id: str) -> dict[str, Any]:
         return _json(self.request("DELETE", f"/v1/leases/{lease_id}"))
 
+    def release_once(self, lease_id: str, *, timeout_s: float = 3.0) -> None:
+        """One release attempt on a connection of its own, with a short timeout.
+
+        For signal handlers (Airflow's ``on_kill``): the interrupted thread may be inside
+        this client's connection pool, whose lock is not reentrant, and the process may be
+        killed within seconds, so there is no time for retries.
+        """
+        with httpx.Client(
+            base_url=self.base_url,
+            headers=self._http.headers,
+            timeout=timeout_s,
+            verify=self._verify,
+        ) as http:
+            _checked(http.delete(f"/v1/leases/{lease_id}"))
+
     @contextmanager
     def lease(
         self,
@@ -140,11 +156,18 @@ class PcleaseClient:
         wait_s: float | None = None,
         start_timeout_s: float = 900.0,
         on_progress: Callable[[str], None] | None = None,
+        on_created: Callable[[Lease], None] | None = None,
     ) -> Iterator[Lease]:
-        """Lease ``profile``, wait until its context runs, heartbeat, release on exit."""
+        """Lease ``profile``, wait until its context runs, heartbeat, release on exit.
+
+        ``on_created`` gets the lease as soon as it exists, before the wait for its context:
+        whoever may have to release it early (a signal handler) can hold it from then on.
+        """
         data = self.create_lease(profile, holder=holder, ttl_s=ttl_s, wait_s=wait_s)
         lease = Lease(self, data, on_progress=on_progress)
         try:
+            if on_created is not None:
+                on_created(lease)
             lease.wait_active(start_timeout_s)
             lease.start_heartbeats()
             yield lease
@@ -268,7 +291,10 @@ class Lease:
                 self.data = self.client.heartbeat(self.id)
             except PcleaseHTTPError as exc:
                 if exc.status == 410:
-                    self.lost = self._lost()
+                    try:
+                        self.lost = self._lost()
+                    except Exception as lookup:  # ended all the same; say what is known
+                        self.lost = LeaseLost(self.id, "ended", f"{exc.message} ({lookup})")
                     log.error("%s", self.lost)
                     return
                 log.warning("heartbeat of lease %s failed: %s", self.id, exc)
@@ -295,6 +321,16 @@ class Lease:
             self.client.release(self.id)
         except Exception as exc:  # the service-side TTL ends it anyway
             log.warning("could not release lease %s (its TTL will end it): %s", self.id, exc)
+
+    def release_now(self, *, timeout_s: float = 3.0) -> None:
+        """Release at once from a signal handler: one short request on a connection of its
+        own first, then stop heartbeating (see :meth:`PcleaseClient.release_once`)."""
+        self._stop.set()
+        if self.owned:
+            try:
+                self.client.release_once(self.id, timeout_s=timeout_s)
+            except Exception as exc:  # the service-side TTL ends it anyway
+                log.warning("could not release lease %s (its TTL will end it): %s", self.id, exc)
 
     def remote(
         self,

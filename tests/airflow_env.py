@@ -42,6 +42,7 @@ class AirflowEnv:
         self.dags_folder = dags_folder
         home.mkdir(parents=True, exist_ok=True)
         self.database = home / "airflow.db"
+        self.last_output = ""  # every run's output so far
         base = {
             key: value
             for key, value in os.environ.items()
@@ -99,6 +100,7 @@ class AirflowEnv:
             timeout=300,
         )
         output = result.stdout + result.stderr
+        self.last_output += output
         lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
         if result.returncode not in (0, 1) or not lines:
             raise AssertionError(f"running {dag_id} broke (exit {result.returncode}):\n{output}")

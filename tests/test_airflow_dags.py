@@ -18,6 +18,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from tests.airflow_env import ROOT, AirflowEnv, DagRunResult
+from tests.fakepc import FakePolarsCloud
 from tests.live import LiveServer, run_cli, write_config
 
 pytestmark = pytest.mark.live
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.live
 EXAMPLE = ROOT / "examples" / "dags" / "pclease_seed_pipeline.py"
 FAILURES = Path(__file__).parent / "dags" / "pclease_failures.py"
 GRACE_S = 3
+CLIENT_ID = "pclease-airflow-test"
 
 
 @dataclass
@@ -53,52 +55,39 @@ class Pclease:
         return dict(self.get(f"/v1/contexts/{context_id}"))
 
 
-@pytest.fixture(scope="module")
-def pclease(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pclease]:
-    tmp = tmp_path_factory.mktemp("pclease")
+def start_pclease(
+    tmp: Path, *, backend: dict[str, Any], env: dict[str, str], profile: dict[str, Any]
+) -> Pclease:
+    """A live pclease with profiles small and large, holding a Polars Cloud secret."""
     lake, exchange = tmp / "lake", tmp / "exchange"
-    lake.mkdir()
+    lake.mkdir(parents=True)
     exchange.mkdir()
-    profile = {
-        "idle_grace_s": GRACE_S,
-        "data_roots": [str(lake), str(exchange)],
-        "local": {"boot_delay_s": 0.3},
-    }
+    shape = {"idle_grace_s": GRACE_S, "data_roots": [str(lake), str(exchange)], **profile}
     config = write_config(
         tmp / "pclease.toml",
         {
             "data_dir": str(tmp / "svc"),
             "database_url": f"sqlite:///{tmp / 'svc.db'}",
-            "backend": "local",
             "reconcile_interval_s": 0.2,
             "lease_ttl_s": 20,
+            **backend,
         },
         {
-            "small": {"cpus": 1, "memory_gb": 1, "hourly_cost": 0.4, **profile},
-            "large": {"cpus": 2, "memory_gb": 2, "hourly_cost": 1.6, **profile},
+            "small": {"cpus": 1, "memory_gb": 1, "hourly_cost": 0.4, **shape},
+            "large": {"cpus": 2, "memory_gb": 2, "hourly_cost": 1.6, **shape},
         },
     )
-    # The service holds a Polars Cloud secret; nothing on the Airflow side may ever see it.
-    cloud_secret = "pcs_" + secrets.token_urlsafe(24)
-    env = {
-        **os.environ,
-        "POLARS_CLOUD_CLIENT_ID": "pclease-airflow-test",
-        "POLARS_CLOUD_CLIENT_SECRET": cloud_secret,
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLARS_CLOUD_")} | env
     run_cli(config, "db", "upgrade", env=env)
     token = run_cli(config, "token", "create", "airflow", "--scope", "lease", env=env).strip()
     admin = run_cli(config, "token", "create", "ops", "--scope", "admin", env=env).strip()
     server = LiveServer(config, tmp / "server.log", env=env).start()
-    try:
-        yield Pclease(server, token, admin, lake, exchange, cloud_secret)
-    finally:
-        server.stop()
+    return Pclease(server, token, admin, lake, exchange, env["POLARS_CLOUD_CLIENT_SECRET"])
 
 
-@pytest.fixture(scope="module")
-def airflow(pclease: Pclease, tmp_path_factory: pytest.TempPathFactory) -> AirflowEnv:
+def airflow_for(pclease: Pclease, home: Path) -> AirflowEnv:
     env = AirflowEnv(
-        tmp_path_factory.mktemp("airflow"),
+        home,
         EXAMPLE.parent,
         PCLEASE_DEMO_LAKE=str(pclease.lake),
         PCLEASE_TEST_DIR=str(pclease.exchange),
@@ -106,6 +95,31 @@ def airflow(pclease: Pclease, tmp_path_factory: pytest.TempPathFactory) -> Airfl
     ).migrate()
     env.add_pclease_connection("pclease_default", pclease.server.url, pclease.token)
     return env
+
+
+def cloud_secret() -> str:
+    return "pcs_" + secrets.token_urlsafe(24)
+
+
+@pytest.fixture(scope="module")
+def pclease(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pclease]:
+    # The local backend ignores the Polars Cloud secret: the test on Polars Cloud below is
+    # the one where the service really uses it.
+    service = start_pclease(
+        tmp_path_factory.mktemp("pclease"),
+        backend={"backend": "local"},
+        env={"POLARS_CLOUD_CLIENT_ID": CLIENT_ID, "POLARS_CLOUD_CLIENT_SECRET": cloud_secret()},
+        profile={"local": {"boot_delay_s": 0.3}},
+    )
+    try:
+        yield service
+    finally:
+        service.server.stop()
+
+
+@pytest.fixture(scope="module")
+def airflow(pclease: Pclease, tmp_path_factory: pytest.TempPathFactory) -> AirflowEnv:
+    return airflow_for(pclease, tmp_path_factory.mktemp("airflow"))
 
 
 def wait_for(predicate: Any, timeout_s: float = 30, what: str = "condition") -> Any:
@@ -119,6 +133,45 @@ def wait_for(predicate: Any, timeout_s: float = 30, what: str = "condition") -> 
 
 
 def test_example_dag_runs_the_seed_pipeline(pclease: Pclease, airflow: AirflowEnv) -> None:
+    check_example_run(pclease, airflow)
+
+
+def test_example_dag_on_polars_cloud_keeps_its_secret_in_the_service(tmp_path: Path) -> None:
+    """The same pipeline with the service on the polars_cloud backend (a fake Polars Cloud
+    that the real client talks to): the service now really holds and uses the secret."""
+    secret = cloud_secret()
+    with FakePolarsCloud(
+        client_id=CLIENT_ID, client_secret=secret, workspace="ws", data_dir=tmp_path / "cloud"
+    ) as fake:
+        pclease = start_pclease(
+            tmp_path / "pclease",
+            backend={
+                "backend": "polars_cloud",
+                "polars_cloud": {
+                    "api_addr": fake.url,
+                    "token_url": fake.token_url,
+                    "workspace": "ws",
+                },
+            },
+            env={"POLARS_CLOUD_CLIENT_ID": CLIENT_ID, "POLARS_CLOUD_CLIENT_SECRET": secret},
+            profile={},
+        )
+        try:
+            airflow = airflow_for(pclease, tmp_path / "airflow")
+            check_example_run(pclease, airflow)
+            assert fake.running() == []
+            used = {call.bearer for call in fake.calls if call.bearer}
+            assert len(fake.computes()) == 2
+        finally:
+            pclease.server.stop()
+    assert used, "the service never called Polars Cloud"
+    airflow_side = "\n".join((airflow.dump_metastore(), airflow.logs(), airflow.last_output))
+    assert secret not in airflow_side
+    for token in used:
+        assert token not in airflow_side
+
+
+def check_example_run(pclease: Pclease, airflow: AirflowEnv) -> None:
     run = airflow.run_dag(EXAMPLE, "pclease_seed_pipeline")
     assert run.state == "success", run.output[-4000:]
     assert set(run.tasks.values()) == {"success"}, run
@@ -181,6 +234,9 @@ def test_example_dag_runs_the_seed_pipeline(pclease: Pclease, airflow: AirflowEn
         and e["context_id"] in set().union(*contexts.values())
     ]
     assert len(starts) == 2
+    # Each task released its own lease; none was left for the listener.
+    for lease in leases:
+        assert release_reasons(pclease, lease) == ["released by token:airflow"], lease
 
     # The extra link: the task stored its lease's dashboard URL where the UI reads it.
     link = airflow.xcom(
@@ -203,6 +259,11 @@ def test_example_dag_runs_the_seed_pipeline(pclease: Pclease, airflow: AirflowEn
         assert pclease.token not in text, where
 
 
+def release_reasons(pclease: Pclease, lease: dict[str, Any]) -> list[str]:
+    events = pclease.get("/v1/events", lease_id=lease["id"])["events"]
+    return [e["reason"] for e in events if e["to_state"] == "released"]
+
+
 def _released(pclease: Pclease, dag_id: str) -> list[dict[str, Any]]:
     leases = pclease.leases(dag_id)
     assert leases, f"{dag_id} took no lease"
@@ -216,6 +277,8 @@ def test_a_task_that_raises_releases_its_lease(pclease: Pclease, airflow: Airflo
     assert "the task broke while holding its lease" in run.output
     (lease,) = _released(pclease, "pclease_raises_mid_lease")
     assert lease["state"] == "released"
+    # By the task's own context manager, not by the listener ("holder ... released by").
+    assert release_reasons(pclease, lease) == ["released by token:airflow"]
 
 
 def test_on_kill_releases_the_lease(pclease: Pclease, airflow: AirflowEnv) -> None:
@@ -230,6 +293,7 @@ def test_on_kill_releases_the_lease(pclease: Pclease, airflow: AirflowEnv) -> No
     (lease,) = _released(pclease, "pclease_execution_timeout")
     assert lease["id"] == lease_id
     assert lease["state"] == "released"
+    assert release_reasons(pclease, lease) == ["released by token:airflow"]
 
 
 def test_teardown_releases_after_a_failing_task(pclease: Pclease, airflow: AirflowEnv) -> None:
@@ -243,8 +307,8 @@ def test_teardown_releases_after_a_failing_task(pclease: Pclease, airflow: Airfl
     (lease,) = _released(pclease, "pclease_teardown_after_failure")
     assert lease["holder"]["task_id"] == "pclease_warm_small"
     assert lease["state"] == "released"
-    events = pclease.get("/v1/events", lease_id=lease["id"])["events"]
-    assert any(e["to_state"] == "released" and "airflow" in e["actor"] for e in events), events
+    # By the teardown task, before the run ended (the listener's reason names the holder).
+    assert release_reasons(pclease, lease) == ["released by token:airflow"]
 
 
 def test_a_lease_lost_underneath_fails_the_task_clearly(
@@ -279,9 +343,15 @@ def test_a_lease_lost_underneath_fails_the_task_clearly(
 
 def test_listener_releases_what_tasks_left_behind(pclease: Pclease, airflow: AirflowEnv) -> None:
     run = airflow.run_dag(FAILURES, "pclease_listener_cleans_up")
-    assert run.tasks == {"leak_and_fail": "failed", "leak_and_succeed": "success"}
+    assert run.tasks == {
+        "uses_pclease": "success",
+        "leak_and_fail": "failed",
+        "leak_and_succeed": "success",
+    }
     leases = {
-        lease["holder"]["task_id"]: lease for lease in pclease.leases("pclease_listener_cleans_up")
+        lease["holder"]["task_id"]: lease
+        for lease in pclease.leases("pclease_listener_cleans_up")
+        if lease["holder"]["task_id"] != "uses_pclease"
     }
     assert {task: lease["state"] for task, lease in leases.items()} == {
         "leak_and_fail": "released",

@@ -79,6 +79,10 @@ def pclease_lease_lost() -> None:
 def pclease_listener_cleans_up() -> None:
     """Leases the task process itself never releases: the listener must."""
 
+    @task.pclease(profile="small")
+    def uses_pclease(lease: Any) -> None:
+        """Makes this a pclease DAG: the DAG-run listener only looks at those."""
+
     @task
     def leak_and_fail() -> None:
         PcleaseHook().get_conn().create_lease("small", holder=task_holder(), ttl_s=600)
@@ -88,8 +92,7 @@ def pclease_listener_cleans_up() -> None:
     def leak_and_succeed() -> None:
         PcleaseHook().get_conn().create_lease("small", holder=task_holder(), ttl_s=600)
 
-    leak_and_fail()
-    leak_and_succeed()
+    uses_pclease() >> [leak_and_fail(), leak_and_succeed()]
 
 
 @dag(schedule=None, catchup=False)
