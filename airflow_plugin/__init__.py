@@ -11,6 +11,18 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+#: How Airflow's connection form shows a ``pclease`` connection.
+UI_FIELD_BEHAVIOUR: dict[str, Any] = {
+    "hidden_fields": ["login", "extra"],
+    "relabeling": {"schema": "Scheme", "password": "pclease token"},
+    "placeholders": {
+        "host": "pclease.example.com or https://pclease.example.com",
+        "port": "8040",
+        "schema": "http or https",
+        "password": "a token from `pclease token create` (scopes: lease, read)",
+    },
+}
+
 
 def get_provider_info() -> dict[str, Any]:
     return {
@@ -44,14 +56,7 @@ def get_provider_info() -> dict[str, Any]:
                     },
                 },
                 "ui-field-behaviour": {
-                    "hidden-fields": ["login", "extra"],
-                    "relabeling": {"schema": "Scheme", "password": "pclease token"},
-                    "placeholders": {
-                        "host": "pclease.example.com or https://pclease.example.com",
-                        "port": "8040",
-                        "schema": "http or https",
-                        "password": "a token from `pclease token create` (scopes: lease, read)",
-                    },
+                    key.replace("_", "-"): value for key, value in UI_FIELD_BEHAVIOUR.items()
                 },
             }
         ],

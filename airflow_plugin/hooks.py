@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from airflow.sdk import BaseHook
 
+from airflow_plugin import UI_FIELD_BEHAVIOUR
 from pclease_client import LeaseLost, PcleaseClient, PcleaseClientError, QueryFailed
 from pclease_client.client import Lease, RemoteQuery
 from pclease_client.plans import Engine
@@ -131,16 +132,7 @@ class PcleaseHook(BaseHook):
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        return {
-            "hidden_fields": ["login", "extra"],
-            "relabeling": {"schema": "Scheme", "password": "pclease token"},
-            "placeholders": {
-                "host": "pclease.example.com or https://pclease.example.com",
-                "port": "8040",
-                "schema": "http or https",
-                "password": "a token from `pclease token create` (scopes: lease, read)",
-            },
-        }
+        return UI_FIELD_BEHAVIOUR
 
     @property
     def settings(self) -> ConnectionSettings:
