@@ -44,6 +44,7 @@ from service.credentials import (
 from service.credentials.aws import AwsSecretsManagerSource
 from service.credentials.env import EnvSource
 from service.credentials.file import FileSource
+from service.credentials.tokens import FORCED_REREAD_MIN_S
 from tests.moto import moto_server
 
 # Everything secret this module makes, so the log check can look for all of it.
@@ -212,13 +213,31 @@ def test_env_source_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> No
         source.load()
 
     message = str(raised.value)
-    assert message.startswith("environment variable PC_ID is unset or empty; set PC_ID and")
+    assert message.startswith(
+        "environment variable PC_ID was unset or empty when the service started; set PC_ID and"
+    )
+    assert message.endswith("and restart it")
     assert_no_secret(message)
 
     monkeypatch.setenv("PC_ID", "id")
     monkeypatch.setenv("PC_SECRET", "  ")
-    with pytest.raises(CredentialsError, match="variable PC_SECRET is unset or empty"):
-        source.load()
+    blank = create_source(CredentialsSettings(client_id_env="PC_ID", client_secret_env="PC_SECRET"))
+    with pytest.raises(CredentialsError, match="variable PC_SECRET was unset or empty"):
+        blank.load()
+
+
+def test_env_source_reads_the_environment_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    value = secret()
+    monkeypatch.setenv("PC_ID", "pclease-sa")
+    monkeypatch.setenv("PC_SECRET", value)
+    source = create_source(
+        CredentialsSettings(client_id_env="PC_ID", client_secret_env="PC_SECRET")
+    )
+    # The backend removes the variables; what was read stays usable.
+    monkeypatch.delenv("PC_ID")
+    monkeypatch.delenv("PC_SECRET")
+    assert source.load() == ServiceAccount.of("pclease-sa", value)
+    assert_no_secret(source)
 
 
 # -- files ------------------------------------------------------------------------------
@@ -511,7 +530,10 @@ def test_many_threads_share_one_fetch(
 
 
 def test_rejected_credentials_are_named_not_quoted(
-    endpoint: TokenEndpoint, make_provider: Callable[..., TokenProvider], account_dir: Path
+    endpoint: TokenEndpoint,
+    make_provider: Callable[..., TokenProvider],
+    clock: FakeClock,
+    account_dir: Path,
 ) -> None:
     value = secret()
     endpoint.accounts["pclease-sa"] = secret()  # the server expects another secret
@@ -537,12 +559,11 @@ def test_rejected_credentials_are_named_not_quoted(
     with pytest.raises(CredentialsError, match="rejected the service account"):
         provider.token()
     assert endpoint.calls == 1
-    # ... but a fixed source is picked up on the next call, without invalidate().
-    endpoint.accounts["pclease-sa"] = value
-    source.client_id_file.write_text("pclease-sa")
+    # ... but a fixed source is picked up a few seconds later, without invalidate().
     fixed = secret()
     endpoint.accounts["pclease-sa"] = fixed
     source.client_secret_file.write_text(fixed)
+    clock.advance(FORCED_REREAD_MIN_S)
     assert provider.token() == endpoint.issued[-1]
     assert provider.status().ok
 
@@ -565,7 +586,7 @@ def test_unreachable_and_failing_endpoints(
         failing.token()
     assert str(failed.value) == (
         f"could not reach the Polars Cloud token endpoint {endpoint.url}: HTTP 503 (tried 3 "
-        "times); check the network and polars_cloud.token_url"
+        "times within 20 s); check the network and polars_cloud.token_url"
     )
 
     with socket.socket() as probe:
@@ -720,11 +741,22 @@ def test_status_tells_what_readiness_needs(
     provider.invalidate()
     assert provider.status().token_expires_at is None
 
+    # A source that cannot be read after a 401: the account read before buys a new token.
     (account_dir / "client-id").unlink()
+    kept = provider.check()
+    assert kept.ok
+    assert kept.message is not None
+    assert kept.message.startswith("cannot read the client id from")
+    assert kept.message.endswith("(still using the service account read before)")
+
+    # Refused as well: nothing works any more.
+    del endpoint.accounts["pclease-sa"]
+    provider.invalidate()
     broken = provider.check()
     assert not broken.ok
     assert broken.message is not None
-    assert broken.message.startswith("cannot read the client id from")
+    assert "cannot read the client id from" in broken.message
+    assert "rejected the service account" in broken.message
 
 
 def test_a_failed_refresh_keeps_serving_the_valid_token(
@@ -789,3 +821,113 @@ def test_a_refused_refresh_keeps_serving_the_valid_token(
     with pytest.raises(CredentialsError, match="rejected the service account"):
         provider.token()
     assert not provider.status().ok
+
+
+class CountingSource(CredentialSource):
+    """A file source that counts its reads and can be made to fail for a while."""
+
+    name = "counting"
+
+    def __init__(self, inner: FileSource) -> None:
+        self.inner = inner
+        self.loads = 0
+        self.broken = False
+
+    @classmethod
+    def from_settings(cls, settings: CredentialsSettings) -> CountingSource:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+    def load(self) -> ServiceAccount:
+        self.loads += 1
+        if self.broken:
+            raise CredentialsError(f"cannot read {self.describe()}: temporarily unavailable")
+        return self.inner.load()
+
+
+def test_a_failed_reread_after_a_refusal_keeps_the_valid_token(
+    endpoint: TokenEndpoint,
+    make_provider: Callable[..., TokenProvider],
+    clock: FakeClock,
+    account_dir: Path,
+) -> None:
+    value = secret()
+    endpoint.accounts["pclease-sa"] = value
+    source = CountingSource(write_account(account_dir, "pclease-sa", value))
+    provider = make_provider(source, refresh_margin_s=30)
+    first = provider.token()
+
+    del endpoint.accounts["pclease-sa"]
+    clock.advance(95)  # refresh due; the endpoint refuses: a re-read is asked for
+    assert provider.token() == first
+    source.broken = True
+    clock.advance(FORCED_REREAD_MIN_S)
+    assert provider.token() == first  # the re-read failed, the token is still valid
+    assert source.loads == 2
+    assert provider.status().ok
+
+
+def test_while_refused_the_source_is_not_reread_on_every_call(
+    endpoint: TokenEndpoint,
+    make_provider: Callable[..., TokenProvider],
+    clock: FakeClock,
+    account_dir: Path,
+) -> None:
+    source = CountingSource(write_account(account_dir, "pclease-sa", secret()))
+    provider = make_provider(source)
+    for _ in range(20):
+        with pytest.raises(CredentialsError, match="rejected the service account"):
+            provider.token()
+    assert source.loads == 1
+    assert endpoint.calls == 1
+    clock.advance(FORCED_REREAD_MIN_S)
+    with pytest.raises(CredentialsError, match="rejected the service account"):
+        provider.token()
+    assert source.loads == 2
+
+
+def test_a_changed_account_replaces_the_token_only_once_it_has_one(
+    endpoint: TokenEndpoint,
+    make_provider: Callable[..., TokenProvider],
+    clock: FakeClock,
+    account_dir: Path,
+) -> None:
+    value, rotated = secret(), secret()
+    endpoint.accounts["pclease-sa"] = value
+    provider = make_provider(write_account(account_dir, "pclease-sa", value))
+    first = provider.token()
+
+    write_account(account_dir, "pclease-sa", rotated)
+    endpoint.accounts["pclease-sa"] = rotated
+    endpoint.failures = [503, 503, 503]  # the token endpoint is down during the rotation
+    with pytest.raises(CredentialsError, match="changed .* no access token could be fetched"):
+        provider.reload()
+    assert provider.token() == first  # the old account's token stays in use
+    status = provider.status()
+    assert status.ok
+    assert status.message is not None and "changed" in status.message
+
+    clock.advance(FORCED_REREAD_MIN_S)  # the endpoint is back: the next call switches
+    second = provider.token()
+    assert second != first
+    assert second == endpoint.issued[-1]
+    assert provider.status().message is None
+
+
+def test_a_token_fetch_ends_within_its_deadline(
+    endpoint: TokenEndpoint, make_provider: Callable[..., TokenProvider], account_dir: Path
+) -> None:
+    value = secret()
+    endpoint.accounts["pclease-sa"] = value
+    endpoint.failures = [503] * 10
+    provider = make_provider(
+        write_account(account_dir, "pclease-sa", value),
+        retry_delays_s=(0.4, 0.4, 0.4, 0.4),
+        deadline_s=1.0,
+    )
+    began = time.monotonic()
+    with pytest.raises(CredentialsError, match=r"HTTP 503 \(tried 3 times within 1 s\)"):
+        provider.token()
+    assert time.monotonic() - began < 1.5

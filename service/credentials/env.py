@@ -1,4 +1,11 @@
-"""The service account from two environment variables."""
+"""The service account from two environment variables.
+
+A running process's environment never changes, so the variables are read once, when the
+source is made; the polars_cloud backend then removes them from ``os.environ`` so that
+neither the polars-cloud client nor a child process can see them. Rotating a secret kept
+in the environment therefore needs a restart; the ``file`` and ``aws_secrets_manager``
+sources follow rotation without one.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +13,14 @@ import os
 from collections.abc import Mapping
 from typing import Self
 
+from pydantic import SecretStr
+
 from service.config import CredentialsSettings
 from service.credentials.base import CredentialsError, CredentialSource, ServiceAccount
 
 
 class EnvSource(CredentialSource):
-    """Reads ``os.environ`` (or the given mapping) on every :meth:`load`."""
+    """Reads ``os.environ`` (or the given mapping) once, when made."""
 
     name = "env"
 
@@ -23,19 +32,25 @@ class EnvSource(CredentialSource):
     ) -> None:
         self.client_id_env = client_id_env
         self.client_secret_env = client_secret_env
-        self._environ = environ
+        environ = os.environ if environ is None else environ
+        self._client_id = environ.get(client_id_env, "").strip()
+        self._client_secret = SecretStr(environ.get(client_secret_env, "").strip())
 
     @classmethod
     def from_settings(cls, settings: CredentialsSettings) -> Self:
         return cls(settings.client_id_env, settings.client_secret_env)
 
+    @property
+    def variables(self) -> tuple[str, str]:
+        """The names of the two variables it read."""
+        return self.client_id_env, self.client_secret_env
+
     def describe(self) -> str:
         return f"environment variables {self.client_id_env} and {self.client_secret_env}"
 
     def load(self) -> ServiceAccount:
-        environ = os.environ if self._environ is None else self._environ
-        client_id = environ.get(self.client_id_env, "").strip()
-        client_secret = environ.get(self.client_secret_env, "").strip()
+        client_id = self._client_id
+        client_secret = self._client_secret.get_secret_value()
         missing = [
             name
             for name, value in (
@@ -47,8 +62,9 @@ class EnvSource(CredentialSource):
         if missing:
             raise CredentialsError(
                 f"environment variable {' and '.join(missing)} "
-                f"{'is' if len(missing) == 1 else 'are'} unset or empty; set "
-                f"{self.client_id_env} and {self.client_secret_env} to the Polars Cloud "
-                "service account's client id and secret in the service's environment"
+                f"{'was' if len(missing) == 1 else 'were'} unset or empty when the service "
+                f"started; set {self.client_id_env} and {self.client_secret_env} to the "
+                "Polars Cloud service account's client id and secret in the service's "
+                "environment and restart it"
             )
         return ServiceAccount.of(client_id, client_secret)

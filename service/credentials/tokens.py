@@ -11,9 +11,14 @@ Rotation without restart, three ways:
   re-reads the source and fetches a new token;
 - :meth:`TokenProvider.reload` (``SIGHUP``, see :func:`install_sighup`) re-reads at once.
 
-A changed account drops the cached token; an unchanged one keeps it. When a periodic or
-``SIGHUP`` re-read fails, the account read before stays in use (status says so); after an
-``invalidate()`` or a refusal by the token endpoint a failed re-read is an error.
+A changed account replaces the cached token only once a token for it has been fetched;
+until then (the endpoint is down, or refuses the new account) the account and token read
+before stay in use, and the status says why. An unchanged account keeps its token. When a
+re-read fails, the account read before stays in use as well (the status says so). Re-reads
+that a refusal asks for happen at most every ``FORCED_REREAD_MIN_S``, not on every call.
+
+One fetch (all its attempts and pauses) ends within ``deadline_s``, so a thread holding the
+lock never blocks the others for longer than that.
 
 Neither the secret nor a token is ever logged, put in an exception message or in
 :class:`CredentialStatus`.
@@ -45,6 +50,8 @@ DEFAULT_EXPIRES_IN_S = 300.0
 REFUSED_RETRY_S = 30.0
 #: After a failed refresh the still-valid token is served and a refresh tried this often.
 REFRESH_RETRY_S = 5.0
+#: Re-reads asked for by a refusal or a failed read happen at most this often.
+FORCED_REREAD_MIN_S = 5.0
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
@@ -77,6 +84,7 @@ class TokenProvider:
         refresh_margin_s: float = 60.0,
         reread_interval_s: float = 300.0,
         timeout_s: float = 30.0,
+        deadline_s: float = 20.0,
         clock: Clock | None = None,
         http: httpx.Client | None = None,
         retry_delays_s: Sequence[float] = (0.5, 2.0),
@@ -86,6 +94,7 @@ class TokenProvider:
         self._margin = timedelta(seconds=refresh_margin_s)
         self._reread = timedelta(seconds=reread_interval_s)
         self._timeout_s = timeout_s
+        self._deadline_s = deadline_s
         self._clock = clock or SystemClock()
         self._own_http = http is None
         self._http = http or httpx.Client(timeout=timeout_s)
@@ -94,6 +103,8 @@ class TokenProvider:
         self._account: ServiceAccount | None = None
         self._next_read_at: datetime | None = None
         self._must_reread = False
+        self._reread_not_before: datetime | None = None
+        self._last_read_at: datetime | None = None
         self._refusal: _Refusal | None = None
         self._token: str | None = None
         self._expires_at: datetime | None = None
@@ -119,8 +130,11 @@ class TokenProvider:
         """
         with self._lock:
             now = self._clock.now()
-            if self._account is None or self._must_reread:
-                self._read(now)
+            if self._account is None:
+                self._read(now)  # nothing read before to fall back on: a failure raises
+            elif self._must_reread:
+                if self._reread_not_before is None or now >= self._reread_not_before:
+                    self._read_keeping_old(now, "re-reading the service account")
             elif self._next_read_at is not None and now >= self._next_read_at:
                 self._read_keeping_old(now, "periodic re-read")
             if self._token is not None and self._refresh_at is not None and now < self._refresh_at:
@@ -139,6 +153,7 @@ class TokenProvider:
                 return
             self._drop_token()
             self._must_reread = True
+            self._reread_not_before = None
             self._update_status(self._clock.now())
             log.info(
                 "dropped the Polars Cloud access token; the next request re-reads %s",
@@ -148,9 +163,9 @@ class TokenProvider:
     def reload(self) -> None:
         """Re-read the source now (the ``SIGHUP`` target).
 
-        The cached token is dropped only if the account changed. On failure the account
-        read before stays in use, the status says why, and :class:`CredentialsError` is
-        raised.
+        The cached token is replaced only if the account changed and a token for the new
+        one could be fetched. On failure the account read before stays in use, the status
+        says why, and :class:`CredentialsError` is raised.
         """
         with self._lock:
             self._read(self._clock.now())
@@ -173,33 +188,59 @@ class TokenProvider:
     # -- source ------------------------------------------------------------------------
     def _read(self, now: datetime) -> None:
         self._next_read_at = now + self._reread
+        self._last_read_at = now
         try:
             account = self.source.load()
         except CredentialsError as exc:
             self._read_problem = exc.message
+            self._reread_not_before = now + timedelta(seconds=FORCED_REREAD_MIN_S)
             self._update_status(now)
             raise
-        self._must_reread = False
-        self._read_problem = None
         if account == self._account:
+            self._must_reread = False
+            self._read_problem = None
             log.info("re-read %s: service account unchanged", self.source.describe())
             self._update_status(now)
             return
         if self._account is None:
+            self._must_reread = False
+            self._read_problem = None
             log.info(
                 "read the Polars Cloud service account %s from %s",
                 account.client_id,
                 self.source.describe(),
             )
-        else:
-            log.info(
-                "the Polars Cloud service account in %s changed (client id %s); "
-                "dropping the cached access token",
-                self.source.describe(),
-                account.client_id,
+            self._account = account
+            self._update_status(now)
+            return
+        self._switch_to(account, now)
+
+    def _switch_to(self, account: ServiceAccount, now: datetime) -> None:
+        """Use the changed ``account`` once it has a token; until then keep the old one."""
+        try:
+            self._raise_if_refused(account, now)
+            access_token, expires_in_s = self._request(account)
+        except CredentialsError as exc:
+            self._read_problem = (
+                f"the service account in {self.source.describe()} changed (client id "
+                f"{account.client_id}), but no access token could be fetched for it: "
+                f"{exc.message}"
             )
-            self._drop_token()
+            self._must_reread = True
+            self._reread_not_before = now + timedelta(seconds=FORCED_REREAD_MIN_S)
+            self._update_status(now)
+            raise CredentialsError(self._read_problem) from None
         self._account = account
+        self._must_reread = False
+        self._read_problem = None
+        expires_at = self._install(access_token, expires_in_s, now)
+        log.info(
+            "the Polars Cloud service account in %s changed (client id %s); now using an "
+            "access token for it, valid until %s",
+            self.source.describe(),
+            account.client_id,
+            expires_at.isoformat(timespec="seconds"),
+        )
         self._update_status(now)
 
     def _read_keeping_old(self, now: datetime, why: str) -> None:
@@ -232,6 +273,16 @@ class TokenProvider:
             self._fetch_problem = exc.message
             self._update_status(now)
             raise
+        expires_at = self._install(access_token, expires_in_s, now)
+        log.info(
+            "fetched a Polars Cloud access token for %s, valid until %s",
+            account.client_id,
+            expires_at.isoformat(timespec="seconds"),
+        )
+        self._update_status(now)
+        return access_token
+
+    def _install(self, access_token: str, expires_in_s: float, now: datetime) -> datetime:
         lifetime = timedelta(seconds=expires_in_s)
         # Short-lived tokens would otherwise be refreshed on every call.
         margin = min(self._margin, lifetime / 2)
@@ -241,20 +292,20 @@ class TokenProvider:
         self._refusal = None
         self._fetch_problem = None
         self._refresh_problem = None
-        log.info(
-            "fetched a Polars Cloud access token for %s, valid until %s",
-            account.client_id,
-            self._expires_at.isoformat(timespec="seconds"),
-        )
-        self._update_status(now)
-        return access_token
+        return self._expires_at
+
+    def _demand_reread(self) -> None:
+        """Read the source again (it may have been fixed), but not on every call."""
+        self._must_reread = True
+        if self._last_read_at is not None:
+            self._reread_not_before = self._last_read_at + timedelta(seconds=FORCED_REREAD_MIN_S)
 
     def _raise_if_refused(self, account: ServiceAccount, now: datetime) -> None:
         refusal = self._refusal
         if refusal is None or refusal.account != account:
             return
         if now < refusal.at + timedelta(seconds=REFUSED_RETRY_S):
-            self._must_reread = True
+            self._demand_reread()
             raise CredentialsError(refusal.message)
         self._refusal = None
 
@@ -265,16 +316,25 @@ class TokenProvider:
             "client_id": account.client_id,
             "client_secret": secret,
         }
-        problem = ""
+        problem = "no time left for an attempt"
+        deadline = time.monotonic() + self._deadline_s
+        tried = 0
         for attempt in range(len(self._retry_delays_s) + 1):
             if attempt:
-                time.sleep(self._retry_delays_s[attempt - 1])
+                delay = self._retry_delays_s[attempt - 1]
+                if time.monotonic() + delay >= deadline:
+                    break
+                time.sleep(delay)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            tried += 1
             try:
                 response = self._http.post(
                     self.token_url,
                     data=form,
                     headers={"Accept": "application/json"},
-                    timeout=self._timeout_s,
+                    timeout=min(self._timeout_s, remaining),
                 )
             except httpx.TransportError as exc:
                 problem = _scrub(f"{type(exc).__name__}: {exc}", secret)
@@ -287,8 +347,8 @@ class TokenProvider:
             self._refusal_from(account, response, secret)
         raise CredentialsError(
             f"could not reach the Polars Cloud token endpoint {self.token_url}: {problem} "
-            f"(tried {len(self._retry_delays_s) + 1} times); check the network and "
-            "polars_cloud.token_url"
+            f"(tried {tried} time{'s' if tried != 1 else ''} within {self._deadline_s:g} s); "
+            "check the network and polars_cloud.token_url"
         )
 
     def _refusal_from(self, account: ServiceAccount, response: httpx.Response, secret: str) -> None:
@@ -303,8 +363,8 @@ class TokenProvider:
             f"{self.source.describe()}: {detail}; fix the credentials there"
         )
         self._refusal = _Refusal(account, message, self._clock.now())
-        # The source may have been rotated since it was read: read it again next time.
-        self._must_reread = True
+        # The source may have been rotated since it was read: read it again soon.
+        self._demand_reread()
         log.warning("%s", message)
         raise CredentialsError(message)
 
@@ -328,9 +388,8 @@ class TokenProvider:
         self._refresh_at = None
 
     def _update_status(self, now: datetime) -> None:
-        # The account read before stays usable after a failed periodic or SIGHUP re-read,
-        # not after invalidate() or a refusal, which demand a fresh read.
-        usable = self._account is not None and not self._must_reread
+        # The account read before stays usable after any failed re-read.
+        usable = self._account is not None
         problems: list[str] = []
         if self._read_problem is not None:
             kept = " (still using the service account read before)" if usable else ""
