@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from enum import StrEnum
@@ -40,6 +41,11 @@ from pydantic_settings import (
 )
 
 CONFIG_ENV_VAR = "PCLEASE_CONFIG"
+
+#: The polars_cloud backend's retry plan (it reads these), from which its slowest call
+#: follows: see :func:`polars_cloud_call_budget_s`.
+POLARS_CLOUD_RETRY_DELAYS_S = (0.3, 1.0)
+POLARS_CLOUD_START_ATTEMPTS = 3
 _PROFILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
@@ -182,12 +188,33 @@ class PolarsCloudSettings(BaseModel):
     )
     api_addr: str | None = Field(None, description="Overrides POLARS_CLOUD_API_ADDR.")
     workspace: str | None = Field(None, description="For profiles that name no workspace.")
-    request_timeout_s: float = Field(30.0, gt=0)
+    request_timeout_s: float = Field(
+        15.0,
+        gt=0,
+        description="Every single call to Polars Cloud is abandoned after this; a token "
+        "fetch gets at most half of it.",
+    )
     stop_unknown_computes: bool = Field(
         False,
         description="Stop live computes the service account started that this deployment "
         "has no record of (only with a service account of its own).",
     )
+
+
+def polars_cloud_call_budget_s(request_timeout_s: float) -> float:
+    """The longest one polars_cloud backend call can take, so ``backend_call_timeout_s``
+    never cancels it half-way. The slowest is a start: the workspace and user lookups
+    (each retried), then up to ``POLARS_CLOUD_START_ATTEMPTS`` start requests, each failed
+    one followed by a wait for concurrent starts and one listing, with pauses between."""
+    retried = (len(POLARS_CLOUD_RETRY_DELAYS_S) + 1) * request_timeout_s + sum(
+        POLARS_CLOUD_RETRY_DELAYS_S
+    )
+    attempts = POLARS_CLOUD_START_ATTEMPTS * 3 * request_timeout_s + sum(
+        POLARS_CLOUD_RETRY_DELAYS_S[min(i, len(POLARS_CLOUD_RETRY_DELAYS_S) - 1)]
+        for i in range(POLARS_CLOUD_START_ATTEMPTS - 1)
+    )
+    # A few seconds for the ledger writes between the calls.
+    return float(math.ceil(2 * retried + attempts + 5.0))
 
 
 class Settings(BaseSettings):
@@ -223,7 +250,18 @@ class Settings(BaseSettings):
     health_check_interval_s: float = Field(5.0, gt=0)
     start_timeout_s: float = Field(600.0, gt=0)
     stop_timeout_s: float = Field(120.0, gt=0)
-    backend_call_timeout_s: float = Field(30.0, gt=0)
+    backend_call_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Every backend call is abandoned after this. With the polars_cloud "
+        "backend it defaults to, and must be at least, what one call can take at worst.",
+    )
+    backend_unready_after_s: float = Field(
+        120.0,
+        gt=0,
+        description="polars_cloud: /readyz fails once the backend could not be listed for "
+        "this long (a single failed sweep only shows up in its JSON).",
+    )
     token_cache_s: float = Field(5.0, ge=0, le=300)
     max_request_bytes: int = Field(65536, ge=1024)
     max_plan_bytes: int = Field(
@@ -305,6 +343,25 @@ class Settings(BaseSettings):
             raise ValueError("; ".join(problems))
         named = {name: p.model_copy(update={"name": name}) for name, p in self.profiles.items()}
         object.__setattr__(self, "profiles", named)
+        return self
+
+    @model_validator(mode="after")
+    def _polars_cloud_budget(self) -> Self:
+        if self.backend is not BackendKind.POLARS_CLOUD:
+            return self
+        request_timeout_s = self.polars_cloud.request_timeout_s
+        minimum = polars_cloud_call_budget_s(request_timeout_s)
+        if "backend_call_timeout_s" not in self.model_fields_set:
+            object.__setattr__(self, "backend_call_timeout_s", minimum)
+        elif self.backend_call_timeout_s < minimum:
+            raise ValueError(
+                f"backend_call_timeout_s = {self.backend_call_timeout_s:g} is too short for "
+                f"the polars_cloud backend with polars_cloud.request_timeout_s = "
+                f"{request_timeout_s:g}: one start can take up to {minimum:g} s (lookups, "
+                f"retried requests and listings of up to {request_timeout_s:g} s each). Set "
+                f"backend_call_timeout_s to at least {minimum:g}, lower "
+                "polars_cloud.request_timeout_s, or leave backend_call_timeout_s unset"
+            )
         return self
 
     @model_validator(mode="after")

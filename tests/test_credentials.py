@@ -902,7 +902,7 @@ def test_a_changed_account_replaces_the_token_only_once_it_has_one(
     write_account(account_dir, "pclease-sa", rotated)
     endpoint.accounts["pclease-sa"] = rotated
     endpoint.failures = [503, 503, 503]  # the token endpoint is down during the rotation
-    with pytest.raises(CredentialsError, match="changed .* no access token could be fetched"):
+    with pytest.raises(CredentialsError, match=r"changed .* no access token could be fetched"):
         provider.reload()
     assert provider.token() == first  # the old account's token stays in use
     status = provider.status()

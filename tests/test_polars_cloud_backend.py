@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import polars as pl
 import pytest
 
 from pclease_client.plans import build_submission
+from service.backends._polars_cloud_client import CloudClient
 from service.backends.base import (
     LABEL_CONTEXT_ID,
     LABEL_INSTANCE,
@@ -33,8 +35,8 @@ from service.backends.base import (
     QueryTarget,
 )
 from service.backends.polars_cloud import PolarsCloudBackend
-from service.config import Settings
-from service.credentials import TokenProvider, create_source
+from service.config import ConfigError, Settings, load_settings
+from service.credentials import ServiceAccount, TokenProvider, create_source
 from tests.fakepc import FakePolarsCloud
 
 CLIENT_ID = "pc-client-id"
@@ -74,11 +76,18 @@ async def _close_backends() -> Any:
 
 
 def make_backend(
-    fake: FakePolarsCloud, tmp_path: Path, *, secret: str = SECRET, **pc: Any
+    fake: FakePolarsCloud,
+    tmp_path: Path,
+    *,
+    secret: str = SECRET,
+    profiles: dict[str, Any] | None = None,
+    client: CloudClient | None = None,
+    **pc: Any,
 ) -> PolarsCloudBackend:
     id_file, secret_file = tmp_path / "client_id", tmp_path / "client_secret"
     id_file.write_text(CLIENT_ID)
     secret_file.write_text(secret)
+    small = {"cpus": 2, "memory_gb": 4, "data_roots": [str(tmp_path)]}
     settings = Settings(
         data_dir=tmp_path / "svc",
         backend="polars_cloud",
@@ -94,7 +103,7 @@ def make_backend(
             },
             **pc,
         },
-        profiles={"small": {"cpus": 2, "memory_gb": 4, "data_roots": [str(tmp_path)]}},
+        profiles={"small": small, **(profiles or {})},
     )
     options = settings.polars_cloud
     provider = TokenProvider(
@@ -103,7 +112,7 @@ def make_backend(
         refresh_margin_s=options.token_refresh_margin_s,
         retry_delays_s=(0.1,),
     )
-    backend = PolarsCloudBackend(settings, provider)
+    backend = PolarsCloudBackend(settings, provider, client=client)
     _made.append(backend)
     return backend
 
@@ -331,3 +340,215 @@ async def test_bad_credentials_name_the_source(cloud: FakePolarsCloud, tmp_path:
     with pytest.raises(BackendError):
         await backend.start(spec())
     assert cloud.running() == []
+
+
+async def wait_for(predicate: Any, what: str, timeout_s: float = 15.0) -> Any:
+    for _ in range(int(timeout_s / 0.05)):
+        if value := predicate():
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# -- starts whose answer was lost ------------------------------------------------------------
+
+
+async def test_a_start_whose_answer_was_lost_is_found_and_owned_once(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    cloud.lose_start_answers = 1
+    handle = await backend.start(spec("lost"))
+    [compute] = cloud.running()
+    assert handle["compute_id"] == compute["id"]
+    assert [(o.context_id, o.handle["compute_id"]) for o in await backend.list()] == [
+        ("lost", compute["id"])
+    ]
+    assert [c["labels"].get(LABEL_CONTEXT_ID) for c in cloud.computes()].count("lost") == 1
+
+
+async def test_concurrent_starts_never_share_a_compute(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    await running(backend, spec("warm-up"))  # workspace and user known: both go straight on
+    warm = {c["id"] for c in cloud.running()}
+    # B's request creates its compute but its answer is held back; meanwhile A's creates
+    # one of the same shape and its answer is lost.
+    cloud.hang_start_answers_s = 1.5
+    b = asyncio.create_task(backend.start(spec("b")))
+    await wait_for(lambda: len(cloud.running()) == len(warm) + 1, "B's compute")
+    cloud.hang_start_answers_s = 0.0
+    cloud.lose_start_answers = 1
+    a = await backend.start(spec("a"))
+    b_handle = await b
+    assert a["compute_id"] != b_handle["compute_id"]
+    owners = {o.handle["compute_id"]: o.context_id for o in await backend.list()}
+    assert owners[a["compute_id"]] == "a"
+    assert owners[b_handle["compute_id"]] == "b"
+    assert len(owners) == 3
+
+
+async def test_a_stale_pending_entry_never_claims_someone_elses_compute(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    await running(backend, spec("first"))
+    # The credentials stop working just before the next start sends its request.
+    cloud.rotate("pcs_" + secrets.token_urlsafe(8))
+    cloud.revoke_tokens()
+    with pytest.raises(BackendError, match=r"credentials are not usable|refused"):
+        await backend.start(spec("never-sent"))
+    cloud.rotate(SECRET, CLIENT_ID)
+    # Someone else uses the service account for a context of the very same shape.
+    user = cloud.auth.subject_for(CLIENT_ID)
+    theirs = cloud.start_compute(
+        cloud.workspace_id, user, {"specs": {"cpus": 2, "ram_gb": 4}, "cluster_size": 1}
+    )
+    restarted = make_backend(cloud, tmp_path)
+    owners = {o.handle["compute_id"]: o.context_id for o in await restarted.list()}
+    assert theirs.id not in owners
+    assert list(owners.values()) == ["first"]
+
+
+async def test_a_pending_entry_claims_nothing_when_two_computes_could_be_its(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    cloud.hang_start_answers_s = 12  # longer than request_timeout_s: the start times out
+    with pytest.raises(BackendError, match="not retrying"):
+        await backend.start(spec("timed-out"))
+    cloud.hang_start_answers_s = 0.0
+    [created] = cloud.running()
+    user = cloud.auth.subject_for(CLIENT_ID)
+    cloud.start_compute(
+        cloud.workspace_id, user, {"specs": {"cpus": 2, "ram_gb": 4}, "cluster_size": 1}
+    )
+    # Two same-shape computes: the entry cannot tell which one is its own.
+    assert await backend.list() == []
+    cloud.stop_compute(cloud.workspace_id, cloud.running()[-1]["id"])
+    [observed] = await backend.list()
+    assert (observed.context_id, observed.handle["compute_id"]) == ("timed-out", created["id"])
+
+
+# -- queries that must not run on ------------------------------------------------------------
+
+
+async def test_an_error_while_waiting_cancels_the_query(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    handle = await running(backend, spec())
+    cloud.query_delay_s = 30
+    before = len(cloud.queries())
+    task = asyncio.create_task(
+        backend.execute(handle, query(tmp_path, pl.LazyFrame({"a": [1]}), "collect"))
+    )
+    await wait_for(lambda: len(cloud.queries()) > before, "the query to arrive")
+    cloud.error_burst(3, status=503)  # every status poll fails
+    with pytest.raises(BackendError, match="query status failed"):
+        await task
+    await wait_for(lambda: cloud.queries()[-1]["status"] == "Canceled", "the query to cancel")
+
+
+async def test_a_submission_that_timed_out_is_cancelled_when_it_lands(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path, request_timeout_s=1)
+    handle = await running(backend, spec())
+    cloud.query_delay_s = 30
+    cloud.hang_submit_answers_s = 2
+    with pytest.raises(BackendError) as caught:
+        await backend.execute(handle, query(tmp_path, pl.LazyFrame({"a": [1]}), "collect"))
+    assert "did not take" not in str(caught.value)
+    assert "cancelled as soon as its answer arrives" in str(caught.value)
+    await wait_for(
+        lambda: cloud.queries() and cloud.queries()[-1]["status"] == "Canceled",
+        "the late query to cancel",
+    )
+
+
+async def test_a_result_too_large_on_disk_is_refused_before_it_is_read(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    handle = await running(backend, spec())
+    lf = pl.LazyFrame({"a": list(range(10_000))})
+    q = query(tmp_path, lf, "collect", max_result_bytes=1000)
+    outcome = await backend.execute(handle, q)
+    assert outcome.error_type == "ResultTooLarge"
+    stored = os.stat(cloud.queries()[-1]["uri"]).st_size
+    assert f"the result is {stored} bytes" in (outcome.error_message or "")
+    assert q.result_path is not None
+    assert not os.path.exists(q.result_path)  # noqa: ASYNC240
+    assert not os.path.exists(q.result_path + ".part")  # noqa: ASYNC240
+
+
+# -- stop and list -----------------------------------------------------------------------------
+
+
+async def test_stopping_a_vanished_compute_succeeds_even_when_stops_fail(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    cloud.fail_stops = 10
+    await backend.stop({"workspace_id": cloud.workspace_id, "compute_id": str(uuid.uuid4())})
+
+
+async def test_one_unknown_workspace_does_not_hide_the_others(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    other = {"cpus": 2, "memory_gb": 4, "workspace": "no-such-workspace"}
+    backend = make_backend(cloud, tmp_path, profiles={"other": other})
+    await running(backend, spec("ours"))
+    assert [o.context_id for o in await backend.list()] == ["ours"]
+
+
+# -- the process around the client ----------------------------------------------------------
+
+
+async def test_env_credentials_leave_the_environment_before_the_client_runs(
+    cloud: FakePolarsCloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POLARS_CLOUD_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("POLARS_CLOUD_CLIENT_SECRET", SECRET)
+    backend = make_backend(cloud, tmp_path, credentials={"source": "env"})
+    assert "POLARS_CLOUD_CLIENT_ID" not in os.environ
+    assert "POLARS_CLOUD_CLIENT_SECRET" not in os.environ
+    assert SECRET not in "".join(os.environ.values())
+    assert backend.provider.source.load() == ServiceAccount.of(CLIENT_ID, SECRET)
+    await running(backend, spec())
+
+
+class ThreadRecordingClient(CloudClient):
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+
+    def user_id(self) -> str:
+        self.threads.append(threading.current_thread().name)
+        return super().user_id()
+
+
+async def test_client_calls_run_on_the_backends_own_threads(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    client = ThreadRecordingClient()
+    backend = make_backend(cloud, tmp_path, client=client)
+    await backend.list()
+    assert client.threads and client.threads[0].startswith("pclease-polars-cloud")
+    await backend.close()
+    with pytest.raises(BackendError, match="closed"):
+        await backend.start(spec())
+
+
+def test_backend_call_timeout_must_cover_the_slowest_start(tmp_path: Path) -> None:
+    base = {"backend": "polars_cloud", "polars_cloud": {"workspace": "ws", "request_timeout_s": 10}}
+    assert Settings(**base).backend_call_timeout_s == 159  # unset: the minimum
+    with pytest.raises(ConfigError) as caught:
+        load_settings(backend_call_timeout_s=60, **base)
+    message = str(caught.value)
+    assert "backend_call_timeout_s = 60" in message
+    assert "polars_cloud.request_timeout_s = 10" in message
+    assert "at least 159" in message
+    assert Settings(**base, backend_call_timeout_s=200).backend_call_timeout_s == 200

@@ -36,7 +36,9 @@ def create_backend(settings: Settings, clock: Clock) -> Backend:
             options.token_url,
             refresh_margin_s=options.token_refresh_margin_s,
             reread_interval_s=options.credentials.reread_interval_s,
-            timeout_s=options.request_timeout_s,
+            # A fetch happens inside one Polars Cloud call: it gets half of its time.
+            timeout_s=options.request_timeout_s / 2,
+            deadline_s=options.request_timeout_s / 2,
         )
         return PolarsCloudBackend(settings, provider)
     raise NotImplementedError(f"backend {settings.backend.value!r} is not available")

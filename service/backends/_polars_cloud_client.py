@@ -31,6 +31,7 @@ import json
 import math
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,11 +86,16 @@ class QueryOutput:
     errors: tuple[str, ...]
 
 
-def prepare_environment(api_addr: str | None, config_dir: Path) -> None:
-    """Point the client at ``api_addr`` and keep its files in ``config_dir``; call before
-    the first client call of the process."""
+def prepare_environment(
+    api_addr: str | None, config_dir: Path, *, remove: Sequence[str] = ()
+) -> None:
+    """Point the client at ``api_addr``, keep its files in ``config_dir`` and take the
+    variables ``remove`` out of the environment; call before the first client call of the
+    process."""
     config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with _env_lock:
+        for name in remove:
+            os.environ.pop(name, None)
         os.environ[CONFIG_DIR_ENV] = str(config_dir)
         if api_addr:
             os.environ[API_ADDR_ENV] = api_addr

@@ -29,6 +29,10 @@ A backend must provide exactly these coroutine methods:
     refused plan, a timeout) are returned as an outcome with ``error_type`` and
     ``error_message``; only failures of the *backend* raise :class:`BackendError`.
 
+``list_is_cheap``
+    Whether ``list()`` only reads local state, so that a readiness probe may call it. False
+    for a remote API: ``/readyz`` then reports the reconciler's last sweeps instead.
+
 ``close() -> None``
     Release clients and connections. ``stop_on_shutdown`` says whether the service should
     stop running contexts when it shuts down cleanly (true for local processes that would
@@ -149,6 +153,7 @@ class BackendError(Exception):
 class Backend(abc.ABC):
     kind: ClassVar[str]
     stop_on_shutdown: ClassVar[bool] = False
+    list_is_cheap: ClassVar[bool] = True
 
     @abc.abstractmethod
     async def start(self, spec: ContextSpec) -> Handle: ...

@@ -2,8 +2,9 @@
 
 Talks to Polars Cloud through the pinned ``polars-cloud`` client; every call into its
 undocumented layer is in ``_polars_cloud_client`` (read its docstring for why and for the
-client behaviour this relies on). Blocking client calls run in threads, each bounded by
-``polars_cloud.request_timeout_s``.
+client behaviour this relies on). Blocking client calls run on a small thread pool of the
+backend's own (so calls abandoned at their timeout never crowd out the event loop's default
+executor), each bounded by ``polars_cloud.request_timeout_s``.
 
 **Auth.** The service, not the client, holds the service account: a
 :class:`~service.credentials.TokenProvider` does the OAuth2 exchange and the backend puts
@@ -11,7 +12,10 @@ only the short-lived access token in ``POLARS_CLOUD_ACCESS_TOKEN``, which the cl
 on every call. Before each call the backend asks the provider for a token (refreshed
 before it expires); when Polars Cloud answers 401 it invalidates that token (the provider
 re-reads the source, so a rotated secret takes effect) and retries the call once. The
-client secret never reaches the environment.
+client secret never reaches the client: the backend removes ``POLARS_CLOUD_CLIENT_ID`` and
+``POLARS_CLOUD_CLIENT_SECRET`` (and the env source's variables, which that source read
+once) from ``os.environ`` before the client is first used, because the client, handed no
+token, would do its own client-credentials exchange with them.
 
 **Handles** are ``{"workspace_id": str, "compute_id": str}``.
 
@@ -25,24 +29,35 @@ is written *before* the start request (compute id still unknown) and completed w
 start returns. :meth:`list` reports
 
 - live computes whose id is in the ledger, with their context id;
-- a live compute that the service account started and no entry knows, if a pending
-  entry of the same workspace asked for it (a start whose answer was lost or timed out);
-  the entry is completed, so the reconciler adopts or stops it;
+- a live compute that the service account started and no entry knows, if exactly one
+  pending entry of the same workspace could have asked for it and it is the only such
+  compute for that entry (same cpus, memory and cluster size, requested after the entry);
+  the entry is completed, so the reconciler adopts or stops it. Nothing is matched in a
+  workspace while a start of this process is still waiting for its answer there: until it
+  has recorded its compute, that compute cannot be told from the one a lost answer made.
+  A start that fails before sending its request (credentials) forgets its entry, so a
+  stale entry never claims a compute that someone else started;
 - with ``polars_cloud.stop_unknown_computes`` on, any other live compute the service
   account started, without a context id, so the reconciler stops it. That setting is for
   a service account this deployment has to itself: computes the account starts elsewhere
   would count as orphans. Off (the default), they are left alone and Polars Cloud's own
   ``idle_timeout_mins`` is the backstop for a lost ledger.
 
-**Failures.** Status, list and stop are retried on errors (they are safe to repeat). A
-start is retried only after listing shows that the failed attempt did not create a
-compute; a start that timed out is not retried (its request may still land), and its
-pending ledger entry lets the next sweep find what it created.
+**Failures.** Status, list and stop are retried on errors (they are safe to repeat); a
+stop whose compute has vanished succeeds, and one workspace that cannot be listed does not
+keep :meth:`list` from reporting the others. A start is retried only after listing shows
+that the failed attempt did not create a compute; a start that timed out is not retried
+(its request may still land), and its pending ledger entry lets the next sweep find what it
+created. ``backend_call_timeout_s`` is checked at startup to cover the slowest start.
 
 **Queries** go through the client's proxy-mode submit with the plan bytes exactly as the
-client sent them, after the same plan checks the local backend makes. ``collect``
-results (the ``<in-memory>`` sink) are read from the location Polars Cloud reports and
-written as Arrow IPC to ``QuerySpec.result_path``.
+client sent them, after the same plan checks the local backend makes. Once submitted, a
+query is cancelled on Polars Cloud whenever :meth:`execute` ends without its outcome
+(task cancelled, timeout, Polars Cloud unreachable while waiting); a submission that timed
+out is cancelled as soon as its answer arrives. ``collect`` results (the ``<in-memory>``
+sink) are read from the location Polars Cloud reports and written as Arrow IPC to
+``QuerySpec.result_path``; a local result larger on disk than ``max_result_bytes`` is
+refused before it is read (other locations are checked after conversion).
 
 Exceptions::
 
@@ -54,9 +69,11 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import concurrent.futures
 import contextlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -79,8 +96,9 @@ from service.backends.base import (
     QuerySpec,
     QueryTarget,
 )
-from service.config import Settings
+from service.config import POLARS_CLOUD_RETRY_DELAYS_S, POLARS_CLOUD_START_ATTEMPTS, Settings
 from service.credentials import CredentialsError, CredentialStatus, TokenProvider
+from service.credentials.env import EnvSource
 
 log = logging.getLogger("pclease.backends.polars_cloud")
 
@@ -94,16 +112,27 @@ _PHASES = {
     "Stopped": Phase.STOPPED,
     "Failed": Phase.FAILED,
 }
-_RETRY_DELAYS_S = (0.3, 1.0)
-_START_ATTEMPTS = 3
+_RETRY_DELAYS_S = POLARS_CLOUD_RETRY_DELAYS_S
+_START_ATTEMPTS = POLARS_CLOUD_START_ATTEMPTS
 # A compute's request_time may precede our clock's idea of when we asked by this much.
 _CLOCK_SKEW_S = 120.0
 # Pending ledger entries nobody claimed are dropped after this long.
 _PENDING_TTL_S = 3600.0
+# Threads for blocking client calls: enough for a few starts, polls and cancels at once,
+# few enough that calls abandoned at their timeout cannot pile up without bound.
+_WORKERS = 8
+# How long close() waits for query cancellations still on their way.
+_CANCEL_GRACE_S = 5.0
+# The variables the polars-cloud client would do its own token exchange with.
+_CLIENT_CREDENTIAL_VARIABLES = ("POLARS_CLOUD_CLIENT_ID", "POLARS_CLOUD_CLIENT_SECRET")
 
 
 class _Timeout(Exception):
     pass
+
+
+class _NotSent(BackendError):
+    """The call never reached Polars Cloud, or was refused at the door: it changed nothing."""
 
 
 @dataclass(frozen=True)
@@ -161,11 +190,27 @@ def _handle_of(handle: Handle) -> tuple[str, str]:
         raise BackendError(f"not a polars_cloud backend handle: {dict(handle)!r}") from exc
 
 
+def _matches(entry: _Entry, compute: cloud.Compute, user_id: str) -> bool:
+    """Whether ``compute`` could be what the start behind ``entry`` created. A shape Polars
+    Cloud does not echo back (None) cannot rule a compute out."""
+    ram_gb = math.ceil(entry.memory_gb) if entry.memory_gb is not None else None
+    return (
+        compute.user_id == user_id
+        and compute.workspace_id == entry.workspace_id
+        and compute.status in cloud.COMPUTE_LIVE
+        and compute.request_time >= entry.requested_at - _CLOCK_SKEW_S
+        and (entry.cpus is None or compute.cpus in (None, entry.cpus))
+        and (ram_gb is None or compute.ram_gb in (None, ram_gb))
+        and compute.cluster_size == entry.cluster_size
+    )
+
+
 class PolarsCloudBackend(Backend):
     """Polars Cloud compute contexts; see the module docstring."""
 
     kind = "polars_cloud"
     stop_on_shutdown = False
+    list_is_cheap = False
 
     def __init__(
         self,
@@ -180,10 +225,23 @@ class PolarsCloudBackend(Backend):
         self.provider = provider
         self.state_dir = (state_dir or settings.data_dir / "polars_cloud").resolve()
         self.ledger = _Ledger(self.state_dir / "ledger")
-        cloud.prepare_environment(self.options.api_addr, self.state_dir / "client")
+        hidden = set(_CLIENT_CREDENTIAL_VARIABLES)
+        if isinstance(provider.source, EnvSource):
+            hidden.update(provider.source.variables)  # read once, when the source was made
+        cloud.prepare_environment(
+            self.options.api_addr, self.state_dir / "client", remove=sorted(hidden)
+        )
         self._client = client
         self._user_id: str | None = None
-        self._cancels: set[threading.Thread] = set()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=_WORKERS, thread_name_prefix="pclease-polars-cloud"
+        )
+        # Starts of this process not yet resolved, by workspace: context id -> whether its
+        # request is still waiting for an answer (True) or the answer was lost (False).
+        self._starts: dict[str, dict[str, bool]] = {}
+        self._starts_changed = asyncio.Event()
+        self._cancels: set[concurrent.futures.Future[None]] = set()
+        self._cancels_lock = threading.Lock()
 
     # -- plumbing ---------------------------------------------------------------------
     @property
@@ -196,7 +254,7 @@ class PolarsCloudBackend(Backend):
         return self.provider.status()
 
     def _credentials_failed(self, exc: CredentialsError) -> BackendError:
-        return BackendError(f"Polars Cloud credentials are not usable: {exc.message}")
+        return _NotSent(f"Polars Cloud credentials are not usable: {exc.message}")
 
     def _authorized(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """One client call with a current token; on 401, a fresh token and one retry."""
@@ -215,7 +273,7 @@ class PolarsCloudBackend(Backend):
                 self.provider.invalidate(token)
                 continue
             if error.auth:
-                raise BackendError(
+                raise _NotSent(
                     "Polars Cloud refused a fresh access token for the service account from "
                     f"{self.provider.source.describe()} ({error.message}); check that the "
                     "service account may use the workspace"
@@ -223,12 +281,21 @@ class PolarsCloudBackend(Backend):
             raise error
         raise AssertionError("unreachable")
 
+    def _submit(
+        self, fn: Callable[..., T], *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[T]:
+        try:
+            return self._executor.submit(self._authorized, fn, *args, **kwargs)
+        except RuntimeError:  # shut down
+            raise BackendError("the polars_cloud backend is closed") from None
+
     async def _once(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         timeout_s = self.options.request_timeout_s
+        future = self._submit(fn, *args, **kwargs)
         try:
-            return await asyncio.wait_for(
-                asyncio.to_thread(self._authorized, fn, *args, **kwargs), timeout_s
-            )
+            # A timeout cancels the call if it has not begun; one under way runs out in
+            # its thread and its answer is dropped.
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
         except TimeoutError:
             raise _Timeout(f"Polars Cloud did not answer within {timeout_s:g} s") from None
 
@@ -282,17 +349,34 @@ class PolarsCloudBackend(Backend):
             memory_gb=spec.memory_gb,
             cluster_size=spec.cluster_size,
         )
-        await asyncio.to_thread(self.ledger.write, entry)
+        # Marked before the entry exists, so no listing ever matches it while unresolved.
+        starts = self._starts.setdefault(workspace_id, {})
+        starts[spec.context_id] = True
+        try:
+            await asyncio.to_thread(self.ledger.write, entry)
+            return await self._start(spec, entry, user_id, starts)
+        finally:
+            starts.pop(spec.context_id, None)
+            self._start_changed()
+
+    def _start_changed(self) -> None:
+        self._starts_changed.set()
+        self._starts_changed = asyncio.Event()
+
+    async def _start(
+        self, spec: ContextSpec, entry: _Entry, user_id: str, starts: dict[str, bool]
+    ) -> Handle:
         options = spec.options
         labels = [f"{key}={value}" for key, value in sorted(spec.labels.items())]
         last = ""
         for attempt in range(_START_ATTEMPTS):
             if attempt:
                 await asyncio.sleep(_RETRY_DELAYS_S[min(attempt - 1, len(_RETRY_DELAYS_S) - 1)])
+            starts[spec.context_id] = True
             try:
                 compute_id = await self._once(
                     self.client.start,
-                    workspace_id,
+                    entry.workspace_id,
                     cpus=spec.cpus,
                     memory_gb=spec.memory_gb,
                     instance_type=spec.instance_type,
@@ -303,6 +387,11 @@ class PolarsCloudBackend(Backend):
                     labels=labels,
                     idle_timeout_mins=int(options.get("idle_timeout_mins") or 30),
                 )
+            except _NotSent as exc:
+                # Nothing was started: an entry left behind could only ever claim a
+                # compute someone else started.
+                await asyncio.to_thread(self.ledger.forget, spec.context_id)
+                raise BackendError(str(exc)) from None
             except _Timeout as exc:
                 # The request may still create a compute; the pending entry lets the next
                 # sweep find it. Another attempt now could make a second one.
@@ -311,6 +400,8 @@ class PolarsCloudBackend(Backend):
                     "is started (a context it created is found and stopped by the next sweep)"
                 ) from None
             except cloud.CloudError as exc:
+                starts[spec.context_id] = False
+                self._start_changed()
                 last = exc.message
                 log.warning(
                     "starting context %s failed (attempt %d): %s",
@@ -318,16 +409,10 @@ class PolarsCloudBackend(Backend):
                     attempt + 1,
                     last,
                 )
-                try:
-                    found = await self._find_started(entry, user_id)
-                except BackendError as list_exc:
-                    raise BackendError(
-                        f"start failed ({last}) and listing the workspace to see whether it "
-                        f"created a context failed too ({list_exc}); not retrying"
-                    ) from None
+                found = await self._find_started(entry, user_id, last)
                 if found is not None:
                     log.info("the failed start of %s did create compute %s", spec.context_id, found)
-                    return {"workspace_id": workspace_id, "compute_id": found}
+                    return {"workspace_id": entry.workspace_id, "compute_id": found}
                 continue
             done = _Entry(**{**entry.__dict__, "compute_id": compute_id})
             await asyncio.to_thread(self.ledger.write, done)
@@ -338,27 +423,48 @@ class PolarsCloudBackend(Backend):
             f"Polars Cloud refused to start the context {_START_ATTEMPTS} times: {last}"
         )
 
-    async def _find_started(self, entry: _Entry, user_id: str) -> str | None:
-        """The compute a failed start request created after all, if any."""
-        computes = await self._safe("list", self.client.list, entry.workspace_id)
-        known = {e.compute_id for e in self.ledger.entries() if e.compute_id}
-        for compute in computes:
-            if compute.id not in known and self._matches(entry, compute, user_id):
-                done = _Entry(**{**entry.__dict__, "compute_id": compute.id})
-                await asyncio.to_thread(self.ledger.write, done)
-                return compute.id
-        return None
-
-    @staticmethod
-    def _matches(entry: _Entry, compute: cloud.Compute, user_id: str) -> bool:
-        return (
-            compute.user_id == user_id
-            and compute.workspace_id == entry.workspace_id
-            and compute.status in cloud.COMPUTE_LIVE
-            and compute.request_time >= entry.requested_at - _CLOCK_SKEW_S
-            and (entry.cpus is None or compute.cpus in (None, entry.cpus))
-            and compute.cluster_size == entry.cluster_size
+    def _others_unresolved(self, entry: _Entry, *, waiting_only: bool) -> bool:
+        starts = self._starts.get(entry.workspace_id, {})
+        return any(
+            waiting or not waiting_only
+            for context_id, waiting in starts.items()
+            if context_id != entry.context_id
         )
+
+    async def _find_started(self, entry: _Entry, user_id: str, failure: str) -> str | None:
+        """The compute a failed start request created after all, if it can be told apart;
+        None if listing shows it created nothing. Raises BackendError (keeping the entry
+        for the sweep) when it cannot tell."""
+        # Other starts still waiting for their answer record their compute soon; until
+        # then it looks exactly like ours.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.request_timeout_s
+        while self._others_unresolved(entry, waiting_only=True):
+            changed = self._starts_changed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), max(0.0, deadline - loop.time()))
+            if loop.time() >= deadline:
+                break
+        try:
+            computes = await self._once(self.client.list, entry.workspace_id)
+        except (cloud.CloudError, _Timeout) as exc:
+            raise BackendError(
+                f"start failed ({failure}) and listing the workspace to see whether it "
+                f"created a context failed too ({exc}); not retrying"
+            ) from None
+        known = {e.compute_id for e in await asyncio.to_thread(self.ledger.entries)}
+        candidates = [c for c in computes if c.id not in known and _matches(entry, c, user_id)]
+        if not candidates:
+            return None
+        if len(candidates) > 1 or self._others_unresolved(entry, waiting_only=False):
+            raise BackendError(
+                f"start failed ({failure}), and the workspace has a compute it may have "
+                "created that cannot be told apart from another start's; not retrying (the "
+                "next sweep finds and stops it once that is clear)"
+            )
+        done = _Entry(**{**entry.__dict__, "compute_id": candidates[0].id})
+        await asyncio.to_thread(self.ledger.write, done)
+        return candidates[0].id
 
     async def status(self, handle: Handle) -> Observation:
         workspace_id, compute_id = _handle_of(handle)
@@ -387,15 +493,21 @@ class PolarsCloudBackend(Backend):
         except cloud.CloudError:  # not found: nothing left to stop
             pass
         except BackendError:
-            # Already ended (stopping a stopped compute may be refused): that is success.
+            # Already ended or gone (stopping a stopped compute may be refused): success.
             try:
                 compute = await self._once(self.client.get, workspace_id, compute_id)
-            except (cloud.CloudError, _Timeout):
+            except cloud.CloudError as exc:
+                if not exc.not_found:
+                    raise BackendError(
+                        f"could not stop Polars Cloud compute {compute_id}; retrying later"
+                    ) from None
+            except _Timeout:
                 raise BackendError(
                     f"could not stop Polars Cloud compute {compute_id}; retrying later"
                 ) from None
-            if compute.status in cloud.COMPUTE_LIVE:
-                raise
+            else:
+                if compute.status in cloud.COMPUTE_LIVE:
+                    raise
         await asyncio.to_thread(self._forget_compute, compute_id)
 
     def _forget_compute(self, compute_id: str) -> None:
@@ -404,38 +516,80 @@ class PolarsCloudBackend(Backend):
                 self.ledger.forget(entry.context_id)
 
     async def list(self) -> builtins.list[Observed]:
+        """See the module docstring. A workspace that cannot be looked up or listed is
+        skipped (and logged); BackendError only if none could be listed."""
         names = {p.workspace for p in self.settings.profiles.values() if p.workspace}
         if self.options.workspace:
             names.add(self.options.workspace)
-        workspace_ids = {await self._workspace_id(name) for name in sorted(names)}
+        problems: builtins.list[str] = []
+        workspace_ids: set[str] = set()
+        for name in sorted(names):
+            try:
+                workspace_ids.add(await self._workspace_id(name))
+            except BackendError as exc:
+                if isinstance(exc, _NotSent):
+                    raise
+                problems.append(f"workspace {name!r}: {exc}")
         entries = await asyncio.to_thread(self.ledger.entries)
         workspace_ids |= {e.workspace_id for e in entries}
-        user_id = await self._our_user()
-        by_compute = {e.compute_id: e for e in entries if e.compute_id}
-        pending = sorted((e for e in entries if e.compute_id is None), key=lambda e: e.requested_at)
+        user_id = await self._our_user() if workspace_ids else ""
+        by_compute = {e.compute_id: e for e in entries if e.compute_id is not None}
         found: builtins.list[Observed] = []
         seen: set[str] = set()
+        listed: set[str] = set()
         for workspace_id in sorted(workspace_ids):
-            computes = await self._safe("list", self.client.list, workspace_id)
-            for compute in sorted(computes, key=lambda c: c.request_time):
-                seen.add(compute.id)
+            try:
+                computes = await self._safe("list", self.client.list, workspace_id)
+            except (BackendError, cloud.CloudError) as exc:
+                if isinstance(exc, _NotSent):
+                    raise
+                problems.append(f"workspace {workspace_id}: {exc}")
+                continue
+            listed.add(workspace_id)
+            seen.update(c.id for c in computes)
+            live = [c for c in computes if c.status in cloud.COMPUTE_LIVE]
+            claimed = await self._claim(workspace_id, live, entries, by_compute, user_id)
+            for compute in sorted(live, key=lambda c: c.request_time):
                 phase = _PHASES.get(compute.status, Phase.STARTING)
-                if compute.status not in cloud.COMPUTE_LIVE:
-                    continue
-                entry = by_compute.get(compute.id)
-                if entry is None and compute.user_id == user_id:
-                    entry = next((e for e in pending if self._matches(e, compute, user_id)), None)
-                    if entry is not None:
-                        pending.remove(entry)
-                        entry = _Entry(**{**entry.__dict__, "compute_id": compute.id})
-                        await asyncio.to_thread(self.ledger.write, entry)
+                entry = by_compute.get(compute.id) or claimed.get(compute.id)
                 if entry is not None:
                     found.append(Observed(entry.handle(), phase, entry.context_id))
                 elif compute.user_id == user_id and self.options.stop_unknown_computes:
                     handle = {"workspace_id": compute.workspace_id, "compute_id": compute.id}
                     found.append(Observed(handle, phase, None))
-        await asyncio.to_thread(self._prune, entries, seen, workspace_ids)
+        for problem in problems:
+            log.warning("cannot list Polars Cloud contexts in %s", problem)
+        if problems and not listed:
+            raise BackendError("; ".join(problems))
+        await asyncio.to_thread(self._prune, entries, seen, listed)
         return found
+
+    async def _claim(
+        self,
+        workspace_id: str,
+        live: builtins.list[cloud.Compute],
+        entries: builtins.list[_Entry],
+        by_compute: Mapping[str, _Entry],
+        user_id: str,
+    ) -> dict[str, _Entry]:
+        """Pending entries of ``workspace_id`` completed with the one compute each could
+        only have come from (see the module docstring)."""
+        if self._starts.get(workspace_id):
+            return {}
+        pending = [e for e in entries if e.compute_id is None and e.workspace_id == workspace_id]
+        unknown = [c for c in live if c.id not in by_compute]
+        claimed: dict[str, _Entry] = {}
+        for entry in pending:
+            candidates = [c for c in unknown if _matches(entry, c, user_id)]
+            if len(candidates) != 1:
+                continue
+            compute = candidates[0]
+            if sum(_matches(other, compute, user_id) for other in pending) != 1:
+                continue
+            done = _Entry(**{**entry.__dict__, "compute_id": compute.id})
+            await asyncio.to_thread(self.ledger.write, done)
+            claimed[compute.id] = done
+        return claimed
 
     def _prune(self, entries: builtins.list[_Entry], live: set[str], listed: set[str]) -> None:
         now = time.time()
@@ -457,14 +611,12 @@ class PolarsCloudBackend(Backend):
             return refused
         loop = asyncio.get_running_loop()
         deadline = loop.time() + query.timeout_s
-        try:
-            query_id = await self._once(self.client.submit, compute_id, query.plan, query.engine)
-        except (cloud.CloudError, _Timeout) as exc:
-            raise BackendError(f"Polars Cloud did not take the query: {exc}") from None
+        query_id = await self._submit_query(workspace_id, compute_id, query)
         log.info("query %s runs on Polars Cloud as %s", query.query_id, query_id)
         try:
             status = await self._wait(workspace_id, query_id, deadline)
-        except asyncio.CancelledError:
+        except BaseException:
+            # Cancelled, or Polars Cloud stopped answering: the query must not run on.
             self._cancel_soon(workspace_id, query_id)
             raise
         if status is None:
@@ -496,6 +648,41 @@ class PolarsCloudBackend(Backend):
             return QueryOutcome(ok=True, rows=output.rows, output=where)
         return await asyncio.to_thread(self._fetch_result, query, output)
 
+    async def _submit_query(self, workspace_id: str, compute_id: str, query: QuerySpec) -> str:
+        """The query's Polars Cloud id. A submission that is abandoned (timeout, task
+        cancelled) may still land: the query is then cancelled as soon as it is known."""
+        timeout_s = self.options.request_timeout_s
+        future = self._submit(self.client.submit, compute_id, query.plan, query.engine)
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout_s)
+        except cloud.CloudError as exc:
+            raise BackendError(f"Polars Cloud refused the query: {exc.message}") from None
+        except BaseException as exc:
+            if future.cancel():  # never sent
+                raise
+            future.add_done_callback(
+                lambda done: self._cancel_late_submission(workspace_id, query.query_id, done)
+            )
+            if isinstance(exc, TimeoutError):
+                raise BackendError(
+                    f"Polars Cloud did not answer the query's submission within "
+                    f"{timeout_s:g} s; if it took the query after all, the query is cancelled "
+                    "as soon as its answer arrives. Retry the query"
+                ) from None
+            raise
+
+    def _cancel_late_submission(
+        self, workspace_id: str, query_id: str, done: concurrent.futures.Future[str]
+    ) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        log.warning(
+            "query %s reached Polars Cloud (as %s) after it was abandoned; cancelling it",
+            query_id,
+            done.result(),
+        )
+        self._cancel_soon(workspace_id, done.result())
+
     def _check_plan(self, query: QuerySpec) -> QueryOutcome | None:
         try:
             info = plan_guard.inspect(query.plan, allow_python_udfs=query.allow_python_udfs)
@@ -524,20 +711,58 @@ class PolarsCloudBackend(Backend):
             delay = min(1.0, delay * 1.5)
 
     def _cancel_soon(self, workspace_id: str, query_id: str) -> None:
-        """Cancel on Polars Cloud without holding up the task being cancelled."""
+        """Cancel on Polars Cloud without holding up the task being cancelled (retried:
+        cancelling is safe to repeat)."""
 
         def cancel() -> None:
-            try:
-                self._authorized(self.client.cancel, workspace_id, query_id)
-                log.info("cancelled Polars Cloud query %s", query_id)
-            except Exception as exc:
-                log.warning("could not cancel Polars Cloud query %s: %s", query_id, exc)
-            finally:
-                self._cancels.discard(thread)
+            last: Exception | None = None
+            for delay in (0.0, *_RETRY_DELAYS_S):
+                time.sleep(delay)
+                try:
+                    self._authorized(self.client.cancel, workspace_id, query_id)
+                    log.info("cancelled Polars Cloud query %s", query_id)
+                    return
+                except cloud.CloudError as exc:
+                    if exc.not_found:
+                        return
+                    last = exc
+                except Exception as exc:
+                    last = exc
+            log.warning("could not cancel Polars Cloud query %s: %s", query_id, last)
 
-        thread = threading.Thread(target=cancel, name=f"pc-cancel-{query_id}", daemon=True)
-        self._cancels.add(thread)
-        thread.start()
+        try:
+            future = self._executor.submit(cancel)
+        except RuntimeError:
+            log.warning("could not cancel Polars Cloud query %s: the backend is closed", query_id)
+            return
+        with self._cancels_lock:
+            self._cancels.add(future)
+        future.add_done_callback(self._cancel_done)
+
+    def _cancel_done(self, future: concurrent.futures.Future[None]) -> None:
+        with self._cancels_lock:
+            self._cancels.discard(future)
+
+    def _result_size(self, locations: tuple[str, ...]) -> int | None:
+        """The result's size on disk when every location is a local file, else None."""
+        total = 0
+        for location in locations:
+            path = location.removeprefix("file://")
+            if "://" in path:
+                return None
+            try:
+                total += os.stat(path).st_size
+            except OSError:
+                return None
+        return total
+
+    def _too_large(self, size: int, query: QuerySpec) -> QueryOutcome:
+        return QueryOutcome(
+            ok=False,
+            error_type="ResultTooLarge",
+            error_message=f"the result is {size} bytes, more than the "
+            f"{query.max_result_bytes} a collect may return; sink it to storage instead",
+        )
 
     def _fetch_result(self, query: QuerySpec, output: cloud.QueryOutput) -> QueryOutcome:
         import polars as pl
@@ -562,6 +787,9 @@ class PolarsCloudBackend(Backend):
                 error_type="ResultUnreadable",
                 error_message=f"cannot read a {output.file_type} result",
             )
+        stored = self._result_size(output.locations)
+        if stored is not None and stored > query.max_result_bytes:
+            return self._too_large(stored, query)  # refused before reading any of it
         path = Path(query.result_path)
         tmp = path.with_name(path.name + ".part")
         try:
@@ -569,13 +797,7 @@ class PolarsCloudBackend(Backend):
             size = tmp.stat().st_size
             if size > query.max_result_bytes:
                 tmp.unlink(missing_ok=True)
-                return QueryOutcome(
-                    ok=False,
-                    error_type="ResultTooLarge",
-                    error_message=f"the result is {size} bytes, more than the "
-                    f"{query.max_result_bytes} a collect may return; sink it to storage "
-                    "instead",
-                )
+                return self._too_large(size, query)
             os.replace(tmp, path)
         except Exception as exc:
             tmp.unlink(missing_ok=True)
@@ -591,4 +813,10 @@ class PolarsCloudBackend(Backend):
         return QueryOutcome(ok=True, rows=rows, result_bytes=size)
 
     async def close(self) -> None:
+        with self._cancels_lock:
+            cancels = list(self._cancels)
+        if cancels:
+            # Cancellations on their way get a moment to reach Polars Cloud.
+            await asyncio.to_thread(concurrent.futures.wait, cancels, _CANCEL_GRACE_S)
+        self._executor.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self.provider.close)
