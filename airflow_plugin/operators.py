@@ -173,6 +173,12 @@ class PcleaseAcquireLeaseOperator(BaseOperator):
     The lease is not heartbeated after this task ends: ``ttl_s`` bounds how long it keeps the
     context warm. :class:`PcleaseReleaseLeaseOperator` as the teardown releases it, and the
     provider's listener releases it when the DAG run ends.
+
+    With ``wait_for_context`` (the default) the task ends once the context runs, so a
+    profile that cannot start fails here, clearly, before any work depends on it. Without,
+    it ends as soon as the lease exists and the context boots in the background: the task
+    frees its worker slot at once, and the first task that needs the context waits for
+    whatever is left of the boot.
     """
 
     template_fields: Sequence[str] = ("profile",)
@@ -185,6 +191,7 @@ class PcleaseAcquireLeaseOperator(BaseOperator):
         profile: str,
         ttl_s: float = 3600.0,
         start_timeout_s: float = 900.0,
+        wait_for_context: bool = True,
         pclease_conn_id: str = PcleaseHook.default_conn_name,
         **kwargs: Any,
     ) -> None:
@@ -192,6 +199,7 @@ class PcleaseAcquireLeaseOperator(BaseOperator):
         self.profile = profile
         self.ttl_s = ttl_s
         self.start_timeout_s = start_timeout_s
+        self.wait_for_context = wait_for_context
         self.pclease_conn_id = pclease_conn_id
         self._holding = _LeaseHolder()
 
@@ -204,6 +212,14 @@ class PcleaseAcquireLeaseOperator(BaseOperator):
             self._holding.hold(lease)
             try:
                 persist_lease_link(context, lease.id, hook.lease_url(lease.id))
+                if not self.wait_for_context:
+                    self.log.info(
+                        "lease %s holds context %s (%s); not waiting for it to run",
+                        lease.id,
+                        lease.context_id,
+                        lease.data["state"],
+                    )
+                    return lease.id
                 lease.wait_active(self.start_timeout_s)
             except BaseException:
                 lease.close()  # whatever stopped the wait, this warm lease has no user
@@ -257,6 +273,7 @@ def warm_profile(
     *,
     task_id: str | None = None,
     ttl_s: float = 3600.0,
+    wait_for_context: bool = True,
     pclease_conn_id: str = PcleaseHook.default_conn_name,
 ) -> tuple[PcleaseAcquireLeaseOperator, PcleaseReleaseLeaseOperator]:
     """A setup task leasing ``profile`` and the teardown releasing it, already paired::
@@ -270,7 +287,11 @@ def warm_profile(
     """
     name = task_id or f"pclease_warm_{profile}"
     setup = PcleaseAcquireLeaseOperator(
-        task_id=name, profile=profile, ttl_s=ttl_s, pclease_conn_id=pclease_conn_id
+        task_id=name,
+        profile=profile,
+        ttl_s=ttl_s,
+        wait_for_context=wait_for_context,
+        pclease_conn_id=pclease_conn_id,
     )
     teardown = PcleaseReleaseLeaseOperator(
         task_id=f"{name}_release",
