@@ -68,6 +68,8 @@ class _Acquired:
     lease: LeaseRecord | None
     created: bool
     retry_after_s: int = 1
+    #: Why no new context could be started, when one was needed.
+    cannot_start: str | None = None
 
 
 class LeaseManager:
@@ -134,16 +136,25 @@ class LeaseManager:
         ttl = self._check_ttl(ttl_s)
         wait = self._check_wait(wait_s)
         fp = store.fingerprint({"profile": profile.name, "holder": dict(holder), "ttl_s": ttl})
-        if self.ready_check is not None and (problem := await self.ready_check()):
-            # A lease that waits for a context which cannot start would wait forever.
-            raise BackendUnavailable(f"{problem}; fix them and retry the lease request")
-
         if idempotency_key is not None:
             existing = await self.db.read(
                 lambda tx: store.lease_by_idempotency_key(tx, principal.token_id, idempotency_key)
             )
             if existing is not None:
                 return self._replay(existing, fp), False
+        # A lease may still join a context that runs; only one that needs a new context is
+        # refused (it would wait forever for a context that cannot start).
+        cannot_start = await self.ready_check() if self.ready_check is not None else None
+
+        async def attempt() -> _Acquired:
+            outcome = await self._try_acquire(
+                principal, profile, holder, ttl, fp, idempotency_key, cannot_start
+            )
+            if outcome.cannot_start is not None:
+                raise BackendUnavailable(
+                    f"{outcome.cannot_start}; fix them and retry the lease request"
+                )
+            return outcome
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
@@ -152,7 +163,7 @@ class LeaseManager:
         if not queue.tickets:
             # Nobody is waiting: try at once. The queue only orders requests that have
             # already found the profile full, so it never slows down the common case.
-            outcome = await self._try_acquire(principal, profile, holder, ttl, fp, idempotency_key)
+            outcome = await attempt()
             if outcome.lease is not None:
                 return outcome.lease, outcome.created
             retry_after = outcome.retry_after_s
@@ -162,9 +173,7 @@ class LeaseManager:
                 token = queue.pulse.token()
                 remaining = deadline - loop.time()
                 if queue.is_head(ticket) and remaining > 0:
-                    outcome = await self._try_acquire(
-                        principal, profile, holder, ttl, fp, idempotency_key
-                    )
+                    outcome = await attempt()
                     if outcome.lease is not None:
                         return outcome.lease, outcome.created
                     retry_after = outcome.retry_after_s
@@ -196,6 +205,7 @@ class LeaseManager:
         ttl: float,
         fp: str,
         idempotency_key: str | None,
+        cannot_start: str | None = None,
     ) -> _Acquired:
         def unit(tx: Tx) -> _Acquired:
             if idempotency_key is not None:
@@ -217,6 +227,8 @@ class LeaseManager:
                     if earliest is not None:
                         retry = max(1, min(60, math.ceil((earliest - tx.now).total_seconds())))
                     return _Acquired(None, created=False, retry_after_s=retry)
+                if cannot_start is not None:
+                    return _Acquired(None, created=False, cannot_start=cannot_start)
                 context = store.create_context(
                     tx,
                     profile,

@@ -69,6 +69,10 @@ class Reconciler:
         self._checked_at: dict[str, datetime] = {}
         self._stop_failures: dict[str, int] = {}
         self._launched: set[str] = set()
+        #: The last sweep's failure (None after a successful one) and when the backend
+        #: was last listed: what /readyz reports for backends it must not call itself.
+        self.sweep_error: str | None = None
+        self.listed_at: datetime | None = None
 
     # -- loop -----------------------------------------------------------------------------
 
@@ -202,7 +206,10 @@ class Reconciler:
             observed = await self._call("list", self.backend.list())
         except BackendError as exc:
             log.warning("cannot list the backend's contexts: %s", exc)
+            self.sweep_error = str(exc)
             return
+        self.sweep_error = None
+        self.listed_at = self.clock.now()
         self._swept_at = asyncio.get_running_loop().time()
         ids = [o.context_id for o in observed if o.context_id]
         known = await self.db.read(lambda tx: {cid: store.get_context(tx, cid) for cid in ids})

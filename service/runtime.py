@@ -28,6 +28,10 @@ from service.reconciler import Reconciler
 
 log = logging.getLogger("pclease")
 
+# How often the background check asks for a token while the credentials fail / work.
+_CHECK_FAILS_S = 5.0
+_CHECK_WORKS_S = 60.0
+
 
 class Service:
     """Owns every long-lived part. ``start`` and ``stop`` bracket the app's lifespan;
@@ -82,7 +86,8 @@ class Service:
         self._run_reconciler = run_reconciler
         self._migrate = migrate
         self._uninstall_sighup: Callable[[], None] | None = None
-        self._check_task: asyncio.Task[CredentialStatus] | None = None
+        self._check_task: asyncio.Task[None] | None = None
+        self._started_at = self.clock.now()
         self._loop_task: asyncio.Task[None] | None = None
         self._runner_task: asyncio.Task[None] | None = None
         self.loop_error: BaseException | None = None
@@ -111,7 +116,7 @@ class Service:
             # Learn early whether the credentials work (readiness and lease requests say
             # so), without holding up startup on the token endpoint.
             self._check_task = asyncio.create_task(
-                asyncio.to_thread(self.credentials.check), name="credentials-check"
+                self._watch_credentials(self.credentials), name="credentials-check"
             )
             if threading.current_thread() is threading.main_thread():
                 self._uninstall_sighup = install_sighup(self.credentials)
@@ -141,6 +146,33 @@ class Service:
             task is not None and not task.done() for task in (self._loop_task, self._runner_task)
         )
 
+    @staticmethod
+    async def _watch_credentials(credentials: TokenProvider) -> None:
+        """Keep the credential status current, so /readyz can read it without fetching:
+        often while it fails (a fixed source is noticed soon), rarely once it works
+        (backend calls keep it current then)."""
+        while True:
+            try:
+                status = await asyncio.to_thread(credentials.check)
+            except Exception:
+                log.exception("checking the Polars Cloud credentials failed")
+                status = None
+            await asyncio.sleep(_CHECK_WORKS_S if status and status.ok else _CHECK_FAILS_S)
+
+    def backend_readiness(self) -> tuple[bool, str]:
+        """(ready, what to show) for a backend whose list() a probe must not call: from the
+        reconciler's sweeps. One failed sweep is shown but not fatal; no successful one for
+        ``backend_unready_after_s`` is."""
+        error = self.reconciler.sweep_error
+        if error is None:
+            return True, "ok" if self.reconciler.listed_at else "ok (not listed yet)"
+        since = self.reconciler.listed_at or self._started_at
+        failing_s = (self.clock.now() - since).total_seconds()
+        limit_s = self.settings.backend_unready_after_s
+        if failing_s < limit_s:
+            return True, f"ok (the last listing failed: {error}; unready after {limit_s:g} s)"
+        return False, f"failing: {error} (not listed for {failing_s:.0f} s)"
+
     def credential_status(self) -> CredentialStatus | None:
         return self.credentials.status() if self.credentials else None
 
@@ -165,7 +197,7 @@ class Service:
         if self._uninstall_sighup is not None:
             self._uninstall_sighup()
             self._uninstall_sighup = None
-        for task in (self._runner_task, self._loop_task):
+        for task in (self._check_task, self._runner_task, self._loop_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

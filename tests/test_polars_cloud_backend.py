@@ -30,13 +30,16 @@ from service.backends.base import (
     BackendError,
     ContextSpec,
     Handle,
+    Observed,
     Phase,
     QuerySpec,
     QueryTarget,
 )
+from service.backends.memory import MemoryBackend
 from service.backends.polars_cloud import PolarsCloudBackend
 from service.config import ConfigError, Settings, load_settings
 from service.credentials import ServiceAccount, TokenProvider, create_source
+from tests.conftest import Harness
 from tests.fakepc import FakePolarsCloud
 
 CLIENT_ID = "pc-client-id"
@@ -552,3 +555,80 @@ def test_backend_call_timeout_must_cover_the_slowest_start(tmp_path: Path) -> No
     assert "polars_cloud.request_timeout_s = 10" in message
     assert "at least 159" in message
     assert Settings(**base, backend_call_timeout_s=200).backend_call_timeout_s == 200
+
+
+# -- readiness and leases while Polars Cloud or its credentials fail ---------------------------
+
+
+class RemoteBackend(MemoryBackend):
+    """A backend whose list() a probe must not call, as for Polars Cloud."""
+
+    list_is_cheap = False
+
+    def __init__(self, clock: Any) -> None:
+        super().__init__(clock)
+        self.failing: str | None = None
+        self.listed = 0
+
+    async def list(self) -> list[Observed]:
+        self.listed += 1
+        if self.failing:
+            raise BackendError(self.failing)
+        return await super().list()
+
+
+async def test_readyz_reads_the_sweeps_and_does_not_flap(h: Harness) -> None:
+    backend = RemoteBackend(h.clock)
+    h.service.backend = h.service.reconciler.backend = backend
+
+    async def readyz() -> tuple[int, str]:
+        r = await h.client.get("/readyz")
+        return r.status_code, r.json()["checks"]["backend"]
+
+    assert await readyz() == (200, "ok (not listed yet)")
+    await h.service.reconciler.sweep()
+    assert await readyz() == (200, "ok")
+
+    backend.failing = "Polars Cloud list failed 3 times: HTTP 503"
+    await h.service.reconciler.sweep()
+    status, text = await readyz()
+    assert status == 200
+    assert "the last listing failed: Polars Cloud list failed 3 times: HTTP 503" in text
+
+    h.clock.advance(h.service.settings.backend_unready_after_s)
+    await h.service.reconciler.sweep()
+    status, text = await readyz()
+    assert status == 503
+    assert text.startswith("failing: Polars Cloud list failed 3 times: HTTP 503")
+
+    backend.failing = None
+    await h.service.reconciler.sweep()
+    assert await readyz() == (200, "ok")
+    assert backend.listed == 4  # the sweeps' listings only: no probe listed
+
+
+async def test_failing_credentials_refuse_only_leases_that_need_a_new_context(
+    h: Harness,
+) -> None:
+    problem = "the Polars Cloud credentials from files a and b do not work: refused"
+    first = await h.lease("small", headers={**h.headers, "Idempotency-Key": "k1"})
+
+    async def failing() -> str | None:
+        return problem
+
+    h.service.leases.ready_check = failing
+    # A replay returns the lease it made.
+    again = await h.client.post(
+        "/v1/leases", json={"profile": "small"}, headers={**h.headers, "Idempotency-Key": "k1"}
+    )
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == first["id"]
+    # Room in the context it has: granted.
+    for _ in range(3):
+        joined = await h.lease("small")
+        assert joined["context_id"] == first["context_id"]
+    # The context is full: a new one would have to start.
+    refused = await h.client.post("/v1/leases", json={"profile": "small"}, headers=h.headers)
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "backend_unavailable"
+    assert problem in refused.json()["error"]["message"]

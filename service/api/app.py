@@ -215,24 +215,34 @@ def create_app(service: Service) -> FastAPI:
             ok = False
             checks["database"] = f"failing: {type(exc).__name__}"
         if svc.credentials is not None:
-            problem = await svc.credentials_problem()
-            if problem is None:
+            # The cached status only: a probe never fetches a token (the background check
+            # and every backend call keep it current).
+            status = svc.credentials.status()
+            if status.ok:
                 checks["credentials"] = "ok"
             else:
                 ok = False
-                checks["credentials"] = f"failing: {problem}"
-        try:  # listing needs working credentials, so this checks them too
-            await asyncio.wait_for(
-                svc.backend.list(), min(5.0, svc.settings.backend_call_timeout_s)
-            )
-            checks["backend"] = "ok"
-        except TimeoutError:
-            ok = False
-            checks["backend"] = "failing: no answer within 5 s"
-        except Exception as exc:
-            ok = False
-            detail = str(exc) if isinstance(exc, BackendError) else type(exc).__name__
-            checks["backend"] = f"failing: {detail}"
+                checks["credentials"] = (
+                    f"failing: the Polars Cloud credentials from {status.source} do not "
+                    f"work: {status.message or 'unknown problem'}"
+                )
+        if not svc.backend.list_is_cheap:
+            # A remote backend is never called from a probe: its reconciler's sweeps say.
+            backend_ok, checks["backend"] = svc.backend_readiness()
+            ok = ok and backend_ok
+        else:
+            try:
+                await asyncio.wait_for(
+                    svc.backend.list(), min(5.0, svc.settings.backend_call_timeout_s)
+                )
+                checks["backend"] = "ok"
+            except TimeoutError:
+                ok = False
+                checks["backend"] = "failing: no answer within 5 s"
+            except Exception as exc:
+                ok = False
+                detail = str(exc) if isinstance(exc, BackendError) else type(exc).__name__
+                checks["backend"] = f"failing: {detail}"
         if svc.reconciler_alive:
             checks["reconciler"] = "ok"
         else:
