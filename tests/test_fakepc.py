@@ -490,3 +490,29 @@ def test_standalone_module_prints_its_url_and_serves(tmp_path: Path) -> None:
         assert proc.wait(timeout=15) == 0
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_a_lost_start_answer_still_creates_the_compute_and_reset_restores_everything(
+    fake: FakePolarsCloud,
+) -> None:
+    token = fake.issue_token()
+    start = f"/api/v1/workspace/{fake.workspace_id}/compute/start"
+    body = {"specs": {"cpus": 2, "ram_gb": 4}, "cluster_size": 1}
+    fake.lose_start_answers = 1
+    lost = httpx.post(fake.url + start, json=body, headers={"authorization": f"Bearer {token}"})
+    assert lost.status_code == 500
+    assert len(fake.running()) == 1  # created all the same
+    fake.hang_start_answers_s = 0.5
+    began = time.monotonic()
+    held = httpx.post(fake.url + start, json=body, headers={"authorization": f"Bearer {token}"})
+    assert held.status_code == 200 and time.monotonic() - began >= 0.5
+    fake.rotate("another-secret")
+    fake.error_burst(5)
+
+    fake.reset(fail_stops=2)
+    assert fake.running() == []
+    assert (fake.hang_start_answers_s, fake.lose_start_answers, fake.fail_stops) == (0.0, 0, 2)
+    assert oauth(fake, CLIENT_ID, SECRET).status_code == 200
+    assert rest(fake, f"/api/v1/workspace/{fake.workspace_id}", token).status_code == 200
+    with pytest.raises(TypeError, match="unknown knob"):
+        fake.reset(no_such_knob=1)

@@ -658,7 +658,12 @@ class PolarsCloudBackend(Backend):
         except cloud.CloudError as exc:
             raise BackendError(f"Polars Cloud refused the query: {exc.message}") from None
         except BaseException as exc:
-            if future.cancel():  # never sent
+            if future.cancel():  # it never began: nothing was sent
+                if isinstance(exc, TimeoutError):
+                    raise BackendError(
+                        f"the query could not be sent to Polars Cloud within {timeout_s:g} s "
+                        "(too many calls under way); retry it"
+                    ) from None
                 raise
             future.add_done_callback(
                 lambda done: self._cancel_late_submission(workspace_id, query.query_id, done)
