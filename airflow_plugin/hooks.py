@@ -216,7 +216,7 @@ class PcleaseHook(BaseHook):
                 on_created=on_created,
             ) as lease:
                 self.log.info("lease %s on the dashboard: %s", lease.id, self.lease_url(lease.id))
-                task_lease = TaskLease(lease, self)
+                task_lease = TaskLease(lease, self, labels=holder_labels(who))
                 try:
                     yield task_lease
                 except LeaseLost as exc:
@@ -252,9 +252,12 @@ class TaskLease:
     ``lf.remote(ctx)``, logs query progress to the task log and raises Polars' own error
     when a query fails."""
 
-    def __init__(self, lease: Lease, hook: PcleaseHook) -> None:
+    def __init__(
+        self, lease: Lease, hook: PcleaseHook, *, labels: Mapping[str, str] | None = None
+    ) -> None:
         self._lease = lease
         self._hook = hook
+        self._labels = dict(labels or {})
 
     @property
     def id(self) -> str:
@@ -288,8 +291,10 @@ class TaskLease:
         timeout_s: float | None = None,
     ) -> TaskRemoteQuery:
         self._lease.check()
+        # The task's identity travels with each query (to Polars Cloud's query list too).
+        merged = {**self._labels, **dict(labels or {})}
         return TaskRemoteQuery(
-            self._lease.remote(lf, engine=engine, labels=labels, timeout_s=timeout_s)
+            self._lease.remote(lf, engine=engine, labels=merged, timeout_s=timeout_s)
         )
 
 
@@ -341,6 +346,11 @@ def task_holder(context: Mapping[str, Any] | None = None) -> dict[str, Any]:
         if value is not None:
             holder[key] = value
     return holder
+
+
+def holder_labels(holder: Mapping[str, Any]) -> dict[str, str]:
+    """Query labels naming the task: ``airflow.dag_id=etl`` and so on."""
+    return {f"airflow.{key}": str(holder[key]) for key in HOLDER_KEYS if key in holder}
 
 
 def _describe(holder: Mapping[str, Any]) -> str:

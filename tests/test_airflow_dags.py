@@ -162,6 +162,14 @@ def test_example_dag_on_polars_cloud_keeps_its_secret_in_the_service(tmp_path: P
             assert fake.running() == []
             used = {call.bearer for call in fake.calls if call.bearer}
             assert len(fake.computes()) == 2
+            # Polars Cloud's query list names the Airflow task behind each query.
+            tasks = {
+                label.removeprefix("airflow.task_id=")
+                for q in fake.queries()
+                for label in q["labels"]
+                if label.startswith("airflow.task_id=")
+            }
+            assert tasks == {"prepare_dataset_1", "prepare_dataset_2", "join_datasets"}
         finally:
             pclease.server.stop()
     assert used, "the service never called Polars Cloud"

@@ -58,6 +58,13 @@ class Service:
         while self.hooks:
             self.hooks.pop().close()
 
+    def queries(self, lease_id: str) -> list[dict[str, Any]]:
+        response = httpx.get(
+            f"{self.server.url}/v1/leases/{lease_id}/queries",
+            headers={"Authorization": f"Bearer {self.admin}"},
+        )
+        return list(response.json()["queries"])
+
     def lease(self, lease_id: str) -> dict[str, Any]:
         response = httpx.get(
             f"{self.server.url}/v1/leases/{lease_id}",
@@ -148,6 +155,10 @@ def test_lease_runs_queries_and_releases(service: Service) -> None:
         lf = pl.LazyFrame({"n": [1, 2, 3]}).with_columns(sq=pl.col("n") ** 2)
         assert lease.remote(lf).sink_parquet(str(out))["rows"] == 3
         assert lease.remote(lf).collect()["sq"].to_list() == [1, 4, 9]
+        queries = service.queries(lease.id)
+        assert [q["labels"] for q in queries] == [
+            {f"airflow.{key}": str(value) for key, value in HOLDER.items()}
+        ] * 2
         with pytest.raises(ColumnNotFoundError, match="missing"):
             lease.remote(lf.select("missing")).collect()
     assert pl.read_parquet(out)["sq"].to_list() == [1, 4, 9]

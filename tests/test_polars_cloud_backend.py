@@ -214,9 +214,15 @@ async def test_query_sink_collect_and_errors(cloud: FakePolarsCloud, tmp_path: P
     lf = pl.LazyFrame({"a": [1, 2, 3], "b": ["x", "y", "z"]})
 
     out = tmp_path / "out.parquet"
-    outcome = await backend.execute(handle, query(tmp_path, lf, "parquet", str(out)))
+    sink = query(tmp_path, lf, "parquet", str(out), labels={"dag_id": "etl", "task_id": "load"})
+    outcome = await backend.execute(handle, sink)
     assert outcome.ok, outcome
     assert pl.read_parquet(out).equals(lf.collect())
+    # The query carries its labels to Polars Cloud, where they show on the query.
+    [sent] = [q for q in cloud.queries() if f"pclease.query-id={sink.query_id}" in q["labels"]]
+    assert sorted(sent["labels"]) == sorted(
+        [f"pclease.query-id={sink.query_id}", "dag_id=etl", "task_id=load"]
+    )
 
     q = query(tmp_path, lf.filter(pl.col("a") > 1), "collect")
     outcome = await backend.execute(handle, q)

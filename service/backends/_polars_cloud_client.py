@@ -263,8 +263,9 @@ class CloudClient:
         return [self._compute(m) for m in models]
 
     # -- queries ---------------------------------------------------------------------
-    def submit(self, compute_id: str, plan: bytes, engine: str) -> str:
-        """Send the plan bytes as they are, with default single-node settings."""
+    def submit(self, compute_id: str, plan: bytes, engine: str, labels: Sequence[str] = ()) -> str:
+        """Send the plan bytes as they are, with default single-node settings; ``labels``
+        show on the query in Polars Cloud."""
         pcr = self._pcr
         settings = pcr.serialize_query_settings(
             engine=engine,
@@ -281,7 +282,9 @@ class CloudClient:
             priority=0,
             execute_until="execute",
         )
-        query_id = self._api.submit_query(UUID(compute_id), plan, settings, None, None)
+        query_id = self._api.submit_query(
+            UUID(compute_id), plan, settings, list(labels) or None, None
+        )
         return str(query_id)
 
     def query_status(self, workspace_id: str, query_id: str) -> QueryStatus:

@@ -54,6 +54,7 @@ LABEL_MANAGED_BY = "pclease.managed-by"
 LABEL_INSTANCE = "pclease.instance"
 LABEL_CONTEXT_ID = "pclease.context-id"
 LABEL_PROFILE = "pclease.profile"
+LABEL_QUERY_ID = "pclease.query-id"
 
 Handle = Mapping[str, Any]
 

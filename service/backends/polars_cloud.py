@@ -85,6 +85,7 @@ from typing import Any, TypeVar
 from service.backends import _polars_cloud_client as cloud
 from service.backends import plan_guard
 from service.backends.base import (
+    LABEL_QUERY_ID,
     Backend,
     BackendError,
     ContextSpec,
@@ -652,7 +653,9 @@ class PolarsCloudBackend(Backend):
         """The query's Polars Cloud id. A submission that is abandoned (timeout, task
         cancelled) may still land: the query is then cancelled as soon as it is known."""
         timeout_s = self.options.request_timeout_s
-        future = self._submit(self.client.submit, compute_id, query.plan, query.engine)
+        labels = [f"{LABEL_QUERY_ID}={query.query_id}"]
+        labels += [f"{key}={value}" for key, value in sorted(query.labels.items())]
+        future = self._submit(self.client.submit, compute_id, query.plan, query.engine, labels)
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout_s)
         except cloud.CloudError as exc:
