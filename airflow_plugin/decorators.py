@@ -69,14 +69,7 @@ class _PcleaseDecoratedOperator(DecoratedOperator, PythonOperator):
         self._holding = _LeaseHolder()
 
     def execute(self, context: Any) -> Any:
-        with task_lease(
-            self._holding,
-            self.pclease_conn_id,
-            self.profile,
-            ttl_s=self.ttl_s,
-            start_timeout_s=self.start_timeout_s,
-            context=context,
-        ) as lease:
+        with task_lease(self, context) as lease:
             token = _current_lease.set(lease)
             try:
                 return super().execute(context)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from airflow.sdk import BaseOperator
 
@@ -42,33 +42,35 @@ class _LeaseHolder:
             lease.release_now()
 
 
+class LeasingTask(Protocol):
+    """What a task that runs inside a lease has: the operator and ``@task.pclease``."""
+
+    pclease_conn_id: str
+    profile: str
+    ttl_s: float | None
+    start_timeout_s: float
+    _holding: _LeaseHolder
+
+
 @contextmanager
-def task_lease(
-    holding: _LeaseHolder,
-    conn_id: str,
-    profile: str,
-    *,
-    ttl_s: float | None,
-    start_timeout_s: float,
-    context: Any,
-) -> Iterator[TaskLease]:
+def task_lease(task: LeasingTask, context: Any) -> Iterator[TaskLease]:
     """The lease of one task run: held for ``on_kill`` from its creation, its dashboard
     link stored for the UI, released (before the hook's client closes) when the task ends."""
     with (
-        closing(PcleaseHook(conn_id)) as hook,
+        closing(PcleaseHook(task.pclease_conn_id)) as hook,
         hook.lease(
-            profile,
-            ttl_s=ttl_s,
-            start_timeout_s=start_timeout_s,
+            task.profile,
+            ttl_s=task.ttl_s,
+            start_timeout_s=task.start_timeout_s,
             context=context,
-            on_created=holding.hold,
+            on_created=task._holding.hold,
         ) as lease,
     ):
         try:
             persist_lease_link(context, lease.id, lease.url)
             yield lease
         finally:
-            holding.hold(None)
+            task._holding.hold(None)
 
 
 class PcleaseOperator(BaseOperator):
@@ -131,14 +133,7 @@ class PcleaseOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         import polars as pl
 
-        with task_lease(
-            self._holding,
-            self.pclease_conn_id,
-            self.profile,
-            ttl_s=self.ttl_s,
-            start_timeout_s=self.start_timeout_s,
-            context=context,
-        ) as lease:
+        with task_lease(self, context) as lease:
             lf = self.build(*self.op_args, **self.op_kwargs)
             if not isinstance(lf, pl.LazyFrame):
                 raise TypeError(
