@@ -110,13 +110,14 @@ class PcleaseOperator(BaseOperator):
         start_timeout_s: float = 900.0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        # Checked first, so that a refused task is never added to its DAG.
         if sink not in SINKS:
             raise ValueError(f"sink must be one of {', '.join(SINKS)}, not {sink!r}")
         if sink != "collect" and not target:
             raise ValueError(f"sink={sink!r} needs a target (a path or object-store URI)")
         if not callable(build):
             raise TypeError("build must be a callable returning a polars.LazyFrame")
+        super().__init__(**kwargs)
         self.profile = profile
         self.build = build
         self.target = target

@@ -31,6 +31,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import (
@@ -180,13 +181,20 @@ class PolarsCloudSettings(BaseModel):
     credentials: CredentialsSettings = Field(default_factory=CredentialsSettings)
     token_url: str = Field(
         "https://auth.prd.cloud.pola.rs/realms/Polars/protocol/openid-connect/token",
-        pattern=r"^https?://",
         description="OAuth2 token endpoint for the client-credentials grant.",
     )
     token_refresh_margin_s: float = Field(
         60.0, ge=0, description="Refresh the access token this long before it expires."
     )
     api_addr: str | None = Field(None, description="Overrides POLARS_CLOUD_API_ADDR.")
+
+    @field_validator("token_url", "api_addr")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
     workspace: str | None = Field(None, description="For profiles that name no workspace.")
     request_timeout_s: float = Field(
         15.0,

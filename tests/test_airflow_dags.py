@@ -424,3 +424,21 @@ print(json.dumps({
     assert hrefs["pclease"].endswith("/ui/")
     assert "{DAG_ID}" in hrefs["pclease leases"] and "{RUN_ID}" in hrefs["pclease leases"]
     assert "airflow_plugin.listener" in str(plugin["listeners"])
+
+
+def test_run_dag_names_the_dags_a_file_has(airflow: AirflowEnv) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "run_dag.py"), str(EXAMPLE), "no_such_dag"],
+        env={**airflow.env, "AIRFLOW__CORE__DAGS_FOLDER": str(EXAMPLE.parent)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert (
+        f"no DAG 'no_such_dag' in {EXAMPLE} (it has: pclease_seed_pipeline)"
+        in result.stderr.strip()
+    )

@@ -223,3 +223,30 @@ def test_release_holder_and_task_holder(service: Service) -> None:
     assert service.hook().release_holder("etl", "r1") == [mine[0]["id"]]
     assert task_holder({"ti": SimpleNamespace(**HOLDER, state="running")}) == HOLDER
     assert task_holder({}) == {}
+
+
+def test_operators_refuse_bad_arguments_clearly() -> None:
+    from airflow.sdk import DAG
+
+    from airflow_plugin.decorators import pclease_task
+    from airflow_plugin.operators import PcleaseOperator
+
+    def frame() -> pl.LazyFrame:
+        return pl.LazyFrame({"a": [1]})
+
+    with DAG("bad_arguments", schedule=None):
+        for kwargs, message in (
+            ({"sink": "xlsx", "target": "/x"}, "sink must be one of parquet, csv, ipc, ndjson"),
+            ({"sink": "parquet"}, "sink='parquet' needs a target"),
+            ({"build": "not a function", "target": "/x"}, "build must be a callable"),
+        ):
+            with pytest.raises((ValueError, TypeError), match=message):
+                PcleaseOperator(task_id="t", profile="small", **{"build": frame, **kwargs})
+
+        def no_lease(src: str) -> None: ...
+
+        def lease_second(src: str, lease: Any) -> None: ...
+
+        for function in (no_lease, lease_second):
+            with pytest.raises(TypeError, match="must take 'lease' as its first parameter"):
+                pclease_task(profile="small")(function)("input")

@@ -170,6 +170,13 @@ def make_provider(
         provider.close()
 
 
+def set_account(endpoint: TokenEndpoint, directory: Path, client_secret: str) -> FileSource:
+    """The service account "pclease-sa" with this secret, in the files and at the endpoint
+    alike (a rotation when it had another)."""
+    endpoint.accounts["pclease-sa"] = client_secret
+    return write_account(directory, "pclease-sa", client_secret)
+
+
 def write_account(directory: Path, client_id: str, client_secret: str) -> FileSource:
     (directory / "client-id").write_text(client_id + "\n")
     (directory / "client-secret").write_text(client_secret + "\n")
@@ -311,6 +318,44 @@ def test_incomplete_credential_settings_are_one_line_each(
 ) -> None:
     with pytest.raises(ConfigError) as raised:
         load_settings(polars_cloud={"credentials": credentials})
+    assert raised.value.problems == [problem]
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        (
+            {"token_url": "ftp://auth.example"},
+            # Not echoed: a URL may carry a password.
+            "polars_cloud.token_url: must be an http:// or https:// URL",
+        ),
+        (
+            {"api_addr": "127.0.0.1:9000"},
+            "polars_cloud.api_addr: must be an http:// or https:// URL (got '127.0.0.1:9000')",
+        ),
+        (
+            {"request_timeout_s": 0},
+            "polars_cloud.request_timeout_s: Input should be greater than 0 (got 0)",
+        ),
+        (
+            {"token_refresh_margin_s": -1},
+            "polars_cloud.token_refresh_margin_s: Input should be greater than or equal to 0 "
+            "(got -1)",
+        ),
+        (
+            {"stop_unknown_computes": "maybe"},
+            "polars_cloud.stop_unknown_computes: Input should be a valid boolean, unable to "
+            "interpret input (got 'maybe')",
+        ),
+        (
+            {"tokenurl": "https://auth.example"},
+            "polars_cloud.tokenurl: unknown key; check its spelling against docs/configuration.md",
+        ),
+    ],
+)
+def test_bad_polars_cloud_settings_are_one_line_each(options: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(polars_cloud=options)
     assert raised.value.problems == [problem]
 
 
@@ -512,8 +557,7 @@ def test_many_threads_share_one_fetch(
     endpoint: TokenEndpoint, make_provider: Callable[..., TokenProvider], account_dir: Path
 ) -> None:
     value = secret()
-    endpoint.accounts["pclease-sa"] = value
-    provider = make_provider(write_account(account_dir, "pclease-sa", value))
+    provider = make_provider(set_account(endpoint, account_dir, value))
     got: list[str] = []
 
     def ask() -> None:
@@ -572,8 +616,7 @@ def test_unreachable_and_failing_endpoints(
     endpoint: TokenEndpoint, make_provider: Callable[..., TokenProvider], account_dir: Path
 ) -> None:
     value = secret()
-    endpoint.accounts["pclease-sa"] = value
-    source = write_account(account_dir, "pclease-sa", value)
+    source = set_account(endpoint, account_dir, value)
 
     endpoint.failures = [503, 502]
     provider = make_provider(source)
@@ -605,14 +648,12 @@ def test_invalidate_after_a_401_picks_up_a_rotated_secret(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     old_secret, new_secret = secret(), secret()
-    endpoint.accounts["pclease-sa"] = old_secret
-    source = write_account(account_dir, "pclease-sa", old_secret)
+    source = set_account(endpoint, account_dir, old_secret)
     provider = make_provider(source)
     old = provider.token()
 
     # Rotated at the source and at Polars Cloud; the API now refuses the old token.
-    write_account(account_dir, "pclease-sa", new_secret)
-    endpoint.accounts["pclease-sa"] = new_secret
+    set_account(endpoint, account_dir, new_secret)
     assert provider.token() == old  # nothing re-read yet
     provider.invalidate(old)
     new = provider.token()
@@ -661,16 +702,14 @@ def test_reload_keeps_the_token_unless_the_account_changed(
     endpoint: TokenEndpoint, make_provider: Callable[..., TokenProvider], account_dir: Path
 ) -> None:
     value, rotated = secret(), secret()
-    endpoint.accounts["pclease-sa"] = value
-    provider = make_provider(write_account(account_dir, "pclease-sa", value))
+    provider = make_provider(set_account(endpoint, account_dir, value))
     first = provider.token()
 
     provider.reload()
     assert provider.token() == first
     assert endpoint.calls == 1
 
-    write_account(account_dir, "pclease-sa", rotated)
-    endpoint.accounts["pclease-sa"] = rotated
+    set_account(endpoint, account_dir, rotated)
     provider.reload()
     assert provider.token() != first
     assert endpoint.calls == 2
@@ -688,11 +727,9 @@ def test_sighup_rereads_the_source(
     account_dir: Path,
 ) -> None:
     value, rotated = secret(), secret()
-    endpoint.accounts["pclease-sa"] = value
-    provider = make_provider(write_account(account_dir, "pclease-sa", value))
+    provider = make_provider(set_account(endpoint, account_dir, value))
     first = provider.token()
-    write_account(account_dir, "pclease-sa", rotated)
-    endpoint.accounts["pclease-sa"] = rotated
+    set_account(endpoint, account_dir, rotated)
     reloaded_at = clock.advance(1)
 
     uninstall = install_sighup(provider)
@@ -802,8 +839,7 @@ def test_a_refused_refresh_keeps_serving_the_valid_token(
     account_dir: Path,
 ) -> None:
     value = secret()
-    endpoint.accounts["pclease-sa"] = value
-    provider = make_provider(write_account(account_dir, "pclease-sa", value), refresh_margin_s=30)
+    provider = make_provider(set_account(endpoint, account_dir, value), refresh_margin_s=30)
     first = provider.token()
 
     del endpoint.accounts["pclease-sa"]  # revoked at Polars Cloud; issued tokens live on
@@ -854,8 +890,7 @@ def test_a_failed_reread_after_a_refusal_keeps_the_valid_token(
     account_dir: Path,
 ) -> None:
     value = secret()
-    endpoint.accounts["pclease-sa"] = value
-    source = CountingSource(write_account(account_dir, "pclease-sa", value))
+    source = CountingSource(set_account(endpoint, account_dir, value))
     provider = make_provider(source, refresh_margin_s=30)
     first = provider.token()
 
@@ -895,12 +930,10 @@ def test_a_changed_account_replaces_the_token_only_once_it_has_one(
     account_dir: Path,
 ) -> None:
     value, rotated = secret(), secret()
-    endpoint.accounts["pclease-sa"] = value
-    provider = make_provider(write_account(account_dir, "pclease-sa", value))
+    provider = make_provider(set_account(endpoint, account_dir, value))
     first = provider.token()
 
-    write_account(account_dir, "pclease-sa", rotated)
-    endpoint.accounts["pclease-sa"] = rotated
+    set_account(endpoint, account_dir, rotated)
     endpoint.failures = [503, 503, 503]  # the token endpoint is down during the rotation
     with pytest.raises(CredentialsError, match=r"changed .* no access token could be fetched"):
         provider.reload()
