@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-PCLEASE = [sys.executable, "-m", "service"]
+PCLEASE = [sys.executable, "-m", "pclease_service"]
 
 
 def free_port() -> int:

@@ -21,10 +21,10 @@ from typing import Any
 import httpx
 import pytest
 
-from service import store
-from service.config import Profile
-from service.db.engine import create_db_engine
-from service.states import LeaseState
+from pclease_service import store
+from pclease_service.config import Profile
+from pclease_service.db.engine import create_db_engine
+from pclease_service.states import LeaseState
 from tests.live import LiveServer, run_cli, write_config
 
 pytestmark = [pytest.mark.browser, pytest.mark.live]
