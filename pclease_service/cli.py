@@ -40,7 +40,7 @@ def _engine(settings: Settings) -> Any:
 
 
 def _tx(engine: Any) -> Any:
-    from pclease_service.store import Tx
+    from pclease_service.db.tx import Tx
 
     class _Unit:
         def __enter__(self) -> Tx:
@@ -132,18 +132,19 @@ def token() -> None:
 )
 def token_create(config_file: Path | None, name: str, scopes: tuple[str, ...]) -> None:
     """Create a token and print it once (only its hash is stored)."""
-    from pclease_service import store, tokens
+    from pclease_service.principals import generate, hash_token
+    from pclease_service.store import tokens
 
     if not 1 <= len(name) <= 100:
         raise click.BadParameter("a token name is 1 to 100 characters", param_hint="NAME")
     engine = _engine(_settings(config_file))
-    value = tokens.generate()
+    value = generate()
     with _tx(engine) as tx:
-        if store.token_by_name(tx, name) is not None:
+        if tokens.token_by_name(tx, name) is not None:
             raise click.ClickException(
                 f"a token named {name!r} exists; revoke it or pick another name"
             )
-        store.insert_token(tx, name=name, token_hash=tokens.hash_token(value), scopes=scopes)
+        tokens.insert_token(tx, name=name, token_hash=hash_token(value), scopes=scopes)
     click.echo(value)
     click.echo(
         f"token {name!r} ({', '.join(sorted(scopes))}): store it now, it is not shown again",
@@ -155,11 +156,11 @@ def token_create(config_file: Path | None, name: str, scopes: tuple[str, ...]) -
 @config_option
 def token_list(config_file: Path | None) -> None:
     """List tokens (names and scopes, never values)."""
-    from pclease_service import store
+    from pclease_service.store import tokens
 
     engine = _engine(_settings(config_file))
     with _tx(engine) as tx:
-        rows = store.list_tokens(tx)
+        rows = tokens.list_tokens(tx)
     for record in rows:
         state = f"revoked {record.revoked_at:%Y-%m-%d %H:%M}" if record.revoked_at else "active"
         click.echo(
@@ -173,11 +174,11 @@ def token_list(config_file: Path | None) -> None:
 @click.argument("name")
 def token_revoke(config_file: Path | None, name: str) -> None:
     """Revoke a token; clients using it get 401 within token_cache_s."""
-    from pclease_service import store
+    from pclease_service.store import tokens
 
     engine = _engine(_settings(config_file))
     with _tx(engine) as tx:
-        if not store.revoke_token(tx, name):
+        if not tokens.revoke_token(tx, name):
             raise click.ClickException(f"no active token named {name!r}; see `pclease token list`")
     click.echo(f"revoked {name!r}")
 
@@ -204,13 +205,14 @@ def profiles(config_file: Path | None) -> None:
 @config_option
 def status(config_file: Path | None) -> None:
     """What is running now: live contexts and their leases."""
-    from pclease_service import store
     from pclease_service.states import LIVE_CONTEXT_STATES, LIVE_LEASE_STATES
+    from pclease_service.store import contexts
+    from pclease_service.store import leases as lease_rows
 
     engine = _engine(_settings(config_file))
     with _tx(engine) as tx:
-        live = store.list_contexts(tx, states=LIVE_CONTEXT_STATES)
-        leases = store.list_leases(tx, states=LIVE_LEASE_STATES)
+        live = contexts.list_contexts(tx, states=LIVE_CONTEXT_STATES)
+        leases = lease_rows.list_leases(tx, states=LIVE_LEASE_STATES)
         now = tx.now
     if not live:
         click.echo("nothing is running")

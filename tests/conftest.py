@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from sqlalchemy import text
 
-from pclease_service import store, tokens
+from pclease_service import principals, store
 from pclease_service.api.app import create_app
 from pclease_service.backends.memory import MemoryBackend
 from pclease_service.clock import FakeClock
@@ -95,10 +95,10 @@ class Harness:
             await self.tick()
 
     def token(self, name: str, *scopes: str) -> dict[str, str]:
-        value = tokens.generate()
+        value = principals.generate()
         self.service.db.write_sync(
-            lambda tx: store.insert_token(
-                tx, name=name, token_hash=tokens.hash_token(value), scopes=scopes
+            lambda tx: store.tokens.insert_token(
+                tx, name=name, token_hash=principals.hash_token(value), scopes=scopes
             )
         )
         return {"Authorization": f"Bearer {value}"}

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from pclease_service import store, tokens
+from pclease_service import principals, store
 from pclease_service.db.schema import events
 from tests.conftest import Harness
 
@@ -58,7 +58,7 @@ async def call(
 
 def revoked_token(h: Harness) -> dict[str, str]:
     headers = h.token("leaver", "lease")
-    h.service.db.write_sync(lambda tx: store.revoke_token(tx, "leaver"))
+    h.service.db.write_sync(lambda tx: store.tokens.revoke_token(tx, "leaver"))
     return headers
 
 
@@ -102,7 +102,7 @@ async def test_health_needs_no_token(h: Harness) -> None:
 async def test_a_revoked_token_stops_working_and_its_leases_stay(h: Harness) -> None:
     worker = h.token("worker", "lease")
     lease = await h.lease(headers=worker)
-    h.service.db.write_sync(lambda tx: store.revoke_token(tx, "worker"))
+    h.service.db.write_sync(lambda tx: store.tokens.revoke_token(tx, "worker"))
     error(await h.client.get(f"/v1/leases/{lease['id']}", headers=worker), 401, "unauthorized")
     # The lease is not the token: it lives on (and expires without heartbeats).
     assert (await h.get_lease(lease["id"]))["state"] == "pending"
@@ -265,7 +265,7 @@ async def test_bulk_release_by_a_lease_token_releases_only_its_own(h: Harness) -
 async def test_neither_the_token_nor_its_hash_is_ever_shown(h: Harness) -> None:
     worker = h.token("worker", "lease")
     value = worker["Authorization"].removeprefix("Bearer ")
-    secrets = (value, tokens.hash_token(value))
+    secrets = (value, principals.hash_token(value))
 
     lease = await h.lease(headers=worker, holder=HOLDER)
     await h.settle()
@@ -282,7 +282,7 @@ async def test_neither_the_token_nor_its_hash_is_ever_shown(h: Harness) -> None:
         await h.client.delete(f"/v1/leases/{lease['id']}", headers=worker),
         await h.client.get("/v1/leases", headers={"Authorization": f"Bearer {value}x"}),
     ]
-    h.service.db.write_sync(lambda tx: store.revoke_token(tx, "worker"))
+    h.service.db.write_sync(lambda tx: store.tokens.revoke_token(tx, "worker"))
     responses.append(await h.client.get("/v1/leases", headers=worker))
 
     for response in responses:

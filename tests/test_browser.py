@@ -23,8 +23,10 @@ import pytest
 
 from pclease_service import store
 from pclease_service.config import Profile
+from pclease_service.contexts import lifecycle
 from pclease_service.db.engine import create_db_engine
-from pclease_service.states import LeaseState
+from pclease_service.db.tx import Tx
+from pclease_service.states import LeaseState, StopKind
 from tests.live import LiveServer, run_cli, write_config
 
 pytestmark = [pytest.mark.browser, pytest.mark.live]
@@ -106,8 +108,8 @@ def seed_history(database_url: str) -> None:
     now = datetime.now(UTC)
     profiles = {name: Profile(name=name, **values) for name, values in PROFILES.items()}
     with engine.begin() as conn:
-        store.sync_profiles(store.Tx(conn, now), PROFILES)
-        token_id = store.token_by_name(store.Tx(conn, now), "airflow")
+        store.profiles.sync_profiles(Tx(conn, now), PROFILES)
+        token_id = store.tokens.token_by_name(Tx(conn, now), "airflow")
         assert token_id is not None
     plan = [
         ("large", 58, 22, 6, "nightly_etl", "scheduled__2026-11-23T00:00", "transform"),
@@ -124,17 +126,17 @@ def seed_history(database_url: str) -> None:
 
         def step(minutes: float, fn: Any, at: datetime = at) -> Any:
             with engine.begin() as conn:
-                return fn(store.Tx(conn, at + timedelta(minutes=minutes)))
+                return fn(Tx(conn, at + timedelta(minutes=minutes)))
 
         context = step(
             0,
-            lambda tx, p=profile: store.create_context(
+            lambda tx, p=profile: store.contexts.create_context(
                 tx, p, "memory", actor="token:airflow", reason=f"no context of {p.name!r} had room"
             ),
         )
         lease = step(
             0,
-            lambda tx, c=context, d=dag, r=run, t=task: store.insert_lease(
+            lambda tx, c=context, d=dag, r=run, t=task: store.leases.insert_lease(
                 tx,
                 context=c,
                 token_id=token_id.id,
@@ -145,10 +147,10 @@ def seed_history(database_url: str) -> None:
                 actor="token:airflow",
             ),
         )
-        step(1, lambda tx, c=context: store.mark_started(tx, c.id, actor="reconciler"))
+        step(1, lambda tx, c=context: lifecycle.started(tx, c.id, actor="reconciler"))
         step(
             1 + held_min,
-            lambda tx, x=lease: store.end_lease(
+            lambda tx, x=lease: store.leases.end_lease(
                 tx,
                 x.id,
                 LeaseState.RELEASED,
@@ -159,15 +161,19 @@ def seed_history(database_url: str) -> None:
         stop_at = 1 + held_min + idle_min
         step(
             stop_at,
-            lambda tx, c=context, p=profile: store.begin_idle_stop(
+            lambda tx, c=context, p=profile: store.contexts.begin_idle_stop(
                 tx,
                 c.id,
-                idle_cutoff=tx.now,
+                idle_since=tx.now,
+                kind=StopKind.IDLE,
                 actor="reconciler",
                 reason=f"idle for its grace period of {p.idle_grace_s:g} s",
             ),
         )
-        step(stop_at + 0.2, lambda tx, c=context: store.mark_stopped(tx, c.id, actor="reconciler"))
+        step(
+            stop_at + 0.2,
+            lambda tx, c=context: store.contexts.mark_stopped(tx, c.id, actor="reconciler"),
+        )
     engine.dispose()
 
 

@@ -13,13 +13,14 @@ from typing import Any
 import httpx
 import pytest
 
-from pclease_service import store, tokens
-from pclease_service.backends.base import BackendError
+from pclease_service import principals, store
 from pclease_service.backends.memory import MemoryBackend
 from pclease_service.config import Settings
 from pclease_service.dashboard import charts
 from pclease_service.dashboard.sessions import SESSION_COOKIE, SessionSigner, load_secret, safe_next
-from pclease_service.metrics import Interval
+from pclease_service.db.tx import Tx
+from pclease_service.errors import BackendError
+from pclease_service.ledger import Interval
 from pclease_service.states import ContextState, LeaseState
 from tests.conftest import PROFILES, Harness
 
@@ -80,7 +81,7 @@ async def test_sign_in_sets_a_session_cookie_without_the_token(h: Harness) -> No
     assert "SameSite=lax" in cookie or "samesite=lax" in cookie.lower()
     assert "Path=/ui" in cookie
     assert token not in cookie
-    assert tokens.hash_token(token) not in cookie
+    assert principals.hash_token(token) not in cookie
     assert_page(await client.get("/ui/"), 200, "Instances up", "viewer")
     await client.aclose()
 
@@ -139,7 +140,7 @@ async def test_next_is_kept_on_this_dashboard() -> None:
 async def test_a_revoked_token_ends_its_session(h: Harness) -> None:
     client = await signed_in(h, "read", name="leaver")
     assert (await client.get("/ui/")).status_code == 200
-    h.service.db.write_sync(lambda tx: store.revoke_token(tx, "leaver"))
+    h.service.db.write_sync(lambda tx: store.tokens.revoke_token(tx, "leaver"))
     response = await client.get("/ui/")  # token_cache_s = 0 in the harness
     assert response.status_code == 303
     assert response.headers["location"].startswith("/ui/login")
@@ -419,7 +420,7 @@ async def test_no_secret_on_any_page(make_harness: Any) -> None:
             assert response.status_code == 200, url
             bodies.append(response.text)
             bodies.extend(response.headers.get_list("set-cookie"))
-    forbidden = [token, tokens.hash_token(token), CLOUD_SECRET, session_secret]
+    forbidden = [token, principals.hash_token(token), CLOUD_SECRET, session_secret]
     forbidden.append(h.headers["Authorization"].removeprefix("Bearer "))
     for body in bodies:
         for secret in forbidden:
@@ -478,16 +479,18 @@ async def test_overview_with_hundreds_of_contexts_and_thousands_of_leases(h: Har
     profile = h.service.settings.profiles["small"].model_copy(
         update={"max_contexts": 1000, "max_leases_per_context": 100}
     )
-    token_id = h.service.db.read_sync(lambda tx: store.list_tokens(tx)[0].id)
+    token_id = h.service.db.read_sync(lambda tx: store.tokens.list_tokens(tx)[0].id)
     started = time.perf_counter()
 
-    def seed(tx: store.Tx) -> str:
+    def seed(tx: Tx) -> str:
         first = ""
         for i in range(300):
-            context = store.create_context(tx, profile, "memory", actor="seed", reason="seed")
+            context = store.contexts.create_context(
+                tx, profile, "memory", actor="seed", reason="seed"
+            )
             first = first or context.id
             for j in range(10):
-                store.insert_lease(
+                store.leases.insert_lease(
                     tx,
                     context=context,
                     token_id=token_id,
@@ -517,7 +520,9 @@ async def test_overview_with_hundreds_of_contexts_and_thousands_of_leases(h: Har
 
 
 def test_lease_states_render_with_a_colour() -> None:
-    css = (Path(__file__).parent.parent / "pclease_service/dashboard/static/dashboard.css").read_text()
+    css = (
+        Path(__file__).parent.parent / "pclease_service/dashboard/static/dashboard.css"
+    ).read_text()
     for state in [*ContextState, *LeaseState]:
         assert f".s-{state.value}" in css
 
@@ -529,13 +534,15 @@ async def test_queries_show_on_the_pages_and_in_metrics(h: Harness) -> None:
     lease = await h.lease(holder=HOLDER)
     await h.settle()
 
-    def run_query(tx: store.Tx) -> str:
-        record = store.get_lease(tx, lease["id"])
+    def run_query(tx: Tx) -> str:
+        record = store.leases.get_lease(tx, lease["id"])
         assert record is not None
-        query = store.insert_query(
+        query = store.queries.insert_query(
             tx,
-            query_id=store.new_id(),
-            lease=record,
+            query_id=store.transitions.new_id(),
+            lease_id=record.id,
+            context_id=record.context_id,
+            token_id=record.token_id,
             target="parquet",
             destination="/data/out/daily.parquet",
             engine="auto",
@@ -545,7 +552,7 @@ async def test_queries_show_on_the_pages_and_in_metrics(h: Harness) -> None:
             timeout_s=60,
             actor="test",
         )
-        store.transition_query(
+        store.queries.transition_query(
             tx,
             query.id,
             QueryState.RUNNING,
@@ -553,7 +560,7 @@ async def test_queries_show_on_the_pages_and_in_metrics(h: Harness) -> None:
             reason="started",
             values={"started_at": tx.now},
         )
-        store.transition_query(
+        store.queries.transition_query(
             tx,
             query.id,
             QueryState.SUCCEEDED,

@@ -6,6 +6,7 @@ from typing import Any
 
 from pclease_service import store
 from pclease_service.backends.base import LABEL_CONTEXT_ID, LABEL_INSTANCE, LABEL_MANAGED_BY
+from pclease_service.states import StopKind
 from tests.conftest import Harness
 
 AIRFLOW_HOLDER = {
@@ -101,8 +102,13 @@ async def test_the_stop_fence_refuses_a_context_that_has_a_lease_again(h: Harnes
     await h.lease()  # idle → running again
     stale_cutoff = h.clock.now()
     result, _ = h.service.db.write_sync(
-        lambda tx: store.begin_idle_stop(
-            tx, a["context_id"], idle_cutoff=stale_cutoff, actor="test", reason="stale"
+        lambda tx: store.contexts.begin_idle_stop(
+            tx,
+            a["context_id"],
+            idle_since=stale_cutoff,
+            kind=StopKind.IDLE,
+            actor="test",
+            reason="stale",
         )
     )
     assert result is None
@@ -388,7 +394,7 @@ async def test_failing_stop_is_retried_until_it_succeeds(h: Harness) -> None:
     assert context["state"] == "stopping"
     assert "stop failed" in context["status_message"]
     h.backend.fail_stop = False
-    await h.tick()
+    await h.tick(1)  # past the failed stop's back-off
     assert (await h.context(lease["context_id"]))["state"] == "stopped"
 
 
@@ -422,7 +428,9 @@ async def test_a_stale_snapshot_never_starts_a_context_twice(h: Harness) -> None
 
     lease = await h.lease()
     await h.tick()  # launches the start and saves the handle
-    record, _ = h.service.db.write_sync(lambda tx: store.get_context(tx, lease["context_id"]))
+    record, _ = h.service.db.write_sync(
+        lambda tx: store.contexts.get_context(tx, lease["context_id"])
+    )
     assert record is not None
     assert record.backend_handle is not None
     stale = dataclasses.replace(record, backend_handle=None)

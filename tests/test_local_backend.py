@@ -18,15 +18,15 @@ import pytest
 
 from pclease_service.backends.base import (
     LABEL_CONTEXT_ID,
-    BackendError,
     ContextSpec,
     Handle,
     Phase,
     QueryOutcome,
     QuerySpec,
-    QueryTarget,
 )
 from pclease_service.backends.local import LocalBackend
+from pclease_service.errors import BackendError
+from pclease_service.plans.targets import QueryTarget
 
 SMALL_PLAN = pl.LazyFrame({"a": [1, 2, 3]}).with_columns(b=pl.col("a") * 2)
 

@@ -27,18 +27,19 @@ import pytest
 from polars._utils.cloud import prepare_cloud_plan
 from polars.plugins import register_plugin_function
 
-from pclease_service.backends import plan_guard
 from pclease_service.backends.base import (
-    IN_MEMORY_SINK,
     LABEL_CONTEXT_ID,
     ContextSpec,
     Handle,
     Phase,
     QueryOutcome,
     QuerySpec,
-    QueryTarget,
 )
 from pclease_service.backends.local import LocalBackend
+from pclease_service.errors import PlanRefused
+from pclease_service.plans import guard
+from pclease_service.plans.header import HEADER_LEN, read_header
+from pclease_service.plans.targets import IN_MEMORY_SINK, QueryTarget
 from tests.moto import moto_server
 
 SOURCE = pl.DataFrame({"id": list(range(1000)), "group": [f"g{i % 3}" for i in range(1000)]})
@@ -266,10 +267,10 @@ async def test_a_result_over_max_result_bytes_is_refused_with_a_hint(ctx: Contex
 
 async def test_malformed_truncated_and_foreign_plans_fail_clearly(ctx: Context) -> None:
     good = plan_of(pl.LazyFrame({"a": [1, 2]}).sink_parquet(IN_MEMORY_SINK, lazy=True))
-    header = plan_guard.read_header(good)
-    newer = replace(header, major=header.major + 1).encode() + good[plan_guard.HEADER_LEN :]
-    other_schema = replace(header, schema_hash="0" * 64).encode() + good[plan_guard.HEADER_LEN :]
-    damaged = good[: plan_guard.HEADER_LEN] + b"\xc1" + good[plan_guard.HEADER_LEN + 1 :]
+    header = read_header(good)
+    newer = replace(header, major=header.major + 1).encode() + good[HEADER_LEN:]
+    other_schema = replace(header, schema_hash="0" * 64).encode() + good[HEADER_LEN:]
+    damaged = good[:HEADER_LEN] + b"\xc1" + good[HEADER_LEN + 1 :]
 
     outcomes = {
         name: await ctx.execute(QueryTarget.COLLECT, plan)
@@ -626,7 +627,7 @@ def msgpack(value: Any) -> bytes:
 
 
 def crafted(node: Any) -> bytes:
-    header = plan_guard.read_header(pl.LazyFrame().serialize())
+    header = read_header(pl.LazyFrame().serialize())
     tree = {
         "root": {"idx": 1, "version": 1},
         "dataframes": [],
@@ -637,9 +638,9 @@ def crafted(node: Any) -> bytes:
 
 def test_the_guard_is_verified_for_the_installed_polars() -> None:
     # Fails on a Polars upgrade: check the new DSL schema's scans, sinks and Python
-    # objects against plan_guard, then add its hash to VERIFIED_SCHEMA_HASHES.
-    header = plan_guard.read_header(pl.LazyFrame().serialize())
-    assert header.schema_hash in plan_guard.VERIFIED_SCHEMA_HASHES
+    # objects against the plan guard, then add its hash to VERIFIED_SCHEMA_HASHES.
+    header = read_header(pl.LazyFrame().serialize())
+    assert header.schema_hash in guard.VERIFIED_SCHEMA_HASHES
 
 
 @pytest.mark.parametrize(
@@ -656,10 +657,10 @@ def test_the_guard_is_verified_for_the_installed_polars() -> None:
     ids=["struct as array", "integer key", "unknown sources", "sink target shape"],
 )
 def test_plans_in_shapes_polars_never_writes_are_refused(node: Any, message: str) -> None:
-    with pytest.raises(plan_guard.PlanError) as refused:
-        plan_guard.inspect(crafted(node), allow_python_udfs=False)
+    with pytest.raises(PlanRefused) as refused:
+        guard.inspect(crafted(node), allow_python_udfs=False)
 
-    assert refused.value.type == "PlanRefused"
+    assert refused.value.error_type == "PlanRefused"
     assert message in refused.value.message
 
 
@@ -667,8 +668,8 @@ def test_a_bare_pickle_anywhere_is_refused() -> None:
     payload = list(b"\x00\x0b\x07" + pickle.dumps(_TouchWhenUnpickled(Path("/tmp/x"))))
     node = {"MapFunction": {"input": None, "function": {"SomethingNew": {"f": payload}}}}
 
-    with pytest.raises(plan_guard.PlanError, match="pickled Python object at") as refused:
-        plan_guard.inspect(crafted(node), allow_python_udfs=False)
+    with pytest.raises(PlanRefused, match="pickled Python object at") as refused:
+        guard.inspect(crafted(node), allow_python_udfs=False)
 
     assert "SomethingNew/f" in refused.value.message
-    plan_guard.inspect(crafted(node), allow_python_udfs=True)
+    guard.inspect(crafted(node), allow_python_udfs=True)

@@ -11,9 +11,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pclease_service import metrics
 from pclease_service.api.app import create_app
 from pclease_service.config import LogFormat
+from pclease_service.ledger import InstanceLedger
 from pclease_service.logs import JsonFormatter, RequestLog
 from tests.conftest import Harness
 
@@ -134,10 +134,10 @@ async def test_backend_errors_and_refused_leases_are_counted(make_harness: Any) 
 def test_ledger_waits_for_ids_committed_out_of_order() -> None:
     from datetime import UTC, datetime, timedelta
 
-    from pclease_service.dashboard.reads import LedgerEvent
+    from pclease_service.store.reads import LedgerEvent
 
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
-    ledger = metrics.InstanceLedger()
+    ledger = InstanceLedger()
 
     def event(i: int, state: str, seconds: float, ctx: str = "c1") -> LedgerEvent:
         return LedgerEvent(i, t0 + timedelta(seconds=seconds), ctx, state, "small", 3600.0)

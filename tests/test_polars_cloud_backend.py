@@ -27,18 +27,19 @@ from pclease_service.backends.base import (
     LABEL_INSTANCE,
     LABEL_MANAGED_BY,
     LABEL_PROFILE,
-    BackendError,
+    Capabilities,
     ContextSpec,
     Handle,
     Observed,
     Phase,
     QuerySpec,
-    QueryTarget,
 )
 from pclease_service.backends.memory import MemoryBackend
 from pclease_service.backends.polars_cloud import PolarsCloudBackend
 from pclease_service.config import ConfigError, Settings, load_settings
 from pclease_service.credentials import ServiceAccount, TokenProvider, create_source
+from pclease_service.errors import BackendError
+from pclease_service.plans.targets import QueryTarget
 from tests.conftest import Harness
 from tests.fakepc import FakePolarsCloud
 
@@ -343,7 +344,7 @@ async def test_bad_credentials_name_the_source(cloud: FakePolarsCloud, tmp_path:
     message = str(caught.value)
     assert "client_secret" in message or str(tmp_path) in message
     assert wrong not in message and SECRET not in message
-    status = backend.credential_status()
+    status = backend.credentials.status()
     assert not status.ok
     assert wrong not in repr(status)
     with pytest.raises(BackendError):
@@ -569,7 +570,7 @@ def test_backend_call_timeout_must_cover_the_slowest_start(tmp_path: Path) -> No
 class RemoteBackend(MemoryBackend):
     """A backend whose list() a probe must not call, as for Polars Cloud."""
 
-    list_is_cheap = False
+    capabilities = Capabilities(list_is_cheap=False)
 
     def __init__(self, clock: Any) -> None:
         super().__init__(clock)
@@ -585,7 +586,7 @@ class RemoteBackend(MemoryBackend):
 
 async def test_readyz_reads_the_sweeps_and_does_not_flap(h: Harness) -> None:
     backend = RemoteBackend(h.clock)
-    h.service.backend = h.service.reconciler.backend = backend
+    h.service.backend = h.service.reconciler.calls.backend = backend
 
     async def readyz() -> tuple[int, str]:
         r = await h.client.get("/readyz")

@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import select
 
 from pclease_client import PcleaseClient, QueryFailed
-from pclease_service.dashboard.views import LOGIN_COOKIE
+from pclease_service.dashboard.sessions import LOGIN_COOKIE
 from pclease_service.db.engine import create_db_engine
 from pclease_service.db.schema import metadata
 from tests.fakepc import FakePolarsCloud

@@ -7,7 +7,7 @@ backend's own (so calls abandoned at their timeout never crowd out the event loo
 executor), each bounded by ``polars_cloud.request_timeout_s``.
 
 **Auth.** The service, not the client, holds the service account: a
-:class:`~service.credentials.TokenProvider` does the OAuth2 exchange and the backend puts
+:class:`~pclease_service.credentials.TokenProvider` does the OAuth2 exchange and the backend puts
 only the short-lived access token in ``POLARS_CLOUD_ACCESS_TOKEN``, which the client reads
 on every call. Before each call the backend asks the provider for a token (refreshed
 before it expires); when Polars Cloud answers 401 it invalidates that token (the provider
@@ -83,11 +83,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pclease_service.backends import _polars_cloud_client as cloud
-from pclease_service.backends import plan_guard
 from pclease_service.backends.base import (
     LABEL_QUERY_ID,
     Backend,
-    BackendError,
+    Capabilities,
     ContextSpec,
     Handle,
     Observation,
@@ -95,15 +94,19 @@ from pclease_service.backends.base import (
     Phase,
     QueryOutcome,
     QuerySpec,
-    QueryTarget,
 )
 from pclease_service.config import (
     POLARS_CLOUD_RETRY_DELAYS_S,
     POLARS_CLOUD_START_ATTEMPTS,
+    Profile,
     Settings,
 )
-from pclease_service.credentials import CredentialsError, CredentialStatus, TokenProvider
+from pclease_service.credentials import TokenProvider
 from pclease_service.credentials.env import EnvSource
+from pclease_service.errors import BackendError, CredentialsError, PlanRefused
+from pclease_service.plans.check import Reader, check_plan
+from pclease_service.plans.header import local_header, local_polars_version
+from pclease_service.plans.targets import QueryTarget
 
 log = logging.getLogger("pclease.backends.polars_cloud")
 
@@ -214,8 +217,7 @@ class PolarsCloudBackend(Backend):
     """Polars Cloud compute contexts; see the module docstring."""
 
     kind = "polars_cloud"
-    stop_on_shutdown = False
-    list_is_cheap = False
+    capabilities = Capabilities(stop_on_shutdown=False, list_is_cheap=False)
 
     def __init__(
         self,
@@ -255,8 +257,12 @@ class PolarsCloudBackend(Backend):
             self._client = cloud.CloudClient()
         return self._client
 
-    def credential_status(self) -> CredentialStatus:
-        return self.provider.status()
+    @property
+    def credentials(self) -> TokenProvider:
+        return self.provider
+
+    def context_options(self, profile: Profile) -> Mapping[str, Any]:
+        return profile.polars_cloud.model_dump()
 
     def _credentials_failed(self, exc: CredentialsError) -> BackendError:
         return _NotSent(f"Polars Cloud credentials are not usable: {exc.message}")
@@ -696,11 +702,19 @@ class PolarsCloudBackend(Backend):
         self._cancel_soon(workspace_id, done.result())
 
     def _check_plan(self, query: QuerySpec) -> QueryOutcome | None:
+        """The plan pipeline once more, where the plan leaves for Polars Cloud (whose
+        contexts run this service's pinned Polars)."""
         try:
-            info = plan_guard.inspect(query.plan, allow_python_udfs=query.allow_python_udfs)
-            plan_guard.check_access(info, query.target, query.data_roots, query.denied_paths)
-        except plan_guard.PlanError as exc:
-            return QueryOutcome(ok=False, error_type=exc.type, error_message=exc.message)
+            check_plan(
+                query.plan,
+                reader=Reader(local_header(), local_polars_version()),
+                target=query.target,
+                allow_python_udfs=query.allow_python_udfs,
+                data_roots=query.data_roots,
+                denied_paths=query.denied_paths,
+            )
+        except PlanRefused as exc:
+            return QueryOutcome(ok=False, error_type=exc.error_type, error_message=exc.message)
         return None
 
     async def _wait(

@@ -16,7 +16,8 @@ from typing import Self
 from pydantic import SecretStr
 
 from pclease_service.config import CredentialsSettings
-from pclease_service.credentials.base import CredentialsError, CredentialSource, ServiceAccount
+from pclease_service.credentials.base import CredentialSource, ServiceAccount
+from pclease_service.errors import CredentialsError
 
 
 class EnvSource(CredentialSource):

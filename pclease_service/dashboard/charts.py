@@ -14,8 +14,8 @@ from html import escape
 
 from markupsafe import Markup
 
-from pclease_service.metrics import Interval
-from pclease_service.store import LeaseRecord
+from pclease_service.ledger import Interval
+from pclease_service.store.leases import LeaseRecord
 
 _W, _H = 960, 240
 _LEFT, _RIGHT, _TOP, _BOTTOM = 44, 64, 12, 26

@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 
 from pclease_service.clock import Clock
 from pclease_service.db.engine import READ_ONLY
-from pclease_service.store import Tx
+from pclease_service.db.tx import Tx
 
 T = TypeVar("T")
 

@@ -1,18 +1,19 @@
-"""Read-only queries of the dashboard and of ``/metrics``: pages, counts and aggregates.
+"""The read model the dashboard and ``/metrics`` share: pages, counts and aggregates.
 
-Every write still goes through :mod:`service.store`; these only read, each one bounded by
-a ``LIMIT`` or an aggregate so a page stays fast with thousands of rows.
+These only read, across aggregates, each bounded by a ``LIMIT`` or an aggregate so a page
+stays fast with thousands of rows. Every write goes through the other store modules.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
-from sqlalchemy import ColumnElement, and_, case, func, literal, or_, select
+from sqlalchemy import ColumnElement, and_, case, func, or_, select, text
 
-from pclease_service.db.schema import contexts, events, leases, queries, tokens
+from pclease_service.db.schema import contexts, events, leases, queries
+from pclease_service.db.tx import Tx
 from pclease_service.states import (
     LIVE_CONTEXT_STATES,
     LIVE_LEASE_STATES,
@@ -20,10 +21,17 @@ from pclease_service.states import (
     LeaseState,
     QueryState,
 )
-from pclease_service.store import ContextRecord, EventRecord, LeaseRecord, TokenRecord, Tx
+from pclease_service.store.contexts import ContextRecord
+from pclease_service.store.events import EventRecord
+from pclease_service.store.leases import LeaseRecord
 
 _LIVE_CONTEXTS = [s.value for s in LIVE_CONTEXT_STATES]
 _LIVE_LEASES = [s.value for s in LIVE_LEASE_STATES]
+
+
+def ping(tx: Tx) -> None:
+    """One round trip (what ``/readyz`` asks of the database)."""
+    tx.conn.execute(text("SELECT 1")).scalar()
 
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -77,15 +85,8 @@ def events_for_ledger(
     ]
 
 
-_STOP_REASON = case(
-    (contexts.c.state == ContextState.FAILED.value, literal("failed")),
-    (contexts.c.stop_reason.like("idle for%"), literal("idle")),
-    (contexts.c.stop_reason.like("idle past%"), literal("max_lifetime")),
-    (contexts.c.stop_reason.like("force-stopped%"), literal("forced")),
-    (contexts.c.stop_reason.like("%shutting down%"), literal("shutdown")),
-    (contexts.c.stop_reason.like("%no longer configured%"), literal("unconfigured")),
-    else_=literal("other"),
-)
+#: The label of stops without a kind (rows the 0003 migration could not classify).
+OTHER_STOP = "other"
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def metrics_snapshot(tx: Tx) -> MetricsSnapshot:
     starts: dict[str, int] = {}
     for (profile, _), n in by_state.items():
         starts[profile] = starts.get(profile, 0) + n
-    reason = _STOP_REASON.label("reason")
+    reason = func.coalesce(contexts.c.stop_kind, OTHER_STOP).label("reason")
     stops = {
         (r.profile, r.reason): int(r.n)
         for r in tx.conn.execute(
@@ -145,11 +146,6 @@ def metrics_snapshot(tx: Tx) -> MetricsSnapshot:
 
 def max_event_id(tx: Tx) -> int:
     return int(tx.conn.execute(select(func.coalesce(func.max(events.c.id), 0))).scalar_one())
-
-
-def token_by_id(tx: Tx, token_id: str) -> TokenRecord | None:
-    row = tx.conn.execute(select(tokens).where(tokens.c.id == token_id)).one_or_none()
-    return None if row is None else TokenRecord.from_row(row)
 
 
 @dataclass(frozen=True)
@@ -319,7 +315,6 @@ def recent_runs(tx: Tx, *, dag_id: str | None, limit: int) -> list[RunRow]:
     )
     if dag_id is not None:
         stmt = stmt.where(leases.c.dag_id == dag_id)
-    from datetime import UTC
 
     def aware(value: datetime) -> datetime:  # min()/max() bypass the TypeDecorator
         return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

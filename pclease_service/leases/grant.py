@@ -1,0 +1,129 @@
+"""THE transaction that grants a lease: a slot on a context that has room, or a new one.
+
+In order, inside one transaction:
+
+1. An ``Idempotency-Key`` seen before replays its lease (a different request under the same
+   key is refused).
+2. Join a context of the profile that has room (:func:`store.contexts.join_context`: a
+   guarded UPDATE checks room and state, so joining needs no lock and warm profiles never
+   queue). Contexts past the profile's ``max_lifetime_s`` take no new lease
+   (:func:`contexts.rules.joinable_created_after`).
+3. Only when none has room: take the profile's lock, look again, and if the profile may
+   have another context (and the backend can start one), create it ``starting``; the
+   reconciler starts it. A full profile answers when a slot may free up.
+4. Insert the lease: ``active`` on a running or idle context, ``pending`` on a starting one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pclease_service.config import Profile
+from pclease_service.contexts.rules import joinable_created_after
+from pclease_service.db.tx import Tx
+from pclease_service.errors import IdempotencyConflict
+from pclease_service.principals import Principal
+from pclease_service.store import contexts, leases, profiles
+from pclease_service.store.leases import LeaseRecord
+
+
+@dataclass(frozen=True)
+class LeaseAsk:
+    """One validated lease request."""
+
+    principal: Principal
+    profile: Profile
+    holder: Mapping[str, Any]
+    ttl_s: float
+    idempotency_key: str | None
+
+    @property
+    def fingerprint(self) -> str:
+        """What an idempotent replay must match."""
+        payload = {"profile": self.profile.name, "holder": dict(self.holder), "ttl_s": self.ttl_s}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def describe_holder(self) -> str:
+        parts = [str(self.holder[k]) for k in ("dag_id", "run_id", "task_id") if self.holder.get(k)]
+        actor = self.principal.actor
+        return "/".join(parts) + f" ({actor})" if parts else actor
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What one attempt got: a lease, or when to retry, or why no context can start."""
+
+    lease: LeaseRecord | None
+    created: bool
+    retry_after_s: int = 1
+    cannot_start: str | None = None
+
+
+def replay(ask: LeaseAsk, lease: LeaseRecord) -> LeaseRecord:
+    """The lease an ``Idempotency-Key`` made first, if this is the same request."""
+    if lease.request_fingerprint != ask.fingerprint:
+        raise IdempotencyConflict(
+            "this Idempotency-Key was already used for a different lease request; "
+            "use a new key for a new request"
+        )
+    return lease
+
+
+def grant(tx: Tx, ask: LeaseAsk, *, backend: str, cannot_start: str | None) -> Grant:
+    """Grant ``ask`` if the profile has room (see the module docstring). ``cannot_start``
+    says why the backend cannot start a context now (bad credentials), or None."""
+    principal, profile = ask.principal, ask.profile
+    if ask.idempotency_key is not None:
+        existing = leases.lease_by_idempotency_key(tx, principal.token_id, ask.idempotency_key)
+        if existing is not None:
+            return Grant(replay(ask, existing), created=False)
+    who = ask.describe_holder()
+    reason = f"lease requested by {who}"
+    created_after = joinable_created_after(profile, tx.now)
+
+    def join() -> contexts.ContextRecord | None:
+        return contexts.join_context(
+            tx,
+            profile.name,
+            max_leases=profile.max_leases_per_context,
+            created_after=created_after,
+            actor=principal.actor,
+            reason=reason,
+        )
+
+    context = join()
+    if context is None:
+        profiles.lock_profile(tx, profile.name)
+        context = join()
+    if context is None:
+        if contexts.count_live_contexts(tx, profile.name) >= profile.max_contexts:
+            earliest = leases.earliest_expiry(tx, profile.name)
+            retry = 1
+            if earliest is not None:
+                retry = max(1, min(60, math.ceil((earliest - tx.now).total_seconds())))
+            return Grant(None, created=False, retry_after_s=retry)
+        if cannot_start is not None:
+            return Grant(None, created=False, cannot_start=cannot_start)
+        context = contexts.create_context(
+            tx,
+            profile,
+            backend,
+            actor=principal.actor,
+            reason=f"no context of {profile.name!r} had room for {who}",
+        )
+    lease = leases.insert_lease(
+        tx,
+        context=context,
+        token_id=principal.token_id,
+        ttl_s=ask.ttl_s,
+        holder=ask.holder,
+        idempotency_key=ask.idempotency_key,
+        request_fingerprint=ask.fingerprint,
+        actor=principal.actor,
+    )
+    return Grant(lease, created=True)
