@@ -148,10 +148,11 @@ async def test_waiting_request_gets_the_slot_a_release_frees(h: Harness) -> None
     import asyncio
 
     leases = [await h.lease() for _ in range(8)]  # fills both contexts of "small"
+    parked = h.clock.sleeping
     waiter = asyncio.create_task(
         h.client.post("/v1/leases", json={"profile": "small", "wait_s": 10}, headers=h.headers)
     )
-    await asyncio.sleep(0.2)
+    await h.clock.sleepers(parked + 1)  # it waits for capacity, on the service's clock
     assert not waiter.done()
     await h.client.delete(f"/v1/leases/{leases[3]['id']}", headers=h.headers)
     response = await asyncio.wait_for(waiter, 5)
@@ -176,12 +177,15 @@ async def test_waiters_are_served_first_in_first_out(h: Harness) -> None:
 
     tasks = []
     for name in ("first", "second", "third"):
+        parked = h.clock.sleeping
         tasks.append(asyncio.create_task(wait_for_lease(name)))
-        await asyncio.sleep(0.05)
+        await h.clock.sleepers(parked + 1)  # in the queue before the next one arrives
+    pending = set(tasks)
     for lease in leases[:3]:
         await h.client.delete(f"/v1/leases/{lease['id']}", headers=h.headers)
-        await asyncio.sleep(0.05)
-    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        done, pending = await asyncio.wait(pending, timeout=5, return_when="FIRST_COMPLETED")
+        assert len(done) == 1
+        done.pop().result()
     assert order == ["first", "second", "third"]
 
 

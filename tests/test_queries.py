@@ -283,10 +283,11 @@ async def test_long_poll_returns_when_the_query_ends(h: Harness) -> None:
     lease = await active_lease(h)
     q = (await submit(h, lease["id"])).json()
     await h.tick()
+    parked = h.clock.sleeping
     waiter = asyncio.create_task(
         h.client.get(f"/v1/queries/{q['id']}", params={"wait_s": 10}, headers=h.headers)
     )
-    await asyncio.sleep(0.2)
+    await h.clock.sleepers(parked + 1)  # the long poll waits, on the service's clock
     assert not waiter.done()
     h.backend.query_gate.set()
     response = await asyncio.wait_for(waiter, 5)
