@@ -17,9 +17,9 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from tests.airflow_env import ROOT, AirflowEnv, DagRunResult
+from devkit.airflow_env import ROOT, AirflowEnv, DagRunResult
+from devkit.live import LiveServer, run_cli, write_config
 from tests.fakepc import FakePolarsCloud
-from tests.live import LiveServer, run_cli, write_config
 
 pytestmark = pytest.mark.live
 

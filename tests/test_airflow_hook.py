@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 from polars.exceptions import ColumnNotFoundError
 
-from tests.live import LiveServer, run_cli, write_config
+from devkit.live import LiveServer, run_cli, write_config
 
 # Airflow reads its home when first imported; keep it out of the user's.
 os.environ.setdefault("AIRFLOW_HOME", str(Path(__file__).parent / ".airflow-home"))

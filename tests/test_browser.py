@@ -21,13 +21,13 @@ from typing import Any
 import httpx
 import pytest
 
+from devkit.live import LiveServer, run_cli, write_config
 from pclease_service import store
 from pclease_service.config import Profile
 from pclease_service.contexts import lifecycle
 from pclease_service.db.engine import create_db_engine
 from pclease_service.db.tx import Tx
 from pclease_service.states import LeaseState, StopKind
-from tests.live import LiveServer, run_cli, write_config
 
 pytestmark = [pytest.mark.browser, pytest.mark.live]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.live import PCLEASE, write_config
+from devkit.live import PCLEASE, write_config
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -14,9 +14,9 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from devkit.live import LiveServer, run_cli, write_config
 from pclease_service.db.engine import create_db_engine
 from pclease_service.db.schema import contexts, events
-from tests.live import LiveServer, run_cli, write_config
 
 pytestmark = pytest.mark.live
 

@@ -18,12 +18,12 @@ import polars as pl
 import pytest
 from sqlalchemy import select
 
+from devkit.live import LiveServer, run_cli, write_config
 from pclease_client import PcleaseClient, QueryFailed
 from pclease_service.dashboard.sessions import LOGIN_COOKIE
 from pclease_service.db.engine import create_db_engine
 from pclease_service.db.schema import metadata
 from tests.fakepc import FakePolarsCloud
-from tests.live import LiveServer, run_cli, write_config
 
 pytestmark = pytest.mark.live
 
@@ -143,7 +143,7 @@ def _start_unready(server: LiveServer) -> None:
     """Start without waiting for /readyz (which is expected to fail)."""
     import subprocess
 
-    from tests.live import PCLEASE
+    from devkit.live import PCLEASE
 
     server._log = server.log_path.open("ab")
     server.proc = subprocess.Popen(

@@ -11,9 +11,9 @@ from typing import Any
 import polars as pl
 import pytest
 
+from devkit.live import LiveServer, run_cli, write_config
 from pclease_client import LeaseLost, PcleaseClient, QueryFailed, build_submission
 from pclease_client.errors import PcleaseHTTPError
-from tests.live import LiveServer, run_cli, write_config
 
 pytestmark = pytest.mark.live
 

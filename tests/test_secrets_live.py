@@ -13,11 +13,11 @@ import polars as pl
 import pytest
 from sqlalchemy import select
 
+from devkit.live import LiveServer, run_cli, write_config
 from pclease_client import PcleaseClient
 from pclease_service.dashboard.sessions import LOGIN_COOKIE
 from pclease_service.db.engine import create_db_engine
 from pclease_service.db.schema import metadata
-from tests.live import LiveServer, run_cli, write_config
 
 pytestmark = pytest.mark.live
 
