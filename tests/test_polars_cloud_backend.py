@@ -21,7 +21,6 @@ import polars as pl
 import pytest
 
 from pclease_client.plans import build_submission
-from pclease_service.backends._polars_cloud_client import CloudClient
 from pclease_service.backends.base import (
     LABEL_CONTEXT_ID,
     LABEL_INSTANCE,
@@ -36,6 +35,7 @@ from pclease_service.backends.base import (
 )
 from pclease_service.backends.memory import MemoryBackend
 from pclease_service.backends.polars_cloud import PolarsCloudBackend
+from pclease_service.backends.polars_cloud.host import ClientHost, client_environment
 from pclease_service.config import ConfigError, Settings, load_settings
 from pclease_service.credentials import ServiceAccount, TokenProvider, create_source
 from pclease_service.errors import BackendError
@@ -85,7 +85,7 @@ def make_backend(
     *,
     secret: str = SECRET,
     profiles: dict[str, Any] | None = None,
-    client: CloudClient | None = None,
+    host: ClientHost | None = None,
     **pc: Any,
 ) -> PolarsCloudBackend:
     id_file, secret_file = tmp_path / "client_id", tmp_path / "client_secret"
@@ -116,7 +116,7 @@ def make_backend(
         refresh_margin_s=options.token_refresh_margin_s,
         retry_delays_s=(0.1,),
     )
-    backend = PolarsCloudBackend(settings, provider, client=client)
+    backend = PolarsCloudBackend(settings, provider, host=host)
     _made.append(backend)
     return backend
 
@@ -517,36 +517,43 @@ async def test_one_unknown_workspace_does_not_hide_the_others(
 # -- the process around the client ----------------------------------------------------------
 
 
-async def test_env_credentials_leave_the_environment_before_the_client_runs(
+async def test_the_client_runs_without_the_credentials_and_the_service_keeps_its_environment(
     cloud: FakePolarsCloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("POLARS_CLOUD_CLIENT_ID", CLIENT_ID)
     monkeypatch.setenv("POLARS_CLOUD_CLIENT_SECRET", SECRET)
+    before = dict(os.environ)
     backend = make_backend(cloud, tmp_path, credentials={"source": "env"})
-    assert "POLARS_CLOUD_CLIENT_ID" not in os.environ
-    assert "POLARS_CLOUD_CLIENT_SECRET" not in os.environ
-    assert SECRET not in "".join(os.environ.values())
     assert backend.provider.source.load() == ServiceAccount.of(CLIENT_ID, SECRET)
     await running(backend, spec())
+    assert dict(os.environ) == before  # the service's own environment is never edited
+    pid = backend.host.pid
+    assert pid is not None
+    environ = await asyncio.to_thread(Path(f"/proc/{pid}/environ").read_bytes)
+    client_env = environ.split(b"\0")
+    names = {line.split(b"=", 1)[0].decode() for line in client_env if line}
+    assert "POLARS_CLOUD_CLIENT_ID" not in names
+    assert "POLARS_CLOUD_CLIENT_SECRET" not in names
+    assert SECRET.encode() not in b"".join(client_env)
 
 
-class ThreadRecordingClient(CloudClient):
-    def __init__(self) -> None:
-        super().__init__()
+class ThreadRecordingHost(ClientHost):
+    def __init__(self, api_addr: str, config_dir: Path) -> None:
+        super().__init__(client_environment(api_addr, config_dir))
         self.threads: list[str] = []
 
-    def user_id(self) -> str:
+    def call(self, token: str, method: str, *args: Any, **kwargs: Any) -> Any:
         self.threads.append(threading.current_thread().name)
-        return super().user_id()
+        return super().call(token, method, *args, **kwargs)
 
 
 async def test_client_calls_run_on_the_backends_own_threads(
     cloud: FakePolarsCloud, tmp_path: Path
 ) -> None:
-    client = ThreadRecordingClient()
-    backend = make_backend(cloud, tmp_path, client=client)
+    host = ThreadRecordingHost(cloud.url, tmp_path / "client")
+    backend = make_backend(cloud, tmp_path, host=host)
     await backend.list()
-    assert client.threads and client.threads[0].startswith("pclease-polars-cloud")
+    assert host.threads and host.threads[0].startswith("pclease-polars-cloud")
     await backend.close()
     with pytest.raises(BackendError, match="closed"):
         await backend.start(spec())

@@ -22,7 +22,9 @@ Facts this module relies on (observed with polars-cloud 0.12.0):
   have valid authentication credentials". 404 raises ``NotFoundError``. 429 is retried inside
   the client for about 10 s; nothing else is retried.
 
-Everything here is blocking; the backend calls it in threads.
+Everything here is blocking and runs in the client's own process
+(:mod:`~pclease_service.backends.polars_cloud.host`), never in the service's: the client
+is configured through environment variables, and that environment is the host's.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -86,25 +87,11 @@ class QueryOutput:
     errors: tuple[str, ...]
 
 
-def prepare_environment(
-    api_addr: str | None, config_dir: Path, *, remove: Sequence[str] = ()
-) -> None:
-    """Point the client at ``api_addr``, keep its files in ``config_dir`` and take the
-    variables ``remove`` out of the environment; call before the first client call of the
-    process."""
-    config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with _env_lock:
-        for name in remove:
-            os.environ.pop(name, None)
-        os.environ[CONFIG_DIR_ENV] = str(config_dir)
-        if api_addr:
-            os.environ[API_ADDR_ENV] = api_addr
-
-
 def use_token(token: str) -> None:
-    """Make ``token`` the one the client sends. Only writes when it changed: glibc's
-    ``setenv`` replaces an existing variable's pointer without freeing the old string, so
-    a reader in a client thread sees either the old or the new token."""
+    """Make ``token`` the one the client sends (in the host process's environment). Only
+    writes when it changed: glibc's ``setenv`` replaces an existing variable's pointer
+    without freeing the old string, so a reader in a client thread sees either the old or
+    the new token."""
     with _env_lock:
         if os.environ.get(TOKEN_ENV) != token:
             os.environ[TOKEN_ENV] = token
