@@ -517,7 +517,9 @@ async def test_overview_with_hundreds_of_contexts_and_thousands_of_leases(h: Har
 
 
 def test_lease_states_render_with_a_colour() -> None:
-    css = (Path(__file__).parent.parent / "pclease_service/dashboard/static/dashboard.css").read_text()
+    css = (
+        Path(__file__).parent.parent / "pclease_service/dashboard/static/dashboard.css"
+    ).read_text()
     for state in [*ContextState, *LeaseState]:
         assert f".s-{state.value}" in css
 
