@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,11 +29,22 @@ def _settings(config_file: Path | None) -> Settings:
 
 
 def _engine(settings: Settings) -> Any:
-    from pclease_service.db.engine import create_db_engine
+    from sqlalchemy.exc import OperationalError
+
+    from pclease_service.db.engine import create_db_engine, redacted
     from pclease_service.db.migrate import current_revision, head_revision
 
     engine = create_db_engine(settings.resolved_database_url, pool_size=1)
-    if current_revision(engine) != head_revision(settings.resolved_database_url):
+    try:
+        current = current_revision(engine)
+    except OperationalError as exc:
+        engine.dispose()
+        raise click.ClickException(
+            f"cannot reach the database {redacted(settings.resolved_database_url)}: "
+            f"{type(exc.orig or exc).__name__}; check database_url and that the server runs"
+        ) from None
+    if current != head_revision(settings.resolved_database_url):
+        engine.dispose()
         raise click.ClickException(
             "the database is not at the current schema; run `pclease db upgrade` first"
         )
@@ -76,10 +88,21 @@ def main() -> None:
     help="json: one JSON object a line, with lease and context ids [default: log_format "
     "from the config, text]",
 )
+@click.option(
+    "--no-migrate",
+    is_flag=True,
+    help="Do not migrate the database at startup; refuse to start unless it is already at "
+    "the current schema (for deployments where a separate job runs `pclease db upgrade`).",
+)
 def serve(
-    config_file: Path | None, host: str, port: int, log_level: str, log_format: str | None
+    config_file: Path | None,
+    host: str,
+    port: int,
+    log_level: str,
+    log_format: str | None,
+    no_migrate: bool,
 ) -> None:
-    """Run the service (migrates the database first)."""
+    """Run the service (migrates the database first, unless --no-migrate)."""
     import uvicorn
 
     from pclease_service import logs
@@ -91,9 +114,28 @@ def serve(
     if log_format is not None:
         settings = settings.model_copy(update={"log_format": LogFormat(log_format)})
     logs.configure(settings.log_format, log_level)
-    app = create_app(Service(settings))
+    if no_migrate:
+        _engine(settings).dispose()
+    _keep_running_on_sighup(settings)
+    app = create_app(Service(settings, migrate=not no_migrate))
     # log_config=None: uvicorn's loggers propagate to the handler configured above.
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, log_config=None)
+
+
+def _keep_running_on_sighup(settings: Settings) -> None:
+    """SIGHUP is the reload signal (``systemctl reload``, ``kill -HUP``). The service
+    replaces this handler with one that re-reads the Polars Cloud credentials when it has
+    any; without credentials there is nothing to re-read, but the signal's default action
+    would end the process."""
+    import logging
+    import signal
+
+    log = logging.getLogger("pclease")
+
+    def on_sighup(signum: int, frame: object) -> None:
+        log.info("SIGHUP: the %s backend has no credentials to re-read", settings.backend.value)
+
+    signal.signal(signal.SIGHUP, on_sighup)
 
 
 @main.group()
@@ -130,26 +172,92 @@ def token() -> None:
     type=click.Choice(["lease", "read", "admin"]),
     help="lease: take and run leases; read: see everything; admin: everything.",
 )
-def token_create(config_file: Path | None, name: str, scopes: tuple[str, ...]) -> None:
-    """Create a token and print it once (only its hash is stored)."""
+@click.option(
+    "--value-from-env",
+    "value_env",
+    metavar="VAR",
+    help="Take the token's value from environment variable VAR (e.g. filled from a secret "
+    "manager) instead of generating one; the value is never printed.",
+)
+@click.option(
+    "--value-from-stdin",
+    is_flag=True,
+    help="Read the token's value from the first line of standard input instead of "
+    "generating one; the value is never printed.",
+)
+def token_create(
+    config_file: Path | None,
+    name: str,
+    scopes: tuple[str, ...],
+    value_env: str | None,
+    value_from_stdin: bool,
+) -> None:
+    """Create a token and print it once (only its hash is stored).
+
+    With --value-from-env or --value-from-stdin the value is provisioned elsewhere (32 to
+    512 characters: letters, digits, - . _ ~ + /). Running the same command again with the
+    same value and scopes changes nothing and succeeds, so a deployment job can repeat it.
+    """
     from pclease_service.principals import generate, hash_token
     from pclease_service.store import tokens
 
     if not 1 <= len(name) <= 100:
         raise click.BadParameter("a token name is 1 to 100 characters", param_hint="NAME")
+    provided = _provided_token(value_env, value_from_stdin)
     engine = _engine(_settings(config_file))
-    value = generate()
+    value = provided if provided is not None else generate()
+    token_hash = hash_token(value)
     with _tx(engine) as tx:
-        if tokens.token_by_name(tx, name) is not None:
+        existing = tokens.token_by_name(tx, name)
+        if (
+            provided is not None
+            and existing is not None
+            and existing.token_hash == token_hash
+            and existing.revoked_at is None
+            and existing.scopes == frozenset(scopes)
+        ):
+            click.echo(f"token {name!r} already exists with this value and scopes", err=True)
+            return
+        if existing is not None:
             raise click.ClickException(
                 f"a token named {name!r} exists; revoke it or pick another name"
             )
-        tokens.insert_token(tx, name=name, token_hash=hash_token(value), scopes=scopes)
+        if tokens.token_by_hash(tx, token_hash) is not None:
+            raise click.ClickException(
+                "another token already has this value; give every token its own value"
+            )
+        tokens.insert_token(tx, name=name, token_hash=token_hash, scopes=scopes)
+    what = f"token {name!r} ({', '.join(sorted(scopes))})"
+    if provided is not None:
+        click.echo(f"{what} created with the value provided; it is not printed", err=True)
+        return
     click.echo(value)
-    click.echo(
-        f"token {name!r} ({', '.join(sorted(scopes))}): store it now, it is not shown again",
-        err=True,
-    )
+    click.echo(f"{what}: store it now, it is not shown again", err=True)
+
+
+def _provided_token(value_env: str | None, from_stdin: bool) -> str | None:
+    from pclease_service.principals import check_provided
+
+    if value_env is not None and from_stdin:
+        raise click.UsageError("give --value-from-env or --value-from-stdin, not both")
+    if value_env is not None:
+        value = os.environ.get(value_env)
+        if not value:
+            raise click.BadParameter(
+                f"environment variable {value_env} is not set or empty",
+                param_hint="--value-from-env",
+            )
+        source = "--value-from-env"
+    elif from_stdin:
+        # One line, its line ending dropped: what `echo` or a secret manager's CLI pipes in.
+        value = sys.stdin.readline().rstrip("\r\n")
+        source = "--value-from-stdin"
+    else:
+        return None
+    try:
+        return check_provided(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=source) from None
 
 
 @token.command("list")
