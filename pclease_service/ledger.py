@@ -24,7 +24,7 @@ UP_STATES = (ContextState.STARTING, ContextState.RUNNING, ContextState.IDLE, Con
 @dataclass
 class _Open:
     profile: str
-    state: str
+    state: ContextState
     since: datetime
     hourly_cost: float
 
@@ -35,7 +35,7 @@ class Interval:
 
     context_id: str
     profile: str
-    state: str
+    state: ContextState
     start: datetime
     end: datetime | None
     hourly_cost: float
@@ -94,8 +94,9 @@ class InstanceLedger:
         if current is not None:
             at = max(at, current.since)
             self._close(row.context_id, current, at)
-        if row.to_state in {s.value for s in UP_STATES}:
-            self._open[row.context_id] = _Open(row.profile, row.to_state, at, row.hourly_cost)
+        if row.to_state in UP_STATES:
+            state = ContextState(row.to_state)
+            self._open[row.context_id] = _Open(row.profile, state, at, row.hourly_cost)
 
     def _close(self, context_id: str, span: _Open, end: datetime) -> None:
         seconds = (end - span.since).total_seconds()

@@ -248,7 +248,13 @@ async def test_idle_countdown_and_cost_after_release(h: Harness) -> None:
     ended = await client.get("/ui/", params={"state": "ended"})
     assert_page(ended, 200, lease["context_id"][:8], "stopped")
     history = await client.get(f"/ui/contexts/{lease['context_id']}")
-    assert_page(history, 200, "idle for its grace period of 30 s", "the backend confirmed")
+    assert_page(
+        history,
+        200,
+        "idle for its grace period of 30 s",
+        "the backend confirmed",
+        "its idle grace ran out",  # the stop kind, not the reason text
+    )
     await client.aclose()
 
 

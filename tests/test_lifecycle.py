@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 from pclease_service import store
@@ -63,7 +64,27 @@ async def test_last_release_idles_then_grace_stops(h: Harness) -> None:
     stopped = await h.context(cid)
     assert stopped["state"] == "stopped"
     assert "grace" in stopped["stop_reason"]
+    assert stopped["stop_kind"] == "idle"
     assert [c for c in h.backend.calls if c[0] == "stop"] == [("stop", "mem-1")]
+
+
+async def test_stops_at_is_the_first_of_grace_and_max_lifetime(make_harness: Any) -> None:
+    """The API's stops_at, the dashboard's countdown and the reconciler agree: one rule."""
+    profiles = {"small": {"cpus": 1, "memory_gb": 1, "idle_grace_s": 600, "max_lifetime_s": 100}}
+    h: Harness = await make_harness(profiles=profiles)
+    lease = await h.lease()
+    await h.settle()
+    h.clock.advance(40)
+    await h.client.delete(f"/v1/leases/{lease['id']}", headers=h.headers)
+    idle = await h.context(lease["context_id"])
+    created = datetime.fromisoformat(idle["created_at"])
+    assert datetime.fromisoformat(idle["stops_at"]) == created + timedelta(seconds=100)
+    await h.tick(59)
+    assert (await h.context(lease["context_id"]))["state"] == "idle"
+    await h.tick(1)
+    stopped = await h.context(lease["context_id"])
+    assert stopped["state"] == "stopped"
+    assert stopped["stop_kind"] == "max_lifetime"
 
 
 async def test_idle_context_is_reused_without_a_new_start(h: Harness) -> None:

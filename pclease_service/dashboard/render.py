@@ -19,7 +19,7 @@ from pclease_service.contexts.rules import planned_stop
 from pclease_service.credentials import CredentialStatus
 from pclease_service.dashboard.sessions import SESSION_COOKIE, Session, SessionSigner
 from pclease_service.errors import PageError, SignInRequired
-from pclease_service.ledger import InstanceLedger
+from pclease_service.ledger import UP_STATES, InstanceLedger
 from pclease_service.principals import Principal
 from pclease_service.runtime import Service
 from pclease_service.states import ContextState, LeaseState, StopKind
@@ -27,6 +27,15 @@ from pclease_service.store.contexts import ContextRecord
 from pclease_service.store.leases import LeaseRecord
 
 HERE = Path(__file__).parent
+#: How each stop kind reads on a page.
+STOP_KINDS = {
+    StopKind.IDLE: "its idle grace ran out",
+    StopKind.MAX_LIFETIME: "it reached its max lifetime",
+    StopKind.UNCONFIGURED: "its profile is no longer configured",
+    StopKind.FORCED: "an admin stopped it",
+    StopKind.SHUTDOWN: "the service shut down",
+    StopKind.FAILED: "it failed",
+}
 _ID = re.compile(r"^[0-9a-fA-F-]{1,36}$")
 FRAGMENT_HEADER = "x-pclease-fragment"
 
@@ -172,6 +181,8 @@ class Dashboard:
             ContextState=ContextState,
             LeaseState=LeaseState,
             StopKind=StopKind,
+            up_states=[s.value for s in UP_STATES],
+            stop_kinds=STOP_KINDS,
         )
 
     async def principal(self, token_id: str) -> Principal | None:
