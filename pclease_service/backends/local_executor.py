@@ -71,7 +71,8 @@ def _vm_size_bytes() -> int:
 
 
 class QueryError(Exception):
-    """A query ended without a result; ``type`` is the outcome's error type."""
+    """A query ended (or was refused) without a result; ``type`` is the outcome's error
+    type. Raised and answered inside the worker and its executor only."""
 
     def __init__(self, type: str, message: str) -> None:
         super().__init__(f"{type}: {message}")

@@ -69,6 +69,7 @@ from multiprocessing.connection import wait as wait_readable
 from pathlib import Path
 
 from pclease_service.backends.local_executor import (
+    QueryError,
     executor_main,
     looks_like_oom,
     memory_error_message,
@@ -98,15 +99,6 @@ EXECUTOR_STDERR_LINES = 20
 RESPAWN_MIN_LIFETIME_S = 10.0
 
 log = logging.getLogger("pclease.local_worker")
-
-
-class QueryError(Exception):
-    """A query request the worker refuses; ``type`` is the outcome's error type."""
-
-    def __init__(self, type: str, message: str) -> None:
-        super().__init__(f"{type}: {message}")
-        self.type = type
-        self.message = message
 
 
 class _ExecutorProcess:
