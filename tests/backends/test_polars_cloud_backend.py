@@ -40,8 +40,8 @@ from pclease_service.config import ConfigError, Settings, load_settings
 from pclease_service.credentials import ServiceAccount, TokenProvider, create_source
 from pclease_service.errors import BackendError
 from pclease_service.plans.targets import QueryTarget
-from tests.conftest import Harness
 from tests.fakepc import FakePolarsCloud
+from tests.harness import Harness
 
 CLIENT_ID = "pc-client-id"
 SECRET = "pcs_" + secrets.token_urlsafe(24)

@@ -21,7 +21,7 @@ from airflow.sdk import Connection
 
 from airflow_plugin.hooks import settings_from_connection
 from pclease_service.config import CONFIG_ENV_VAR
-from tests.deploy_support import (
+from tests.deploy.deploy_support import (
     COMPOSE_DIR,
     ROOT,
     MissingVariable,

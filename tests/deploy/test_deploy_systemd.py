@@ -12,7 +12,7 @@ from pathlib import Path
 
 from devkit.live import LiveServer, write_config
 from pclease_service.config import Settings
-from tests.deploy_support import DEPLOY, longest_held_request_s, parse_cli
+from tests.deploy.deploy_support import DEPLOY, longest_held_request_s, parse_cli
 
 UNIT = DEPLOY / "systemd" / "pclease.service"
 

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from pclease_service import principals, store
 from pclease_service.db.schema import events
-from tests.conftest import Harness
+from tests.harness import Harness
 
 HOLDER = {"dag_id": "etl", "run_id": "r1", "task_id": "t1"}
 UNKNOWN_ID = "00000000-0000-4000-8000-000000000000"

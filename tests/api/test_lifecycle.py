@@ -8,7 +8,7 @@ from typing import Any
 from pclease_service import store
 from pclease_service.backends.base import LABEL_CONTEXT_ID, LABEL_INSTANCE, LABEL_MANAGED_BY
 from pclease_service.states import StopKind
-from tests.conftest import Harness
+from tests.harness import Harness
 
 AIRFLOW_HOLDER = {
     "dag_id": "etl",

@@ -21,7 +21,7 @@ from pclease_service.api.app import create_app
 from pclease_service.backends.memory import MemoryBackend
 from pclease_service.clock import FakeClock
 from pclease_service.runtime import Service
-from tests.conftest import Harness, _truncate, make_settings
+from tests.harness import Harness, make_settings, truncate
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -359,7 +359,7 @@ def shared_database_url(
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path_factory.mktemp('api-input') / 'pclease.db'}"
     url: str = request.getfixturevalue("pg_database")
-    _truncate(url)
+    truncate(url)
     return url
 
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from devkit.live import LiveServer, free_port, write_config
-from tests.deploy_support import COMPOSE_DIR, DEPLOY, ROOT, app_routes, parse_cli, render
+from tests.deploy.deploy_support import COMPOSE_DIR, DEPLOY, ROOT, app_routes, parse_cli, render
 
 DOCKERFILE = ROOT / "Dockerfile"
 HEALTHCHECK = DEPLOY / "docker" / "healthcheck.py"

@@ -14,7 +14,7 @@ import pytest
 from pclease_client import build_submission
 from pclease_client.plans import Submission
 from pclease_service.backends.base import QueryOutcome
-from tests.conftest import PROFILES, Harness
+from tests.harness import PROFILES, Harness
 
 
 def plan(target: str = "collect", destination: str | None = None, **kw: Any) -> Submission:

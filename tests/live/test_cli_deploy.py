@@ -20,7 +20,7 @@ from devkit.live import PCLEASE, LiveServer, write_config
 from pclease_service import principals
 from pclease_service.db.engine import create_db_engine
 from pclease_service.db.schema import tokens as tokens_table
-from tests.conftest import PG_ADMIN_DSN
+from tests.harness import PG_ADMIN_DSN
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 
 from pclease_service.config import CONFIG_ENV_VAR, Settings
-from tests.deploy_support import (
+from tests.deploy.deploy_support import (
     POLARS_CLOUD_SECRET,
     ROOT,
     app_routes,

@@ -30,7 +30,7 @@ from tests.fakepc.protowire import decode, encode, first_bytes
 CLIENT_ID = "pc-client-id"
 SECRET = "pc-client-secret"
 WS = "pclease-ws"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SUBMIT = "/polars_cloud.control_plane.client.v1.ClientService/SubmitQuery"
 
 PRELUDE = """\

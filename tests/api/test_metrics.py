@@ -15,7 +15,7 @@ from pclease_service.api.app import create_app
 from pclease_service.config import LogFormat
 from pclease_service.ledger import InstanceLedger
 from pclease_service.logs import JsonFormatter, RequestLog
-from tests.conftest import Harness
+from tests.harness import Harness
 
 HOLDER = {"dag_id": "etl", "run_id": "r1", "task_id": "load"}
 

@@ -44,7 +44,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-DOCS = Path(__file__).parent.parent / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 SHOTS = (
     DOCS
     if os.environ.get("PCLEASE_UPDATE_SCREENSHOTS") == "1"

@@ -29,7 +29,7 @@ from pclease_service.cli import main as pclease_cli
 from pclease_service.config import CONFIG_ENV_VAR, Settings, load_settings
 from pclease_service.runtime import Service
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 KUSTOMIZE = DEPLOY / "kubernetes"
 COMPOSE_DIR = DEPLOY / "compose"

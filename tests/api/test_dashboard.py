@@ -22,7 +22,7 @@ from pclease_service.db.tx import Tx
 from pclease_service.errors import BackendError
 from pclease_service.ledger import Interval
 from pclease_service.states import ContextState, LeaseState
-from tests.conftest import PROFILES, Harness
+from tests.harness import PROFILES, Harness
 
 CLOUD_SECRET = "pc-client-secret-0f9e8d7c6b5a"
 HOLDER = {"dag_id": "etl", "run_id": "manual__2026-01-01", "task_id": "load"}
@@ -527,7 +527,7 @@ async def test_overview_with_hundreds_of_contexts_and_thousands_of_leases(h: Har
 
 def test_lease_states_render_with_a_colour() -> None:
     css = (
-        Path(__file__).parent.parent / "pclease_service/dashboard/static/dashboard.css"
+        Path(__file__).resolve().parents[2] / "pclease_service/dashboard/static/dashboard.css"
     ).read_text()
     for state in [*ContextState, *LeaseState]:
         assert f".s-{state.value}" in css
