@@ -10,6 +10,8 @@ things FastAPI cannot be told per route are settled here, once:
   routes whose input can be refused declare their 422 themselves, so FastAPI's is dropped.
 - A query's options travel as a JSON string in a multipart form; the document says so
   (``contentMediaType``) and gives that string its schema, ``QueryOptions``.
+- Links say where the id in an answer leads (a new lease to its heartbeat, release and
+  queries; a new query to its state and result), for readers and for stateful fuzzers.
 """
 
 from __future__ import annotations
@@ -27,6 +29,31 @@ from service.api.schemas import QueryOptions
 _FASTAPI_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
 _REF = "#/components/schemas/{model}"
 
+_LEASE_ID = {"lease_id": "$response.body#/id"}
+_QUERY_ID = {"query_id": "$response.body#/id"}
+#: (method, path, status) of an answer -> its links: name -> (method, path, parameters).
+_LINKS: dict[tuple[str, str, str], dict[str, tuple[str, str, dict[str, str]]]] = {
+    ("post", "/v1/leases", status): {
+        "GetLease": ("get", "/v1/leases/{lease_id}", _LEASE_ID),
+        "Heartbeat": ("post", "/v1/leases/{lease_id}/heartbeat", _LEASE_ID),
+        "Release": ("delete", "/v1/leases/{lease_id}", _LEASE_ID),
+        "SubmitQuery": ("post", "/v1/leases/{lease_id}/queries", _LEASE_ID),
+        "ListQueries": ("get", "/v1/leases/{lease_id}/queries", _LEASE_ID),
+        "GetContext": (
+            "get",
+            "/v1/contexts/{context_id}",
+            {"context_id": "$response.body#/context_id"},
+        ),
+    }
+    for status in ("200", "201")
+} | {
+    ("post", "/v1/leases/{lease_id}/queries", "202"): {
+        "GetQuery": ("get", "/v1/queries/{query_id}", _QUERY_ID),
+        "CancelQuery": ("post", "/v1/queries/{query_id}/cancel", _QUERY_ID),
+        "QueryResult": ("get", "/v1/queries/{query_id}/result", _QUERY_ID),
+    }
+}
+
 
 def complete(document: dict[str, Any]) -> dict[str, Any]:
     """Finish FastAPI's ``document`` in place (and return it)."""
@@ -38,6 +65,14 @@ def complete(document: dict[str, Any]) -> dict[str, Any]:
                 del operation["responses"]["422"]
     for name in _FASTAPI_VALIDATION_SCHEMAS:
         schemas.pop(name, None)
+
+    paths = document.get("paths", {})
+    for (method, path, status), links in _LINKS.items():
+        response = paths[path][method]["responses"][status]
+        response["links"] = {
+            name: {"operationId": paths[to][verb]["operationId"], "parameters": parameters}
+            for name, (verb, to, parameters) in links.items()
+        }
 
     options = QueryOptions.model_json_schema(ref_template=_REF)
     schemas.update(options.pop("$defs", {}))

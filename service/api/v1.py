@@ -109,7 +109,7 @@ async def list_profiles(service: ServiceDep, _: PrincipalDep) -> ProfileList:
     status_code=status.HTTP_201_CREATED,
     tags=["leases"],
     responses={
-        200: {"description": "An Idempotency-Key replay: the lease made first."},
+        200: {"model": LeaseOut, "description": "An Idempotency-Key replay: the lease made first."},
         **errors(400, 403, 409, 413, 422, 429, 503),
     },
 )
