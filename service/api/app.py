@@ -1,5 +1,5 @@
-"""The FastAPI application: lifespan, error mapping, the request-size guard and the
-OpenAPI document."""
+"""The FastAPI application: lifespan, error mapping and the request-size guard (its OpenAPI
+document is finished in :mod:`service.api.openapi`)."""
 
 from __future__ import annotations
 
