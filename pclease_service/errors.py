@@ -20,7 +20,8 @@
     ├── LeaseEnded                    410 lease_ended
     ├── PayloadTooLarge               413 payload_too_large
     ├── CapacityExhausted             429 capacity_exhausted
-    └── BackendUnavailable            503 backend_unavailable
+    ├── BackendUnavailable            503 backend_unavailable
+    └── DatabaseBusy                  503 database_busy
 
 Each message tells the caller what to do next. The API turns them into
 ``{"error": {"code": ..., "message": ...}}`` in one handler (``service.api.app``).
@@ -146,3 +147,11 @@ class PlanRefused(InvalidInput):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class DatabaseBusy(PcleaseError):
+    """A write kept losing to concurrent ones (deadlocks, serialization failures) after
+    every retry the service makes itself."""
+
+    status = 503
+    code = "database_busy"

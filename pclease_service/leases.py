@@ -207,19 +207,47 @@ class LeaseManager:
         idempotency_key: str | None,
         cannot_start: str | None = None,
     ) -> _Acquired:
-        def unit(tx: Tx) -> _Acquired:
-            if idempotency_key is not None:
-                existing = store.lease_by_idempotency_key(tx, principal.token_id, idempotency_key)
-                if existing is not None:
-                    return _Acquired(self._replay(existing, fp), created=False)
-            who = _describe_holder(holder, principal)
-            reason = f"lease requested by {who}"
-            # Joining needs no lock: the guarded UPDATE checks room and state itself. Only
-            # creating a context does, so warm profiles never queue on the profile lock.
+        who = _describe_holder(holder, principal)
+        reason = f"lease requested by {who}"
+
+        def replayed(tx: Tx) -> _Acquired | None:
+            if idempotency_key is None:
+                return None
+            existing = store.lease_by_idempotency_key(tx, principal.token_id, idempotency_key)
+            if existing is None:
+                return None
+            return _Acquired(self._replay(existing, fp), created=False)
+
+        def lease_on(tx: Tx, context: store.ContextRecord) -> _Acquired:
+            lease = store.insert_lease(
+                tx,
+                context=context,
+                token_id=principal.token_id,
+                ttl_s=ttl,
+                holder=holder,
+                idempotency_key=idempotency_key,
+                request_fingerprint=fp,
+                actor=principal.actor,
+            )
+            return _Acquired(lease, created=True)
+
+        def join(tx: Tx) -> _Acquired | None:
+            # A context with room that nobody is changing right now: no profile lock, and
+            # no waiting, so warm profiles never queue here.
+            if (outcome := replayed(tx)) is not None:
+                return outcome
+            context = store.join_context(
+                tx, profile, actor=principal.actor, reason=reason, wait=False
+            )
+            return None if context is None else lease_on(tx, context)
+
+        def allocate(tx: Tx) -> _Acquired:
+            # A transaction of its own, so it holds no context row when it asks for the
+            # profile lock (the lock order of store.lock_profile).
+            if (outcome := replayed(tx)) is not None:
+                return outcome
+            store.lock_profile(tx, profile.name)
             context = store.join_context(tx, profile, actor=principal.actor, reason=reason)
-            if context is None:
-                store.lock_profile(tx, profile.name)
-                context = store.join_context(tx, profile, actor=principal.actor, reason=reason)
             if context is None:
                 if store.count_live_contexts(tx, profile.name) >= profile.max_contexts:
                     earliest = store.earliest_expiry(tx, profile.name)
@@ -236,20 +264,12 @@ class LeaseManager:
                     actor=principal.actor,
                     reason=f"no context of {profile.name!r} had room for {who}",
                 )
-            lease = store.insert_lease(
-                tx,
-                context=context,
-                token_id=principal.token_id,
-                ttl_s=ttl,
-                holder=holder,
-                idempotency_key=idempotency_key,
-                request_fingerprint=fp,
-                actor=principal.actor,
-            )
-            return _Acquired(lease, created=True)
+            return lease_on(tx, context)
 
         try:
-            outcome = await self.db.write(unit)
+            outcome = await self.db.write(join)
+            if outcome is None:
+                outcome = await self.db.write(allocate)
         except IntegrityError:
             # The same Idempotency-Key raced in concurrently and the other request won.
             if idempotency_key is None:

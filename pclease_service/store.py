@@ -306,7 +306,14 @@ def sync_profiles(tx: Tx, names: Iterable[str]) -> None:
 
 
 def lock_profile(tx: Tx, name: str) -> None:
-    """Serialise context allocation for one profile until the transaction ends."""
+    """Serialise context allocation for one profile until the transaction ends.
+
+    Lock order: a transaction takes the profile lock before any context row of that
+    profile, and holds no context row when it asks for it. PostgreSQL keeps the row lock of
+    every row an ``UPDATE`` had to wait for, even when the row then no longer matched its
+    ``WHERE``; a failed join that went on to take the profile lock in the same transaction
+    so held a context another allocator was waiting for, and the two deadlocked.
+    """
     result = tx.conn.execute(
         update(profiles)
         .where(profiles.c.name == name)
@@ -325,11 +332,17 @@ _PREFERENCE = case(
 )
 
 
-def join_context(tx: Tx, profile: Profile, *, actor: str, reason: str) -> ContextRecord | None:
+def join_context(
+    tx: Tx, profile: Profile, *, actor: str, reason: str, wait: bool = True
+) -> ContextRecord | None:
     """Take a slot on a joinable context of ``profile``: +1 refcount, and idle → running.
 
     Running contexts are preferred over idle ones (no state change) and over starting
     ones (no wait), and fuller contexts over emptier ones, so spare ones go idle and stop.
+
+    With ``wait=False`` a context another transaction holds locked right now is skipped
+    (``SKIP LOCKED`` on PostgreSQL), so the call never waits for a lock. Only a caller that
+    holds the profile lock may wait (see :func:`lock_profile`).
     """
     conditions = [
         contexts.c.profile == profile.name,
@@ -340,12 +353,16 @@ def join_context(tx: Tx, profile: Profile, *, actor: str, reason: str) -> Contex
         cutoff = tx.now - timedelta(seconds=profile.max_lifetime_s)
         conditions.append(contexts.c.created_at > cutoff)
     for _ in range(5):
-        candidates = tx.conn.execute(
+        stmt = (
             select(contexts.c.id, contexts.c.state)
             .where(*conditions)
             .order_by(_PREFERENCE, contexts.c.refcount.desc(), contexts.c.created_at)
-            .limit(5)
-        ).all()
+        )
+        if not wait:
+            # Lock the one best context that nobody holds (SQLite has no row locks and
+            # renders nothing here: its writers are serialised anyway).
+            stmt = stmt.limit(1).with_for_update(skip_locked=True, key_share=True)
+        candidates = tx.conn.execute(stmt.limit(5) if wait else stmt).all()
         if not candidates:
             return None
         for context_id, state in candidates:

@@ -1,4 +1,5 @@
-"""The FastAPI application: lifespan, error mapping and the request-size guard."""
+"""The FastAPI application: lifespan, error mapping and the request-size guard (its OpenAPI
+document is finished in :mod:`service.api.openapi`)."""
 
 from __future__ import annotations
 
@@ -15,15 +16,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pclease_service import __version__, dashboard, logs, metrics
-from pclease_service.api import v1
+from pclease_service.api import openapi, v1
 from pclease_service.api.deps import ServiceDep, TokenCache
+from pclease_service.api.schemas import Readiness
 from pclease_service.backends.base import BackendError
 from pclease_service.config import LogFormat
 from pclease_service.errors import CapacityExhausted, PcleaseError
 from pclease_service.runtime import Service
+from pclease_service.text import message_of, shown
 
 log = logging.getLogger("pclease.api")
 
@@ -40,6 +44,9 @@ _HTTP_CODES = {
 
 
 def error_response(status: int, code: str, message: str, **headers: str) -> JSONResponse:
+    # A message may quote what the caller sent; a lone surrogate in it would make the
+    # answer itself fail to encode.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse(
         {"error": {"code": code, "message": message}}, status_code=status, headers=headers
     )
@@ -48,7 +55,7 @@ def error_response(status: int, code: str, message: str, **headers: str) -> JSON
 def _describe_validation(exc: RequestValidationError) -> str:
     problems = []
     for error in exc.errors():
-        loc = [str(part) for part in error.get("loc", ())]
+        loc = [shown(str(part)) for part in error.get("loc", ())]
         where = ".".join(loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc)
         kind = loc[0] if loc else "request"
         if error.get("type") == "json_invalid":
@@ -59,13 +66,28 @@ def _describe_validation(exc: RequestValidationError) -> str:
                 "the body must be a JSON object, sent with Content-Type: application/json"
             )
             continue
-        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        message = message_of(error)
         if error.get("type") == "extra_forbidden":
             message = "unknown field; remove it"
         elif error.get("type") in ("model_attributes_type", "model_type", "dict_type"):
             message = "must be a JSON object"
         problems.append(f"{kind} {where}: {message}" if where else f"{kind}: {message}")
     return "; ".join(problems) or "invalid request"
+
+
+def allowed_methods(request: Request) -> str:
+    """The ``Allow`` header of a 405: the methods of every route on the request's path.
+
+    Starlette names only the methods of the first route whose path matched, and each
+    method of a path is its own route here (``/v1/leases`` has three).
+    """
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if not isinstance(route, Route) or not route.methods:
+            continue
+        if route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
 
 
 _QUERY_SUBMIT = re.compile(r"^/v1/leases/[^/]+/queries/?$")
@@ -132,6 +154,13 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
+class _App(FastAPI):
+    def openapi(self) -> dict[str, Any]:
+        fresh = self.openapi_schema is None
+        document = super().openapi()
+        return openapi.complete(document) if fresh else document
+
+
 def create_app(service: Service) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -141,12 +170,15 @@ def create_app(service: Service) -> FastAPI:
         finally:
             await service.stop()
 
-    app = FastAPI(
+    app = _App(
         title="pclease",
         version=__version__,
         description="Leases on shared, reference-counted Polars compute contexts.",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
+    openapi.install_pages(app)
     app.state.service = service
     app.state.token_cache = TokenCache(service.settings.token_cache_s)
     app.include_router(v1.router)
@@ -181,7 +213,10 @@ def create_app(service: Service) -> FastAPI:
             message = f"no route {request.url.path}; the API is described at /docs"
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}; see /docs"
-        return error_response(exc.status_code, code, message, **(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(request)
+        return error_response(exc.status_code, code, message, **headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -204,7 +239,14 @@ def create_app(service: Service) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"])
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        responses={
+            200: {"model": Readiness, "description": "Ready: every check says ok."},
+            503: {"model": Readiness, "description": "Not ready: the failing checks say why."},
+        },
+    )
     async def readyz(svc: ServiceDep) -> JSONResponse:
         checks: dict[str, Any] = {}
         ok = True

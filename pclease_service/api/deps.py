@@ -6,6 +6,7 @@ import time
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from pclease_service import store, tokens
 from pclease_service.errors import Forbidden, Unauthorized
@@ -45,12 +46,24 @@ class TokenCache:
         self._entries[token_hash] = (time.monotonic() + self.ttl_s, principal)
 
 
-async def get_principal(request: Request, service: ServiceDep) -> Principal:
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
+# Declares the scheme in the OpenAPI document (on every route that needs a token); the
+# refusal is ours, with a message that says how to get a token.
+_BEARER = HTTPBearer(
+    scheme_name="token",
+    description="An API token: `pclease token create NAME --scope lease|read|admin`.",
+    auto_error=False,
+)
+
+
+async def get_principal(
+    request: Request,
+    service: ServiceDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+) -> Principal:
+    value = credentials.credentials.strip() if credentials is not None else ""
+    if not value:
         raise Unauthorized(f"send 'Authorization: Bearer <token>'; {_HOW_TO}")
-    token_hash = tokens.hash_token(value.strip())
+    token_hash = tokens.hash_token(value)
     cache: TokenCache = request.app.state.token_cache
     hit, principal = cache.get(token_hash)
     if not hit:

@@ -18,7 +18,7 @@ from fastapi import (
     status,
 )
 from fastapi.responses import FileResponse
-from pydantic import AfterValidator, ValidationError
+from pydantic import ValidationError
 
 from pclease_service import store
 from pclease_service.api.deps import AdminDep, PrincipalDep, ServiceDep
@@ -30,11 +30,13 @@ from pclease_service.api.schemas import (
     LeaseList,
     LeaseOut,
     LeaseRequest,
+    Name,
     ProfileList,
     ProfileOut,
     QueryList,
     QueryOptions,
     QueryOut,
+    errors,
 )
 from pclease_service.errors import (
     ContextNotFound,
@@ -46,8 +48,9 @@ from pclease_service.errors import (
 from pclease_service.leases import force_stop_context
 from pclease_service.queries import QueryRequest
 from pclease_service.states import ContextState, LeaseState
+from pclease_service.text import Text, message_of, shown
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", responses=errors(401))
 
 # Ids are UUID strings (store.new_id). Anything longer, or holding a NUL (which PostgreSQL
 # refuses in text), cannot name a row, so it is "not found" without asking the database.
@@ -85,23 +88,18 @@ ContextId = Annotated[str, Depends(_context_id)]
 QueryId = Annotated[str, Depends(_query_id)]
 
 
-def _no_nul(value: str | None) -> str | None:
-    if value is not None and "\x00" in value:
-        raise ValueError("must not contain NUL (\\x00) characters")
-    return value
-
-
-NoNul = AfterValidator(_no_nul)
+# Free-form text in query parameters and headers follows the same rule as in bodies.
+IdText = Annotated[str, Text(_ID_MAX)]
+ProfileName = Annotated[str, Text(63)]
+RequiredName = Annotated[str, Text(250, min_length=1)]
 
 # events.id is a BIGINT; a larger bound would make PostgreSQL fail the query.
 _EVENT_ID_MAX = 2**63 - 1
 
 IdempotencyKey = Annotated[
-    str | None,
+    Annotated[str, Text(200, min_length=1)] | None,
     Header(
         alias="Idempotency-Key",
-        min_length=1,
-        max_length=200,
         description="Retries with the same key return the first lease instead of a second.",
     ),
 ]
@@ -116,7 +114,10 @@ async def list_profiles(service: ServiceDep, _: PrincipalDep) -> ProfileList:
     "/leases",
     status_code=status.HTTP_201_CREATED,
     tags=["leases"],
-    responses={200: {"description": "An Idempotency-Key replay: the lease made first."}},
+    responses={
+        200: {"model": LeaseOut, "description": "An Idempotency-Key replay: the lease made first."},
+        **errors(400, 403, 409, 413, 422, 429, 503),
+    },
 )
 async def create_lease(
     body: LeaseRequest,
@@ -140,14 +141,14 @@ async def create_lease(
     return LeaseOut.of(lease)
 
 
-@router.get("/leases", tags=["leases"])
+@router.get("/leases", tags=["leases"], responses=errors(422))
 async def list_leases(
     service: ServiceDep,
     principal: PrincipalDep,
     state: Annotated[list[LeaseState] | None, Query()] = None,
-    context_id: Annotated[str | None, Query(max_length=36), NoNul] = None,
-    dag_id: Annotated[str | None, Query(max_length=250), NoNul] = None,
-    run_id: Annotated[str | None, Query(max_length=250), NoNul] = None,
+    context_id: Annotated[IdText | None, Query()] = None,
+    dag_id: Annotated[Name | None, Query()] = None,
+    run_id: Annotated[Name | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> LeaseList:
     leases = await service.leases.list_leases(
@@ -156,7 +157,7 @@ async def list_leases(
     return LeaseList(leases=[LeaseOut.of(lease) for lease in leases])
 
 
-@router.get("/leases/{lease_id}", tags=["leases"])
+@router.get("/leases/{lease_id}", tags=["leases"], responses=errors(404, 422))
 async def get_lease(
     lease_id: LeaseId,
     service: ServiceDep,
@@ -173,23 +174,23 @@ async def get_lease(
     return LeaseOut.of(lease)
 
 
-@router.post("/leases/{lease_id}/heartbeat", tags=["leases"])
+@router.post("/leases/{lease_id}/heartbeat", tags=["leases"], responses=errors(403, 404, 410, 503))
 async def heartbeat(lease_id: LeaseId, service: ServiceDep, principal: PrincipalDep) -> LeaseOut:
     return LeaseOut.of(await service.leases.heartbeat(principal, lease_id))
 
 
-@router.delete("/leases/{lease_id}", tags=["leases"])
+@router.delete("/leases/{lease_id}", tags=["leases"], responses=errors(403, 404, 503))
 async def release(lease_id: LeaseId, service: ServiceDep, principal: PrincipalDep) -> LeaseOut:
     return LeaseOut.of(await service.leases.release(principal, lease_id))
 
 
-@router.delete("/leases", tags=["leases"])
+@router.delete("/leases", tags=["leases"], responses=errors(403, 422, 503))
 async def release_holder(
     service: ServiceDep,
     principal: PrincipalDep,
-    dag_id: Annotated[str, Query(min_length=1, max_length=250), NoNul],
-    run_id: Annotated[str, Query(min_length=1, max_length=250), NoNul],
-    task_id: Annotated[str | None, Query(min_length=1, max_length=250), NoNul] = None,
+    dag_id: Annotated[RequiredName, Query()],
+    run_id: Annotated[RequiredName, Query()],
+    task_id: Annotated[RequiredName | None, Query()] = None,
     map_index: Annotated[
         int | None, Query(ge=-1, description="With task_id: only this mapped task instance.")
     ] = None,
@@ -200,12 +201,12 @@ async def release_holder(
     return LeaseList(leases=[LeaseOut.of(lease) for lease in released])
 
 
-@router.get("/contexts", tags=["contexts"])
+@router.get("/contexts", tags=["contexts"], responses=errors(422))
 async def list_contexts(
     service: ServiceDep,
     _: PrincipalDep,
     state: Annotated[list[ContextState] | None, Query()] = None,
-    profile: Annotated[str | None, Query(max_length=63), NoNul] = None,
+    profile: Annotated[ProfileName | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> ContextList:
     contexts = await service.db.read(
@@ -217,7 +218,7 @@ async def list_contexts(
     )
 
 
-@router.get("/contexts/{context_id}", tags=["contexts"])
+@router.get("/contexts/{context_id}", tags=["contexts"], responses=errors(404))
 async def get_context(context_id: ContextId, service: ServiceDep, _: PrincipalDep) -> ContextOut:
     context = await service.db.read(lambda tx: store.get_context(tx, context_id))
     if context is None:
@@ -227,7 +228,7 @@ async def get_context(context_id: ContextId, service: ServiceDep, _: PrincipalDe
     )
 
 
-@router.post("/contexts/{context_id}/stop", tags=["contexts"])
+@router.post("/contexts/{context_id}/stop", tags=["contexts"], responses=errors(403, 404, 409, 503))
 async def stop_context(context_id: ContextId, service: ServiceDep, admin: AdminDep) -> ContextOut:
     context = await force_stop_context(service.db, service.notifier, admin, context_id)
     return ContextOut.of(
@@ -235,12 +236,12 @@ async def stop_context(context_id: ContextId, service: ServiceDep, admin: AdminD
     )
 
 
-@router.get("/events", tags=["events"])
+@router.get("/events", tags=["events"], responses=errors(403, 404, 422))
 async def list_events(
     service: ServiceDep,
     principal: PrincipalDep,
-    context_id: Annotated[str | None, Query(max_length=36), NoNul] = None,
-    lease_id: Annotated[str | None, Query(max_length=36), NoNul] = None,
+    context_id: Annotated[IdText | None, Query()] = None,
+    lease_id: Annotated[IdText | None, Query()] = None,
     after_id: Annotated[int | None, Query(ge=0, le=_EVENT_ID_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=5000)] = 200,
 ) -> EventList:
@@ -274,8 +275,8 @@ def _parse_options(raw: str) -> QueryOptions:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            where = ".".join(str(p) for p in error["loc"])
-            message = str(error["msg"]).removeprefix("Value error, ")
+            where = ".".join(shown(str(p)) for p in error["loc"])
+            message = message_of(error)
             if error["type"] == "extra_forbidden":
                 message = "unknown option; remove it"
             problems.append(f"options.{where}: {message}" if where else f"options: {message}")
@@ -286,7 +287,7 @@ def _parse_options(raw: str) -> QueryOptions:
     "/leases/{lease_id}/queries",
     status_code=status.HTTP_202_ACCEPTED,
     tags=["queries"],
-    responses={410: {"description": "The lease has ended."}},
+    responses=errors(400, 403, 404, 410, 413, 422, 503),
 )
 async def submit_query(
     lease_id: LeaseId,
@@ -294,7 +295,14 @@ async def submit_query(
     principal: PrincipalDep,
     response: Response,
     plan: Annotated[UploadFile, File(description="Polars' serialized plan, sink attached.")],
-    options: Annotated[str, Form(max_length=16384, description="QueryOptions as JSON.")],
+    options: Annotated[
+        str,
+        Form(
+            max_length=16384,
+            description="The QueryOptions schema, as a JSON object.",
+            examples=['{"target": "collect", "polars_version": "2.0.0"}'],
+        ),
+    ],
 ) -> QueryOut:
     """Run a plan on the lease's context. Answers at once; follow the query's state."""
     parsed = _parse_options(options)
@@ -313,7 +321,7 @@ async def submit_query(
     return QueryOut.of(query)
 
 
-@router.get("/leases/{lease_id}/queries", tags=["queries"])
+@router.get("/leases/{lease_id}/queries", tags=["queries"], responses=errors(404))
 async def list_lease_queries(
     lease_id: LeaseId, service: ServiceDep, principal: PrincipalDep
 ) -> QueryList:
@@ -321,7 +329,7 @@ async def list_lease_queries(
     return QueryList(queries=[QueryOut.of(q) for q in queries])
 
 
-@router.get("/queries/{query_id}", tags=["queries"])
+@router.get("/queries/{query_id}", tags=["queries"], responses=errors(404, 422))
 async def get_query(
     query_id: QueryId,
     service: ServiceDep,
@@ -333,7 +341,7 @@ async def get_query(
     return QueryOut.of(await service.queries.get(principal, query_id, wait_s=wait_s))
 
 
-@router.post("/queries/{query_id}/cancel", tags=["queries"])
+@router.post("/queries/{query_id}/cancel", tags=["queries"], responses=errors(403, 404, 503))
 async def cancel_query(query_id: QueryId, service: ServiceDep, principal: PrincipalDep) -> QueryOut:
     return QueryOut.of(await service.queries.cancel(principal, query_id))
 
@@ -342,7 +350,10 @@ async def cancel_query(query_id: QueryId, service: ServiceDep, principal: Princi
     "/queries/{query_id}/result",
     tags=["queries"],
     response_class=FileResponse,
-    responses={200: {"content": {"application/vnd.apache.arrow.file": {}}}},
+    responses={
+        200: {"content": {"application/vnd.apache.arrow.file": {}}},
+        **errors(404, 409),
+    },
 )
 async def query_result(
     query_id: QueryId, service: ServiceDep, principal: PrincipalDep

@@ -37,6 +37,7 @@ from pclease_service.metrics import InstanceLedger
 from pclease_service.runtime import Service
 from pclease_service.states import LIVE_CONTEXT_STATES, ContextState, LeaseState
 from pclease_service.store import ContextRecord, LeaseRecord, Tx
+from pclease_service.text import Text
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
@@ -283,12 +284,6 @@ def _checked_id(value: str, what: str) -> str:
     return value
 
 
-def _no_nul(value: str | None, name: str) -> str | None:
-    if value is not None and "\x00" in value:
-        raise PageError(422, "Bad request", f"{name} contains a NUL character; remove it.")
-    return value
-
-
 def _set_cookie(request: Request, response: Response, name: str, value: str, **kw: Any) -> None:
     response.set_cookie(
         name,
@@ -433,7 +428,7 @@ async def overview(
     viewer: ViewerDep,
     page: Annotated[int, Query(ge=1, le=100_000)] = 1,
     state: Annotated[str, Query(max_length=16)] = "live",
-    profile: Annotated[str | None, Query(max_length=63)] = None,
+    profile: Annotated[Annotated[str, Text(63)] | None, Query()] = None,
     window: Annotated[str, Query(max_length=4)] = "1h",
 ) -> Response:
     profile = profile or None
@@ -445,7 +440,6 @@ async def overview(
         raise PageError(
             422, "Bad request", f"window must be one of: {', '.join(_WINDOWS)} (got {window!r})"
         )
-    _no_nul(profile, "profile")
     if state == "live":
         states = [s.value for s in LIVE_CONTEXT_STATES]
     elif state == "ended":
@@ -612,11 +606,9 @@ async def runs(
     request: Request,
     dash: DashDep,
     viewer: ViewerDep,
-    dag_id: Annotated[str | None, Query(max_length=250)] = None,
-    run_id: Annotated[str | None, Query(max_length=250)] = None,
+    dag_id: Annotated[Annotated[str, Text(250)] | None, Query()] = None,
+    run_id: Annotated[Annotated[str, Text(250)] | None, Query()] = None,
 ) -> Response:
-    _no_nul(dag_id, "dag_id")
-    _no_nul(run_id, "run_id")
     if run_id is not None and dag_id is None:
         raise PageError(422, "Bad request", "Give dag_id together with run_id.")
     if dag_id is None or run_id is None:
