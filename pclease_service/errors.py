@@ -21,7 +21,8 @@
     │   ├── LeaseEnded                    410 lease_ended
     │   ├── PayloadTooLarge               413 payload_too_large
     │   ├── CapacityExhausted             429 capacity_exhausted (Retry-After)
-    │   └── BackendUnavailable            503 backend_unavailable
+    │   ├── BackendUnavailable            503 backend_unavailable
+    │   └── DatabaseBusy                  503 database_busy
     ├── BackendError                      a backend call failed (the reconciler retries or
     │                                     fails the context; never reaches a client as is)
     ├── CredentialsError                  the Polars Cloud service account cannot be read or
@@ -195,6 +196,14 @@ class CapacityExhausted(PcleaseError):
 class BackendUnavailable(PcleaseError):
     status = 503
     code = "backend_unavailable"
+
+
+class DatabaseBusy(PcleaseError):
+    """A write kept losing to concurrent ones (deadlocks, serialization failures) after
+    every retry the service makes itself."""
+
+    status = 503
+    code = "database_busy"
 
 
 class BackendError(PcleaseException):

@@ -228,7 +228,20 @@ def install(
 
     registry = build_registry(DatabaseCollector(db, now, profiles, ledger))
 
-    @app.get("/metrics", tags=["health"], response_class=Response)
+    # response_model=None: the return annotation is a string here (fastapi is imported
+    # lazily), which FastAPI cannot resolve when it builds the OpenAPI document.
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        response_class=Response,
+        response_model=None,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format.",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def metrics() -> Response:
         body = await anyio.to_thread.run_sync(generate_latest, registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -1,18 +1,27 @@
-"""The FastAPI application factory: lifespan, routers, middleware, error handlers."""
+"""The FastAPI application factory: lifespan, routers, middleware, error handlers (its
+OpenAPI document is finished in :mod:`pclease_service.api.openapi`)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
 from pclease_service import __version__, dashboard, logs, metrics
-from pclease_service.api import errors, health, v1
+from pclease_service.api import errors, health, openapi, v1
 from pclease_service.api.limits import BodySizeLimit
 from pclease_service.config import LogFormat
 from pclease_service.ledger import InstanceLedger
 from pclease_service.runtime import Service
+
+
+class _App(FastAPI):
+    def openapi(self) -> dict[str, Any]:
+        fresh = self.openapi_schema is None
+        document = super().openapi()
+        return openapi.complete(document) if fresh else document
 
 
 def create_app(service: Service) -> FastAPI:
@@ -24,12 +33,15 @@ def create_app(service: Service) -> FastAPI:
         finally:
             await service.stop()
 
-    app = FastAPI(
+    app = _App(
         title="pclease",
         version=__version__,
         description="Leases on shared, reference-counted Polars compute contexts.",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
+    openapi.install_pages(app)
     app.state.service = service
     app.include_router(v1.router)
     app.include_router(health.router)

@@ -1,11 +1,12 @@
-"""Dependencies shared by the routes: the service, the authenticated caller, checked ids."""
+"""Dependencies shared by the routes: the service, the authenticated caller, checked ids
+and the free-form text parameters."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import Depends, Path, Request
-from pydantic import AfterValidator
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from pclease_service.errors import (
     ContextNotFound,
@@ -16,6 +17,7 @@ from pclease_service.errors import (
 )
 from pclease_service.principals import Principal
 from pclease_service.runtime import Service
+from pclease_service.text import Text
 
 _HOW_TO = "create one with `pclease token create NAME --scope lease`"
 
@@ -27,13 +29,24 @@ def get_service(request: Request) -> Service:
 
 ServiceDep = Annotated[Service, Depends(get_service)]
 
+# Declares the scheme in the OpenAPI document (on every route that needs a token); the
+# refusal is ours, with a message that says how to get a token.
+_BEARER = HTTPBearer(
+    scheme_name="token",
+    description="An API token: `pclease token create NAME --scope lease|read|admin`.",
+    auto_error=False,
+)
 
-async def get_principal(request: Request, service: ServiceDep) -> Principal:
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer" or not value.strip():
+
+async def get_principal(
+    request: Request,
+    service: ServiceDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+) -> Principal:
+    value = credentials.credentials.strip() if credentials is not None else ""
+    if not value:
         raise Unauthorized(f"send 'Authorization: Bearer <token>'; {_HOW_TO}")
-    principal = await service.principals.by_token(value.strip())
+    principal = await service.principals.by_token(value)
     if principal is None:
         raise Unauthorized(f"this token is unknown or revoked; {_HOW_TO}")
     request.state.principal = principal
@@ -89,11 +102,8 @@ LeaseId = Annotated[str, Depends(_lease_id)]
 ContextId = Annotated[str, Depends(_context_id)]
 QueryId = Annotated[str, Depends(_query_id)]
 
-
-def _no_nul(value: str | None) -> str | None:
-    if value is not None and "\x00" in value:
-        raise ValueError("must not contain NUL (\\x00) characters")
-    return value
-
-
-NoNul = AfterValidator(_no_nul)
+# -- free-form text in query parameters and headers ---------------------------------------
+# The same rule as in bodies (pclease_service.text).
+IdText = Annotated[str, Text(_ID_MAX)]
+ProfileName = Annotated[str, Text(63)]
+RequiredName = Annotated[str, Text(250, min_length=1)]

@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pclease_service.errors import CapacityExhausted, PcleaseError
+from pclease_service.text import message_of, shown
+from pclease_service.web import allowed_methods
 
 log = logging.getLogger("pclease.api")
 
@@ -32,6 +34,9 @@ _HTTP_CODES = {
 
 
 def error_response(status: int, code: str, message: str, **headers: str) -> JSONResponse:
+    # A message may quote what the caller sent; a lone surrogate in it would make the
+    # answer itself fail to encode.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse(
         {"error": {"code": code, "message": message}}, status_code=status, headers=headers
     )
@@ -40,7 +45,7 @@ def error_response(status: int, code: str, message: str, **headers: str) -> JSON
 def describe_validation(exc: RequestValidationError) -> str:
     problems = []
     for error in exc.errors():
-        loc = [str(part) for part in error.get("loc", ())]
+        loc = [shown(str(part)) for part in error.get("loc", ())]
         where = ".".join(loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc)
         kind = loc[0] if loc else "request"
         if error.get("type") == "json_invalid":
@@ -51,7 +56,7 @@ def describe_validation(exc: RequestValidationError) -> str:
                 "the body must be a JSON object, sent with Content-Type: application/json"
             )
             continue
-        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        message = message_of(error)
         if error.get("type") == "extra_forbidden":
             message = "unknown field; remove it"
         elif error.get("type") in ("model_attributes_type", "model_type", "dict_type"):
@@ -88,7 +93,10 @@ def install(app: FastAPI) -> None:
             message = f"no route {request.url.path}; the API is described at /docs"
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}; see /docs"
-        return error_response(exc.status_code, code, message, **(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(request)
+        return error_response(exc.status_code, code, message, **headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

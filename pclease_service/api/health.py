@@ -13,6 +13,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from pclease_service.api.deps import ServiceDep
+from pclease_service.api.schemas import Readiness
 from pclease_service.clock import within
 from pclease_service.errors import BackendError
 from pclease_service.runtime import Service
@@ -29,7 +30,13 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    responses={
+        200: {"model": Readiness, "description": "Ready: every check says ok."},
+        503: {"model": Readiness, "description": "Not ready: the failing checks say why."},
+    },
+)
 async def readyz(service: ServiceDep) -> JSONResponse:
     checks: dict[str, Any] = {}
     results = [

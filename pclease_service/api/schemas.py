@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     StrictBool,
     StrictFloat,
     StrictInt,
+    TypeAdapter,
+    WithJsonSchema,
     model_validator,
 )
 
@@ -24,48 +27,89 @@ from pclease_service.store.contexts import ContextRecord
 from pclease_service.store.events import EventRecord
 from pclease_service.store.leases import LeaseRecord
 from pclease_service.store.queries import QueryRecord
+from pclease_service.text import PATTERN, Text
 
 _MAX_HOLDER_KEYS = 20
+
+#: A holder's or a label's key, and a name or value that identifies something.
+Key = Annotated[str, Text(64, min_length=1)]
+Name = Annotated[str, Text(250)]
+_NAME = TypeAdapter(Name)
+
+
+def _holder_value(value: Any) -> Any:
+    # bool is an int: both pass as they are.
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        # Neither JSON nor the database can keep these faithfully.
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+    if isinstance(value, str):
+        return _NAME.validate_python(value)
+    raise ValueError("must be a string, number or boolean")
+
+
+HolderValue = Annotated[
+    Any,
+    PlainValidator(_holder_value),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "maxLength": 250, "pattern": PATTERN},
+                {"type": "number"},
+                {"type": "boolean"},
+            ]
+        }
+    ),
+]
 
 
 class Holder(BaseModel):
     """Who holds a lease. Airflow fills the first five; other clients may add scalar keys."""
 
     model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[Key, HolderValue]
 
-    dag_id: str | None = Field(None, max_length=250)
-    run_id: str | None = Field(None, max_length=250)
-    task_id: str | None = Field(None, max_length=250)
+    dag_id: Name | None = None
+    run_id: Name | None = None
+    task_id: Name | None = None
     try_number: int | None = Field(None, ge=0, strict=True)
     map_index: int | None = Field(None, ge=-1, strict=True)
 
     @model_validator(mode="after")
-    def _small_and_flat(self) -> Self:
+    def _small(self) -> Self:
         extra = self.model_extra or {}
         if len(self.model_fields_set) + len(extra) > _MAX_HOLDER_KEYS:
             raise ValueError(f"holder may have at most {_MAX_HOLDER_KEYS} keys")
-        for key, value in extra.items():
-            if len(key) > 64:
-                raise ValueError(f"holder key {key[:64]!r}... is longer than 64 characters")
-            if "\x00" in key:
-                raise ValueError(f"holder key {key!r} contains a NUL character; remove it")
-            if not isinstance(value, str | int | float | bool) or value is None:
-                raise ValueError(f"holder.{key} must be a string, number or boolean")
-            if isinstance(value, str) and len(value) > 250:
-                raise ValueError(f"holder.{key} is longer than 250 characters")
-            # Neither JSON nor the database can keep these faithfully.
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"holder.{key} must be a finite number")
-        for key, value in self.model_dump(exclude_none=True).items():  # extras included
-            if isinstance(value, str) and "\x00" in value:
-                raise ValueError(f"holder.{key} contains a NUL character; remove it")
         return self
 
 
 class LeaseRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "profile": "small",
+                    "holder": {
+                        "dag_id": "nightly_etl",
+                        "run_id": "scheduled__2026-11-23T00:00:00+00:00",
+                        "task_id": "transform",
+                        "try_number": 1,
+                        "map_index": -1,
+                    },
+                    "ttl_s": 60,
+                    "wait_s": 30,
+                }
+            ]
+        },
+    )
 
-    profile: str = Field(min_length=1, max_length=63, description="A configured profile name.")
+    profile: Annotated[str, Text(63, min_length=1)] = Field(
+        description="A configured profile name (GET /v1/profiles lists them)."
+    )
     holder: Holder = Field(default_factory=Holder)
     # strict: a number, not `true` or "30" quietly turned into one.
     ttl_s: float | None = Field(
@@ -221,22 +265,88 @@ class ProfileList(BaseModel):
     profiles: list[ProfileOut]
 
 
+class ErrorBody(BaseModel):
+    code: str = Field(
+        description="Machine-readable and stable (service.errors lists them): branch on it.",
+        examples=["lease_not_found"],
+    )
+    message: str = Field(description="For people: what went wrong and what to do next.")
+
+
+class ErrorOut(BaseModel):
+    """Every 4xx and 5xx answer of the API has this body."""
+
+    error: ErrorBody
+
+
+class Readiness(BaseModel):
+    status: Literal["ok", "failing"]
+    checks: dict[str, str] = Field(
+        description="database, credentials, backend, reconciler: 'ok', or why not."
+    )
+
+
+_ERRORS_WHEN = {
+    400: "The body could not be read (not UTF-8, or not parseable at all).",
+    401: "No bearer token, or an unknown or revoked one.",
+    403: "The token's scope does not allow this, or the lease belongs to another token.",
+    404: "No such lease, context or query (or not visible to this token).",
+    409: "The request conflicts with the current state (see the message).",
+    410: "The lease has ended; request a new one.",
+    413: "The body is larger than the service accepts.",
+    422: "Invalid input; the message names each field and what is wrong with it.",
+    429: "The profile is at capacity; retry after Retry-After seconds.",
+    503: "The service cannot do this now (backend credentials failing, or the database "
+    "too busy); retry later.",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` of a route for these error statuses: each has :class:`ErrorOut`
+    as its body, so the OpenAPI document describes the errors clients really get."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        responses[status] = {"model": ErrorOut, "description": _ERRORS_WHEN[status]}
+        if status == 429:
+            responses[status]["headers"] = {
+                "Retry-After": {
+                    "description": "Seconds until capacity is likely to free up.",
+                    "schema": {"type": "integer"},
+                }
+            }
+    return responses
+
+
 class QueryOptions(BaseModel):
     """The JSON part of a query submission (the plan bytes travel beside it)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"target": "collect", "polars_version": "2.0.0", "labels": {"team": "data"}},
+                {
+                    "target": "parquet",
+                    "destination": "s3://lake/daily/kpis.parquet",
+                    "engine": "streaming",
+                    "polars_version": "2.0.0",
+                    "timeout_s": 900,
+                },
+            ]
+        },
+    )
 
     target: QueryTarget = Field(description="collect, or the sink format: parquet/csv/ipc/ndjson.")
-    destination: str | None = Field(
-        None,
-        max_length=2048,
-        description="The sink's path or URI as the client wrote it (informational).",
+    destination: Annotated[str, Text(2048)] | None = Field(
+        None, description="The sink's path or URI as the client wrote it (informational)."
     )
     engine: Literal["auto", "streaming", "in-memory"] = "auto"
     streaming: StrictBool | None = Field(None, description="Legacy: true means engine=streaming.")
     distributed: StrictBool = False
-    labels: dict[str, str] = Field(default_factory=dict, max_length=20)
-    polars_version: str = Field(min_length=1, max_length=32)
+    labels: dict[Key, Name] = Field(default_factory=dict, max_length=20)
+    polars_version: Annotated[str, Text(32, min_length=1)] = Field(
+        description="The client's Polars version; the plan must come from the same one."
+    )
     timeout_s: StrictFloat | StrictInt | None = Field(None, gt=0)
 
     @model_validator(mode="after")
@@ -247,9 +357,6 @@ class QueryOptions(BaseModel):
             raise ValueError(f"a {self.target.value} sink needs its destination")
         if self.streaming and self.engine == "in-memory":
             raise ValueError("streaming=true contradicts engine='in-memory'")
-        for key, value in self.labels.items():
-            if len(key) > 64 or len(value) > 250 or "\x00" in key + value:
-                raise ValueError("labels are up to 64-character keys and 250-character values")
         return self
 
 

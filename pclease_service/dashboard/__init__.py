@@ -43,6 +43,8 @@ def install(app: FastAPI, service: Service, ledger: InstanceLedger) -> None:
     from pclease_service.dashboard.render import FRAGMENT_HEADER, HERE, Dashboard
     from pclease_service.dashboard.sessions import SESSION_COOKIE, SessionSigner, load_secret
     from pclease_service.errors import PageError, SignInRequired
+    from pclease_service.text import message_of
+    from pclease_service.web import allowed_methods
 
     signer = SessionSigner(load_secret(service.settings), service.settings.session_ttl_s)
     dash = Dashboard(service, signer, ledger)
@@ -98,9 +100,11 @@ def install(app: FastAPI, service: Service, ledger: InstanceLedger) -> None:
             if exc.status_code == 404:
                 return page(request, 404, "Not found", "There is no such page; start at /ui/.")
             if exc.status_code == 405:
-                return page(
+                response = page(
                     request, 405, "Method not allowed", f"{request.method} is not used here."
                 )
+                response.headers["Allow"] = allowed_methods(request)
+                return response
             return page(request, exc.status_code, "Bad request", str(exc.detail))
         assert previous_http is not None
         return await _call(previous_http, request, exc)
@@ -112,7 +116,7 @@ def install(app: FastAPI, service: Service, ledger: InstanceLedger) -> None:
             for error in exc.errors():
                 loc = [str(p) for p in error.get("loc", ())]
                 name = loc[-1] if loc else "request"
-                message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+                message = message_of(error)
                 problems.append(f"{name}: {message}")
             return page(request, 422, "Bad request", "; ".join(problems) or "invalid request")
         assert previous_invalid is not None

@@ -21,13 +21,13 @@ from pclease_service.dashboard.render import (
     checked_id,
     context_view,
     lease_view,
-    no_nul,
 )
 from pclease_service.db.tx import Tx
 from pclease_service.errors import PageError
 from pclease_service.states import LIVE_CONTEXT_STATES, ContextState
 from pclease_service.store import contexts, leases, queries, reads, tokens
 from pclease_service.store.contexts import ContextRecord
+from pclease_service.text import Text
 
 PAGE_SIZE = 50
 QUERY_LIMIT = 50
@@ -58,7 +58,7 @@ async def overview(
     viewer: ViewerDep,
     page: Annotated[int, Query(ge=1, le=100_000)] = 1,
     state: Annotated[str, Query(max_length=16)] = "live",
-    profile: Annotated[str | None, Query(max_length=63)] = None,
+    profile: Annotated[Annotated[str, Text(63)] | None, Query()] = None,
     window: Annotated[str, Query(max_length=4)] = "1h",
 ) -> Response:
     profile = profile or None
@@ -70,7 +70,6 @@ async def overview(
         raise PageError(
             422, "Bad request", f"window must be one of: {', '.join(_WINDOWS)} (got {window!r})"
         )
-    no_nul(profile, "profile")
     if state == "live":
         states = [s.value for s in LIVE_CONTEXT_STATES]
     elif state == "ended":
@@ -237,11 +236,9 @@ async def runs(
     request: Request,
     dash: DashDep,
     viewer: ViewerDep,
-    dag_id: Annotated[str | None, Query(max_length=250)] = None,
-    run_id: Annotated[str | None, Query(max_length=250)] = None,
+    dag_id: Annotated[Annotated[str, Text(250)] | None, Query()] = None,
+    run_id: Annotated[Annotated[str, Text(250)] | None, Query()] = None,
 ) -> Response:
-    no_nul(dag_id, "dag_id")
-    no_nul(run_id, "run_id")
     if run_id is not None and dag_id is None:
         raise PageError(422, "Bad request", "Give dag_id together with run_id.")
     if dag_id is None or run_id is None:

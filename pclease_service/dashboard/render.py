@@ -254,12 +254,6 @@ def checked_id(value: str, what: str) -> str:
     return value
 
 
-def no_nul(value: str | None, name: str) -> str | None:
-    if value is not None and "\x00" in value:
-        raise PageError(422, "Bad request", f"{name} contains a NUL character; remove it.")
-    return value
-
-
 def set_cookie(request: Request, response: Response, name: str, value: str, **kw: Any) -> None:
     response.set_cookie(
         name,

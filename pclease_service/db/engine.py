@@ -29,6 +29,9 @@ def create_db_engine(url: str, *, pool_size: int = 10) -> Engine:
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take transaction control away from the sqlite3 module so that BEGIN is ours.
         dbapi_connection.isolation_level = None
+        # Text that is not UTF-8 (written by another tool) reads as U+FFFD instead of
+        # failing the whole query; pclease itself only ever writes UTF-8.
+        dbapi_connection.text_factory = _decode
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
@@ -46,6 +49,10 @@ def create_db_engine(url: str, *, pool_size: int = 10) -> Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
 
 
 def redacted(url: str) -> str:

@@ -26,6 +26,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
+from pclease_service.text import readable
+
 metadata = MetaData(
     naming_convention={
         "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -54,6 +56,19 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         assert isinstance(value, datetime)
         return value.replace(tzinfo=UTC)
+
+
+class ClientJSON(TypeDecorator[Any]):
+    """A JSON document a client sent (a lease's holder, a query's labels), read back in a
+    form that can always be answered with (:func:`service.text.readable`): a row stored
+    before the API refused lone surrogates, or written by hand, cannot break a listing, a
+    page or ``/metrics``."""
+
+    impl = JSON
+    cache_ok = True
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        return readable(value)
 
 
 ID = String(36)
@@ -120,7 +135,7 @@ leases = Table(
     Column("activated_at", UTCDateTime),
     Column("ended_at", UTCDateTime),
     Column("end_reason", Text),
-    Column("holder", JSON, nullable=False),
+    Column("holder", ClientJSON, nullable=False),
     Column("dag_id", String(250)),
     Column("run_id", String(250)),
     Column("task_id", String(250)),
@@ -164,7 +179,7 @@ queries = Table(
     # Where a sink writes, as the client named it; never storage options or credentials.
     Column("destination", Text),
     Column("engine", String(16), nullable=False),
-    Column("labels", JSON, nullable=False),
+    Column("labels", ClientJSON, nullable=False),
     Column("client_polars_version", String(32), nullable=False),
     Column("plan_bytes", BigInteger, nullable=False),
     Column("timeout_s", Float, nullable=False),

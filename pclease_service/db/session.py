@@ -3,19 +3,35 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import random
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
 import anyio
 import anyio.to_thread
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 
 from pclease_service.clock import Clock
 from pclease_service.db.engine import READ_ONLY
 from pclease_service.db.tx import Tx
+from pclease_service.errors import DatabaseBusy
 
 T = TypeVar("T")
+
+log = logging.getLogger("pclease.db")
+
+#: PostgreSQL's serialization_failure and deadlock_detected: the transaction was rolled
+#: back only because of a concurrent one, and the same unit can simply run again.
+_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+WRITE_ATTEMPTS = 5
+
+
+def _retryable(exc: DBAPIError) -> bool:
+    return getattr(exc.orig, "sqlstate", None) in _RETRYABLE_SQLSTATES
 
 
 class Database:
@@ -27,6 +43,11 @@ class Database:
 
     ``on_commit`` sees every committed unit of ``write`` (on the event loop): the service
     passes ``Notifier.publish``, so no caller can forget to wake the waiters of a change.
+
+    A write that PostgreSQL rolls back as a deadlock victim or a serialization failure is
+    run again, with a fresh ``Tx``, up to ``WRITE_ATTEMPTS`` times (units are functions of
+    their transaction, so running one again is safe); after that the caller gets
+    :class:`~pclease_service.errors.DatabaseBusy` (503), never the driver's error.
     """
 
     def __init__(
@@ -49,10 +70,26 @@ class Database:
         )
 
     def _commit(self, fn: Callable[[Tx], T]) -> tuple[T, Tx]:
-        with self._write_lock, self.engine.begin() as conn:
-            tx = Tx(conn, self.clock.now())
-            result = fn(tx)
-        return result, tx
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                with self._write_lock, self.engine.begin() as conn:
+                    tx = Tx(conn, self.clock.now())
+                    result = fn(tx)
+                return result, tx
+            except DBAPIError as exc:
+                if not _retryable(exc):
+                    raise
+                reason = str(exc.orig).splitlines()[0]
+                if attempt == WRITE_ATTEMPTS:
+                    log.warning("a write failed %d times (%s); giving up", attempt, reason)
+                    raise DatabaseBusy(
+                        "the database kept refusing this change because of concurrent "
+                        "ones; nothing was changed, retry in a few seconds"
+                    ) from exc
+                log.info("a write lost to a concurrent one (%s); running it again", reason)
+                # Jittered backoff, so the transactions that collided do not collide again.
+                time.sleep(random.uniform(0, 0.01 * 2**attempt))
+        raise AssertionError("unreachable")
 
     def write_sync(self, fn: Callable[[Tx], T]) -> tuple[T, Tx]:
         """For synchronous callers (the CLI, tests): no ``on_commit``."""

@@ -1,17 +1,20 @@
-"""THE transaction that grants a lease: a slot on a context that has room, or a new one.
+"""How a lease is granted: a slot on a context that has room, or a new context.
 
-In order, inside one transaction:
+At most two transactions, each of which replays a lease its ``Idempotency-Key`` made
+before (a different request under the same key is refused):
 
-1. An ``Idempotency-Key`` seen before replays its lease (a different request under the same
-   key is refused).
-2. Join a context of the profile that has room (:func:`store.contexts.join_context`: a
-   guarded UPDATE checks room and state, so joining needs no lock and warm profiles never
-   queue). Contexts past the profile's ``max_lifetime_s`` take no new lease
+1. :func:`join`: a context of the profile that has room and that no other transaction
+   holds right now (:func:`store.contexts.join_context` with ``wait=False``: a guarded
+   UPDATE checks room and state, so warm profiles never queue on a lock). Contexts past
+   the profile's ``max_lifetime_s`` take no new lease
    (:func:`contexts.rules.joinable_created_after`).
-3. Only when none has room: take the profile's lock, look again, and if the profile may
-   have another context (and the backend can start one), create it ``starting``; the
-   reconciler starts it. A full profile answers when a slot may free up.
-4. Insert the lease: ``active`` on a running or idle context, ``pending`` on a starting one.
+2. Only when that found none, :func:`allocate`: take the profile's lock (first, holding no
+   context row), look again, and if the profile may have another context (and the backend
+   can start one) create it ``starting``; the reconciler starts it. A full profile answers
+   when a slot may free up.
+
+Either inserts the lease: ``active`` on a running or idle context, ``pending`` on a
+starting one.
 """
 
 from __future__ import annotations
@@ -74,32 +77,59 @@ def replay(ask: LeaseAsk, lease: LeaseRecord) -> LeaseRecord:
     return lease
 
 
-def grant(tx: Tx, ask: LeaseAsk, *, backend: str, cannot_start: str | None) -> Grant:
-    """Grant ``ask`` if the profile has room (see the module docstring). ``cannot_start``
-    says why the backend cannot start a context now (bad credentials), or None."""
-    principal, profile = ask.principal, ask.profile
-    if ask.idempotency_key is not None:
-        existing = leases.lease_by_idempotency_key(tx, principal.token_id, ask.idempotency_key)
-        if existing is not None:
-            return Grant(replay(ask, existing), created=False)
-    who = ask.describe_holder()
-    reason = f"lease requested by {who}"
-    created_after = joinable_created_after(profile, tx.now)
+def _replayed(tx: Tx, ask: LeaseAsk) -> Grant | None:
+    if ask.idempotency_key is None:
+        return None
+    existing = leases.lease_by_idempotency_key(tx, ask.principal.token_id, ask.idempotency_key)
+    return None if existing is None else Grant(replay(ask, existing), created=False)
 
-    def join() -> contexts.ContextRecord | None:
-        return contexts.join_context(
-            tx,
-            profile.name,
-            max_leases=profile.max_leases_per_context,
-            created_after=created_after,
-            actor=principal.actor,
-            reason=reason,
-        )
 
-    context = join()
-    if context is None:
-        profiles.lock_profile(tx, profile.name)
-        context = join()
+def _join(tx: Tx, ask: LeaseAsk, *, wait: bool) -> contexts.ContextRecord | None:
+    return contexts.join_context(
+        tx,
+        ask.profile.name,
+        max_leases=ask.profile.max_leases_per_context,
+        created_after=joinable_created_after(ask.profile, tx.now),
+        actor=ask.principal.actor,
+        reason=f"lease requested by {ask.describe_holder()}",
+        wait=wait,
+    )
+
+
+def _lease_on(tx: Tx, ask: LeaseAsk, context: contexts.ContextRecord) -> Grant:
+    lease = leases.insert_lease(
+        tx,
+        context=context,
+        token_id=ask.principal.token_id,
+        ttl_s=ask.ttl_s,
+        holder=ask.holder,
+        idempotency_key=ask.idempotency_key,
+        request_fingerprint=ask.fingerprint,
+        actor=ask.principal.actor,
+    )
+    return Grant(lease, created=True)
+
+
+def join(tx: Tx, ask: LeaseAsk) -> Grant | None:
+    """The first transaction: a slot on a context with room that nobody is changing right
+    now (no profile lock, no waiting, so warm profiles never queue here); None if there is
+    none."""
+    if (replayed := _replayed(tx, ask)) is not None:
+        return replayed
+    context = _join(tx, ask, wait=False)
+    return None if context is None else _lease_on(tx, ask, context)
+
+
+def allocate(tx: Tx, ask: LeaseAsk, *, backend: str, cannot_start: str | None) -> Grant:
+    """The second transaction, when :func:`join` found nothing: under the profile's lock
+    (taken first, holding no context row: the lock order of
+    :func:`~pclease_service.store.profiles.lock_profile`), join or create a context.
+    ``cannot_start`` says why the backend cannot start a context now, or None."""
+    if (replayed := _replayed(tx, ask)) is not None:
+        return replayed
+    profile = ask.profile
+    profiles.lock_profile(tx, profile.name)
+    context = _join(tx, ask, wait=True)
     if context is None:
         if contexts.count_live_contexts(tx, profile.name) >= profile.max_contexts:
             earliest = leases.earliest_expiry(tx, profile.name)
@@ -113,17 +143,7 @@ def grant(tx: Tx, ask: LeaseAsk, *, backend: str, cannot_start: str | None) -> G
             tx,
             profile,
             backend,
-            actor=principal.actor,
-            reason=f"no context of {profile.name!r} had room for {who}",
+            actor=ask.principal.actor,
+            reason=f"no context of {profile.name!r} had room for {ask.describe_holder()}",
         )
-    lease = leases.insert_lease(
-        tx,
-        context=context,
-        token_id=principal.token_id,
-        ttl_s=ask.ttl_s,
-        holder=ask.holder,
-        idempotency_key=ask.idempotency_key,
-        request_fingerprint=ask.fingerprint,
-        actor=principal.actor,
-    )
-    return Grant(lease, created=True)
+    return _lease_on(tx, ask, context)

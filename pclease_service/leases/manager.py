@@ -28,7 +28,7 @@ from pclease_service.errors import (
     UnknownProfile,
 )
 from pclease_service.instruments import Instruments, NoInstruments
-from pclease_service.leases.grant import Grant, LeaseAsk, grant, replay
+from pclease_service.leases.grant import Grant, LeaseAsk, allocate, join, replay
 from pclease_service.leases.waiting import wait_in_line
 from pclease_service.notify import Notifier, long_poll
 from pclease_service.principals import Principal
@@ -167,9 +167,14 @@ class LeaseManager:
 
     async def _grant(self, ask: LeaseAsk, cannot_start: str | None) -> Grant:
         try:
-            return await self.db.write(
-                lambda tx: grant(tx, ask, backend=self.backend_kind, cannot_start=cannot_start)
-            )
+            outcome = await self.db.write(lambda tx: join(tx, ask))
+            if outcome is None:
+                outcome = await self.db.write(
+                    lambda tx: allocate(
+                        tx, ask, backend=self.backend_kind, cannot_start=cannot_start
+                    )
+                )
+            return outcome
         except IntegrityError:
             # The same Idempotency-Key raced in concurrently and the other request won.
             key = ask.idempotency_key

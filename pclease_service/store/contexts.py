@@ -98,6 +98,7 @@ def join_context(
     created_after: datetime | None,
     actor: str,
     reason: str,
+    wait: bool = True,
 ) -> ContextRecord | None:
     """Take a slot on a joinable context of ``profile``: +1 refcount, and idle → running.
 
@@ -105,6 +106,10 @@ def join_context(
     ones (no wait), and fuller contexts over emptier ones, so spare ones go idle and stop.
     Only contexts created after ``created_after`` are joined (see
     :func:`pclease_service.contexts.rules.joinable_created_after`).
+
+    With ``wait=False`` a context another transaction holds locked right now is skipped
+    (``SKIP LOCKED`` on PostgreSQL), so the call never waits for a lock. Only a caller that
+    holds the profile lock may wait (see :func:`pclease_service.store.profiles.lock_profile`).
     """
     conditions = [
         contexts.c.profile == profile,
@@ -114,12 +119,16 @@ def join_context(
     if created_after is not None:
         conditions.append(contexts.c.created_at > created_after)
     for _ in range(5):
-        candidates = tx.conn.execute(
+        stmt = (
             select(contexts.c.id, contexts.c.state)
             .where(*conditions)
             .order_by(_PREFERENCE, contexts.c.refcount.desc(), contexts.c.created_at)
-            .limit(5)
-        ).all()
+        )
+        if not wait:
+            # Lock the one best context that nobody holds (SQLite has no row locks and
+            # renders nothing here: its writers are serialised anyway).
+            stmt = stmt.limit(1).with_for_update(skip_locked=True, key_share=True)
+        candidates = tx.conn.execute(stmt.limit(5) if wait else stmt).all()
         if not candidates:
             return None
         for context_id, state in candidates:

@@ -17,7 +17,14 @@ def sync_profiles(tx: Tx, names: Iterable[str]) -> None:
 
 
 def lock_profile(tx: Tx, name: str) -> None:
-    """Serialise context allocation for one profile until the transaction ends."""
+    """Serialise context allocation for one profile until the transaction ends.
+
+    Lock order: a transaction takes the profile lock before any context row of that
+    profile, and holds no context row when it asks for it. PostgreSQL keeps the row lock of
+    every row an ``UPDATE`` had to wait for, even when the row then no longer matched its
+    ``WHERE``; a failed join that went on to take the profile lock in the same transaction
+    so held a context another allocator was waiting for, and the two deadlocked.
+    """
     result = tx.conn.execute(
         update(profiles)
         .where(profiles.c.name == name)

@@ -6,21 +6,21 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from pclease_service.api.deps import NoNul, PrincipalDep, ServiceDep
-from pclease_service.api.schemas import EventList, EventOut
+from pclease_service.api.deps import IdText, PrincipalDep, ServiceDep
+from pclease_service.api.schemas import EventList, EventOut, errors
 
-router = APIRouter(prefix="/v1", tags=["events"])
+router = APIRouter(prefix="/v1", tags=["events"], responses=errors(401))
 
 # events.id is a BIGINT; a larger bound would make PostgreSQL fail the query.
 _EVENT_ID_MAX = 2**63 - 1
 
 
-@router.get("/events")
+@router.get("/events", responses=errors(403, 404, 422))
 async def list_events(
     service: ServiceDep,
     principal: PrincipalDep,
-    context_id: Annotated[str | None, Query(max_length=36), NoNul] = None,
-    lease_id: Annotated[str | None, Query(max_length=36), NoNul] = None,
+    context_id: Annotated[IdText | None, Query()] = None,
+    lease_id: Annotated[IdText | None, Query()] = None,
     after_id: Annotated[int | None, Query(ge=0, le=_EVENT_ID_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=5000)] = 200,
 ) -> EventList:

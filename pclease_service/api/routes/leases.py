@@ -6,18 +6,17 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response, status
 
-from pclease_service.api.deps import LeaseId, NoNul, PrincipalDep, ServiceDep
-from pclease_service.api.schemas import LeaseList, LeaseOut, LeaseRequest
+from pclease_service.api.deps import IdText, LeaseId, PrincipalDep, RequiredName, ServiceDep
+from pclease_service.api.schemas import LeaseList, LeaseOut, LeaseRequest, Name, errors
 from pclease_service.states import LeaseState
+from pclease_service.text import Text
 
-router = APIRouter(prefix="/v1", tags=["leases"])
+router = APIRouter(prefix="/v1", tags=["leases"], responses=errors(401))
 
 IdempotencyKey = Annotated[
-    str | None,
+    Annotated[str, Text(200, min_length=1)] | None,
     Header(
         alias="Idempotency-Key",
-        min_length=1,
-        max_length=200,
         description="Retries with the same key return the first lease instead of a second.",
     ),
 ]
@@ -26,7 +25,10 @@ IdempotencyKey = Annotated[
 @router.post(
     "/leases",
     status_code=status.HTTP_201_CREATED,
-    responses={200: {"description": "An Idempotency-Key replay: the lease made first."}},
+    responses={
+        200: {"model": LeaseOut, "description": "An Idempotency-Key replay: the lease made first."},
+        **errors(400, 403, 409, 413, 422, 429, 503),
+    },
 )
 async def create_lease(
     body: LeaseRequest,
@@ -50,14 +52,14 @@ async def create_lease(
     return LeaseOut.of(lease)
 
 
-@router.get("/leases")
+@router.get("/leases", responses=errors(422))
 async def list_leases(
     service: ServiceDep,
     principal: PrincipalDep,
     state: Annotated[list[LeaseState] | None, Query()] = None,
-    context_id: Annotated[str | None, Query(max_length=36), NoNul] = None,
-    dag_id: Annotated[str | None, Query(max_length=250), NoNul] = None,
-    run_id: Annotated[str | None, Query(max_length=250), NoNul] = None,
+    context_id: Annotated[IdText | None, Query()] = None,
+    dag_id: Annotated[Name | None, Query()] = None,
+    run_id: Annotated[Name | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> LeaseList:
     leases = await service.leases.list_leases(
@@ -66,7 +68,7 @@ async def list_leases(
     return LeaseList(leases=[LeaseOut.of(lease) for lease in leases])
 
 
-@router.get("/leases/{lease_id}")
+@router.get("/leases/{lease_id}", responses=errors(404, 422))
 async def get_lease(
     lease_id: LeaseId,
     service: ServiceDep,
@@ -83,23 +85,23 @@ async def get_lease(
     return LeaseOut.of(lease)
 
 
-@router.post("/leases/{lease_id}/heartbeat")
+@router.post("/leases/{lease_id}/heartbeat", responses=errors(403, 404, 410, 503))
 async def heartbeat(lease_id: LeaseId, service: ServiceDep, principal: PrincipalDep) -> LeaseOut:
     return LeaseOut.of(await service.leases.heartbeat(principal, lease_id))
 
 
-@router.delete("/leases/{lease_id}")
+@router.delete("/leases/{lease_id}", responses=errors(403, 404, 503))
 async def release(lease_id: LeaseId, service: ServiceDep, principal: PrincipalDep) -> LeaseOut:
     return LeaseOut.of(await service.leases.release(principal, lease_id))
 
 
-@router.delete("/leases")
+@router.delete("/leases", responses=errors(403, 422, 503))
 async def release_holder(
     service: ServiceDep,
     principal: PrincipalDep,
-    dag_id: Annotated[str, Query(min_length=1, max_length=250), NoNul],
-    run_id: Annotated[str, Query(min_length=1, max_length=250), NoNul],
-    task_id: Annotated[str | None, Query(min_length=1, max_length=250), NoNul] = None,
+    dag_id: Annotated[RequiredName, Query()],
+    run_id: Annotated[RequiredName, Query()],
+    task_id: Annotated[RequiredName | None, Query()] = None,
     map_index: Annotated[
         int | None, Query(ge=-1, description="With task_id: only this mapped task instance.")
     ] = None,

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from pclease_service.api.deps import PrincipalDep, ServiceDep
-from pclease_service.api.schemas import ProfileList, ProfileOut
+from pclease_service.api.schemas import ProfileList, ProfileOut, errors
 
-router = APIRouter(prefix="/v1", tags=["profiles"])
+router = APIRouter(prefix="/v1", tags=["profiles"], responses=errors(401))
 
 
 @router.get("/profiles")

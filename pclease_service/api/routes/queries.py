@@ -11,11 +11,12 @@ from fastapi.responses import FileResponse
 from pydantic import ValidationError
 
 from pclease_service.api.deps import LeaseId, PrincipalDep, QueryId, ServiceDep
-from pclease_service.api.schemas import QueryList, QueryOptions, QueryOut
+from pclease_service.api.schemas import QueryList, QueryOptions, QueryOut, errors
 from pclease_service.errors import InvalidInput
 from pclease_service.queries.manager import QueryRequest
+from pclease_service.text import message_of, shown
 
-router = APIRouter(prefix="/v1", tags=["queries"])
+router = APIRouter(prefix="/v1", tags=["queries"], responses=errors(401))
 
 
 def _parse_options(raw: str) -> QueryOptions:
@@ -30,8 +31,8 @@ def _parse_options(raw: str) -> QueryOptions:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            where = ".".join(str(p) for p in error["loc"])
-            message = str(error["msg"]).removeprefix("Value error, ")
+            where = ".".join(shown(str(p)) for p in error["loc"])
+            message = message_of(error)
             if error["type"] == "extra_forbidden":
                 message = "unknown option; remove it"
             problems.append(f"options.{where}: {message}" if where else f"options: {message}")
@@ -41,7 +42,7 @@ def _parse_options(raw: str) -> QueryOptions:
 @router.post(
     "/leases/{lease_id}/queries",
     status_code=status.HTTP_202_ACCEPTED,
-    responses={410: {"description": "The lease has ended."}},
+    responses=errors(400, 403, 404, 410, 413, 422, 503),
 )
 async def submit_query(
     lease_id: LeaseId,
@@ -49,7 +50,14 @@ async def submit_query(
     principal: PrincipalDep,
     response: Response,
     plan: Annotated[UploadFile, File(description="Polars' serialized plan, sink attached.")],
-    options: Annotated[str, Form(max_length=16384, description="QueryOptions as JSON.")],
+    options: Annotated[
+        str,
+        Form(
+            max_length=16384,
+            description="The QueryOptions schema, as a JSON object.",
+            examples=['{"target": "collect", "polars_version": "2.0.0"}'],
+        ),
+    ],
 ) -> QueryOut:
     """Run a plan on the lease's context. Answers at once; follow the query's state."""
     parsed = _parse_options(options)
@@ -68,7 +76,7 @@ async def submit_query(
     return QueryOut.of(query)
 
 
-@router.get("/leases/{lease_id}/queries")
+@router.get("/leases/{lease_id}/queries", responses=errors(404))
 async def list_lease_queries(
     lease_id: LeaseId, service: ServiceDep, principal: PrincipalDep
 ) -> QueryList:
@@ -76,7 +84,7 @@ async def list_lease_queries(
     return QueryList(queries=[QueryOut.of(q) for q in queries])
 
 
-@router.get("/queries/{query_id}")
+@router.get("/queries/{query_id}", responses=errors(404, 422))
 async def get_query(
     query_id: QueryId,
     service: ServiceDep,
@@ -88,7 +96,7 @@ async def get_query(
     return QueryOut.of(await service.queries.get(principal, query_id, wait_s=wait_s))
 
 
-@router.post("/queries/{query_id}/cancel")
+@router.post("/queries/{query_id}/cancel", responses=errors(403, 404, 503))
 async def cancel_query(query_id: QueryId, service: ServiceDep, principal: PrincipalDep) -> QueryOut:
     return QueryOut.of(await service.queries.cancel(principal, query_id))
 
@@ -96,7 +104,10 @@ async def cancel_query(query_id: QueryId, service: ServiceDep, principal: Princi
 @router.get(
     "/queries/{query_id}/result",
     response_class=FileResponse,
-    responses={200: {"content": {"application/vnd.apache.arrow.file": {}}}},
+    responses={
+        200: {"content": {"application/vnd.apache.arrow.file": {}}},
+        **errors(404, 409),
+    },
 )
 async def query_result(
     query_id: QueryId, service: ServiceDep, principal: PrincipalDep
