@@ -36,7 +36,7 @@ from tests.harness import truncate
 
 pytestmark = pytest.mark.live
 
-README = Path(__file__).parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 ST = [sys.executable, "-m", "schemathesis.cli"]
 MAX_EXAMPLES = 15
 
