@@ -29,8 +29,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.airflow_env import AirflowEnv  # noqa: E402 (needs the path above)
-from tests.live import LiveServer, run_cli, write_config  # noqa: E402
+from devkit.airflow_env import AirflowEnv  # noqa: E402 (needs the path above)
+from devkit.live import LiveServer, run_cli, write_config  # noqa: E402
 
 DAGS = ROOT / "bench" / "dags" / "warm_vs_cold.py"
 

@@ -27,7 +27,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.live import LiveServer, run_cli, write_config
+from devkit.live import LiveServer, run_cli, write_config
 
 PG_ADMIN = os.environ.get("PCLEASE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 OPS = ("create", "heartbeat", "release")

@@ -26,8 +26,8 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from devkit.live import LiveServer, run_cli, write_config
 from pclease_client import PcleaseClient, build_submission
-from tests.live import LiveServer, run_cli, write_config
 
 
 def pct(values: list[float], q: float) -> float:

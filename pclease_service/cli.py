@@ -52,7 +52,7 @@ def _engine(settings: Settings) -> Any:
 
 
 def _tx(engine: Any) -> Any:
-    from pclease_service.store import Tx
+    from pclease_service.db.tx import Tx
 
     class _Unit:
         def __enter__(self) -> Tx:
@@ -198,16 +198,17 @@ def token_create(
     512 characters: letters, digits, - . _ ~ + /). Running the same command again with the
     same value and scopes changes nothing and succeeds, so a deployment job can repeat it.
     """
-    from pclease_service import store, tokens
+    from pclease_service.principals import generate, hash_token
+    from pclease_service.store import tokens
 
     if not 1 <= len(name) <= 100:
         raise click.BadParameter("a token name is 1 to 100 characters", param_hint="NAME")
     provided = _provided_token(value_env, value_from_stdin)
     engine = _engine(_settings(config_file))
-    value = provided if provided is not None else tokens.generate()
-    token_hash = tokens.hash_token(value)
+    value = provided if provided is not None else generate()
+    token_hash = hash_token(value)
     with _tx(engine) as tx:
-        existing = store.token_by_name(tx, name)
+        existing = tokens.token_by_name(tx, name)
         if (
             provided is not None
             and existing is not None
@@ -221,11 +222,11 @@ def token_create(
             raise click.ClickException(
                 f"a token named {name!r} exists; revoke it or pick another name"
             )
-        if store.token_by_hash(tx, token_hash) is not None:
+        if tokens.token_by_hash(tx, token_hash) is not None:
             raise click.ClickException(
                 "another token already has this value; give every token its own value"
             )
-        store.insert_token(tx, name=name, token_hash=token_hash, scopes=scopes)
+        tokens.insert_token(tx, name=name, token_hash=token_hash, scopes=scopes)
     what = f"token {name!r} ({', '.join(sorted(scopes))})"
     if provided is not None:
         click.echo(f"{what} created with the value provided; it is not printed", err=True)
@@ -235,7 +236,7 @@ def token_create(
 
 
 def _provided_token(value_env: str | None, from_stdin: bool) -> str | None:
-    from pclease_service import tokens
+    from pclease_service.principals import check_provided
 
     if value_env is not None and from_stdin:
         raise click.UsageError("give --value-from-env or --value-from-stdin, not both")
@@ -254,7 +255,7 @@ def _provided_token(value_env: str | None, from_stdin: bool) -> str | None:
     else:
         return None
     try:
-        return tokens.check_provided(value)
+        return check_provided(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint=source) from None
 
@@ -263,11 +264,11 @@ def _provided_token(value_env: str | None, from_stdin: bool) -> str | None:
 @config_option
 def token_list(config_file: Path | None) -> None:
     """List tokens (names and scopes, never values)."""
-    from pclease_service import store
+    from pclease_service.store import tokens
 
     engine = _engine(_settings(config_file))
     with _tx(engine) as tx:
-        rows = store.list_tokens(tx)
+        rows = tokens.list_tokens(tx)
     for record in rows:
         state = f"revoked {record.revoked_at:%Y-%m-%d %H:%M}" if record.revoked_at else "active"
         click.echo(
@@ -281,11 +282,11 @@ def token_list(config_file: Path | None) -> None:
 @click.argument("name")
 def token_revoke(config_file: Path | None, name: str) -> None:
     """Revoke a token; clients using it get 401 within token_cache_s."""
-    from pclease_service import store
+    from pclease_service.store import tokens
 
     engine = _engine(_settings(config_file))
     with _tx(engine) as tx:
-        if not store.revoke_token(tx, name):
+        if not tokens.revoke_token(tx, name):
             raise click.ClickException(f"no active token named {name!r}; see `pclease token list`")
     click.echo(f"revoked {name!r}")
 
@@ -312,13 +313,14 @@ def profiles(config_file: Path | None) -> None:
 @config_option
 def status(config_file: Path | None) -> None:
     """What is running now: live contexts and their leases."""
-    from pclease_service import store
     from pclease_service.states import LIVE_CONTEXT_STATES, LIVE_LEASE_STATES
+    from pclease_service.store import contexts
+    from pclease_service.store import leases as lease_rows
 
     engine = _engine(_settings(config_file))
     with _tx(engine) as tx:
-        live = store.list_contexts(tx, states=LIVE_CONTEXT_STATES)
-        leases = store.list_leases(tx, states=LIVE_LEASE_STATES)
+        live = contexts.list_contexts(tx, states=LIVE_CONTEXT_STATES)
+        leases = lease_rows.list_leases(tx, states=LIVE_LEASE_STATES)
         now = tx.now
     if not live:
         click.echo("nothing is running")

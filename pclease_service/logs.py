@@ -22,7 +22,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pclease_service.config import LogFormat
 
-ID_FIELDS = ("lease_id", "context_id", "query_id")
 _bound: ContextVar[dict[str, str] | None] = ContextVar("pclease_log_ids", default=None)
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _PLACEHOLDER = re.compile(r"%(?:\([^)]*\))?[-#0 +]*\d*(?:\.\d+)?[sdrifgxXeEcoa%]")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+
+from pclease_service.clock import Clock
 
 
 async def tick_forever(
@@ -13,9 +14,10 @@ async def tick_forever(
     *,
     wake: asyncio.Event,
     interval_s: float,
+    clock: Clock,
     log: logging.Logger,
 ) -> None:
-    """Run ``tick`` every ``interval_s`` or as soon as ``wake`` is set.
+    """Run ``tick`` every ``interval_s`` (on ``clock``) or as soon as ``wake`` is set.
 
     Cancellation ends the loop; any other error is logged with its traceback and the next
     tick runs as usual. (If the loop itself dies, the task's done-callback reports it.)
@@ -28,5 +30,4 @@ async def tick_forever(
             raise
         except Exception:
             log.exception("%s failed; retrying next tick", getattr(tick, "__qualname__", tick))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), interval_s)
+        await clock.wait(wake, interval_s)

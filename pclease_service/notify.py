@@ -1,15 +1,24 @@
-"""In-process wake-ups after a transaction commits.
+"""In-process wake-ups after a transaction commits, and the one long-poll loop.
 
 The database is the truth; these only shorten waits. Every waiter also re-checks the
-database on a short interval, so a second service replica's changes are seen too.
+database every ``RECHECK_S`` (on the service's clock), so a second service replica's
+changes are seen too.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict, deque
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
-from pclease_service.store import Tx
+from pclease_service.clock import Clock
+from pclease_service.db.tx import Tx
+
+T = TypeVar("T")
+
+#: Waiters re-check the database this often even without a wake-up.
+RECHECK_S = 1.0
 
 
 class Pulse:
@@ -27,12 +36,25 @@ class Pulse:
         self._event = asyncio.Event()
 
 
-async def wait_token(token: asyncio.Event, timeout_s: float) -> bool:
-    try:
-        await asyncio.wait_for(token.wait(), max(0.0, timeout_s))
-    except TimeoutError:
-        return False
-    return True
+async def long_poll(
+    clock: Clock,
+    wait_s: float,
+    *,
+    token: Callable[[], asyncio.Event],
+    read: Callable[[], Awaitable[T]],
+    done: Callable[[T], bool],
+) -> T:
+    """Read until ``done(value)`` or ``wait_s`` has passed on ``clock``, whichever comes
+    first; between reads, wait for the wake-up ``token()`` (taken before each read, so no
+    wake-up is lost) or ``RECHECK_S``."""
+    deadline = clock.monotonic() + wait_s
+    while True:
+        event = token()
+        value = await read()
+        remaining = deadline - clock.monotonic()
+        if done(value) or remaining <= 0:
+            return value
+        await clock.wait(event, min(remaining, RECHECK_S))
 
 
 class ProfileQueue:

@@ -1,4 +1,4 @@
-"""The running service: engine, backend, reconciler and lease manager, wired together."""
+"""The running service: every long-lived part, wired together (and nothing else)."""
 
 from __future__ import annotations
 
@@ -12,25 +12,37 @@ from pathlib import Path
 
 from sqlalchemy import make_url
 
-from pclease_service import plans, store
 from pclease_service.backends import create_backend
-from pclease_service.backends.base import Backend
+from pclease_service.backends.base import Backend, Credentials
 from pclease_service.clock import Clock, SystemClock
 from pclease_service.config import Settings
-from pclease_service.credentials import CredentialStatus, TokenProvider, install_sighup
+from pclease_service.contexts.manager import ContextManager
+from pclease_service.credentials import install_sighup
 from pclease_service.db.engine import create_db_engine, redacted
 from pclease_service.db.migrate import upgrade
 from pclease_service.db.session import Database
-from pclease_service.leases import LeaseManager
+from pclease_service.history import History
+from pclease_service.leases.manager import LeaseManager
+from pclease_service.metrics import PrometheusInstruments
 from pclease_service.notify import Notifier
-from pclease_service.queries import QueryManager, QueryRunner, Spool
-from pclease_service.reconciler import Reconciler
+from pclease_service.plans.check import Reader
+from pclease_service.plans.header import local_header, local_polars_version
+from pclease_service.principals import Principals
+from pclease_service.queries.manager import QueryManager
+from pclease_service.queries.runner import QueryRunner
+from pclease_service.queries.spool import Spool
+from pclease_service.reconciler.loop import Reconciler
+from pclease_service.store import profiles
 
 log = logging.getLogger("pclease")
 
 # How often the background check asks for a token while the credentials fail / work.
 _CHECK_FAILS_S = 5.0
 _CHECK_WORKS_S = 60.0
+
+
+def _local_reader() -> Reader:
+    return Reader(local_header(), local_polars_version())
 
 
 class Service:
@@ -52,27 +64,32 @@ class Service:
         self.engine = create_db_engine(settings.resolved_database_url)
         self.notifier = Notifier()
         self.db = Database(self.engine, self.clock, on_commit=self.notifier.publish)
-        #: The Polars Cloud service account's tokens, when the backend uses one.
-        self.credentials: TokenProvider | None = getattr(self.backend, "provider", None)
-        if not isinstance(self.credentials, TokenProvider):
-            self.credentials = None
+        instruments = PrometheusInstruments()
+        self.principals = Principals(self.db, self.clock, settings.token_cache_s)
         self.leases = LeaseManager(
             settings,
             self.db,
             self.notifier,
+            self.clock,
             self.backend.kind,
             ready_check=self.credentials_problem if self.credentials else None,
+            instruments=instruments,
         )
-        self.reconciler = Reconciler(settings, self.db, self.backend, self.notifier, self.clock)
+        self.contexts = ContextManager(settings, self.db)
+        self.history = History(self.db)
+        self.reconciler = Reconciler(
+            settings, self.db, self.backend, self.notifier, self.clock, instruments=instruments
+        )
         self.spool = Spool(settings.data_dir / "spool")
+        denied = self._denied_paths()
         self.queries = QueryManager(
             settings,
             self.db,
             self.notifier,
+            self.clock,
             self.spool,
-            context_polars_version=plans.local_polars_version(),
-            context_signature=plans.local_signature,
-            denied_paths=self._denied_paths(),
+            reader=_local_reader,
+            denied_paths=denied,
         )
         self.runner = QueryRunner(
             settings,
@@ -81,16 +98,22 @@ class Service:
             self.notifier,
             self.spool,
             self.clock,
-            denied_paths=self._denied_paths(),
+            denied_paths=denied,
+            instruments=instruments,
         )
         self._run_reconciler = run_reconciler
         self._migrate = migrate
         self._uninstall_sighup: Callable[[], None] | None = None
         self._check_task: asyncio.Task[None] | None = None
-        self._started_at = self.clock.now()
+        self.started_at = self.clock.now()
         self._loop_task: asyncio.Task[None] | None = None
         self._runner_task: asyncio.Task[None] | None = None
         self.loop_error: BaseException | None = None
+
+    @property
+    def credentials(self) -> Credentials | None:
+        """The backend's credentials (the Polars Cloud service account), if it has any."""
+        return self.backend.credentials
 
     def _denied_paths(self) -> tuple[str, ...]:
         """The service's own files: never readable or writable by a query."""
@@ -109,17 +132,18 @@ class Service:
         url = self.settings.resolved_database_url
         if self._migrate:
             await asyncio.to_thread(upgrade, url)
-        await self.db.write(lambda tx: store.sync_profiles(tx, self.settings.profiles))
+        await self.db.write(lambda tx: profiles.sync_profiles(tx, self.settings.profiles))
         self.spool.prepare()
         await self.runner.recover()
-        if self.credentials is not None:
+        credentials = self.credentials
+        if credentials is not None:
             # Learn early whether the credentials work (readiness and lease requests say
             # so), without holding up startup on the token endpoint.
             self._check_task = asyncio.create_task(
-                self._watch_credentials(self.credentials), name="credentials-check"
+                self._watch_credentials(credentials), name="credentials-check"
             )
             if threading.current_thread() is threading.main_thread():
-                self._uninstall_sighup = install_sighup(self.credentials)
+                self._uninstall_sighup = install_sighup(credentials)
         log.info(
             "pclease ready: backend=%s database=%s profiles=%s",
             self.backend.kind,
@@ -146,8 +170,7 @@ class Service:
             task is not None and not task.done() for task in (self._loop_task, self._runner_task)
         )
 
-    @staticmethod
-    async def _watch_credentials(credentials: TokenProvider) -> None:
+    async def _watch_credentials(self, credentials: Credentials) -> None:
         """Keep the credential status current, so /readyz can read it without fetching:
         often while it fails (a fixed source is noticed soon), rarely once it works
         (backend calls keep it current then)."""
@@ -157,41 +180,15 @@ class Service:
             except Exception:
                 log.exception("checking the Polars Cloud credentials failed")
                 status = None
-            await asyncio.sleep(_CHECK_WORKS_S if status and status.ok else _CHECK_FAILS_S)
-
-    def backend_readiness(self) -> tuple[bool, str]:
-        """(ready, what to show) for a backend whose list() a probe must not call: from the
-        reconciler's sweeps. One failed sweep is shown but not fatal; no successful one for
-        ``backend_unready_after_s`` is."""
-        error = self.reconciler.sweep_error
-        if error is None:
-            return True, "ok" if self.reconciler.listed_at else "ok (not listed yet)"
-        since = self.reconciler.listed_at or self._started_at
-        failing_s = (self.clock.now() - since).total_seconds()
-        limit_s = self.settings.backend_unready_after_s
-        if failing_s < limit_s:
-            return True, f"ok (the last listing failed: {error}; unready after {limit_s:g} s)"
-        return False, f"failing: {error} (not listed for {failing_s:.0f} s)"
-
-    def credential_status(self) -> CredentialStatus | None:
-        return self.credentials.status() if self.credentials else None
+            await self.clock.sleep(_CHECK_WORKS_S if status and status.ok else _CHECK_FAILS_S)
 
     async def credentials_problem(self) -> str | None:
-        """Why the credentials do not work (safe to show: names the source, never the
-        secret), or None. A failing status is checked again first, so a fixed source is
-        noticed by the next request."""
-        if self.credentials is None:
+        """Why the credentials do not work, or None. A failing status is checked again
+        first, so a fixed source is noticed by the next request."""
+        credentials = self.credentials
+        if credentials is None or credentials.status().ok:
             return None
-        status = self.credentials.status()
-        if status.ok:
-            return None
-        status = await asyncio.to_thread(self.credentials.check)
-        if status.ok:
-            return None
-        return (
-            f"the Polars Cloud credentials from {status.source} do not work: "
-            f"{status.message or 'unknown problem'}"
-        )
+        return (await asyncio.to_thread(credentials.check)).problem
 
     async def stop(self) -> None:
         if self._uninstall_sighup is not None:

@@ -19,6 +19,9 @@ Query::
     queued ──▶ running ──▶ succeeded | failed | cancelled
        └─────────────────▶ failed | cancelled
 
+A context that stops or fails keeps its :class:`StopKind` beside the reason: the reason is
+for people, the kind is what metrics, the dashboard and the stop fence read.
+
 A lease is ``pending`` while its context starts and ``active`` once it runs. ``failed``
 means its context failed underneath it. The tables are the single source of truth: the
 repository builds every guarded ``UPDATE ... WHERE state IN (...)`` from them.
@@ -40,6 +43,23 @@ class ContextState(StrEnum):
     @property
     def is_terminal(self) -> bool:
         return self in (ContextState.STOPPED, ContextState.FAILED)
+
+
+class StopKind(StrEnum):
+    """Why a context stopped (or is stopping, or failed)."""
+
+    #: Its idle grace ran out with no lease on it.
+    IDLE = "idle"
+    #: It was idle after its profile's ``max_lifetime_s`` had passed.
+    MAX_LIFETIME = "max_lifetime"
+    #: Its profile is no longer configured.
+    UNCONFIGURED = "unconfigured"
+    #: An admin stopped it (API or dashboard).
+    FORCED = "forced"
+    #: The service shut down and its backend's contexts must not outlive it.
+    SHUTDOWN = "shutdown"
+    #: The backend reported it failed, or it could not start.
+    FAILED = "failed"
 
 
 class LeaseState(StrEnum):

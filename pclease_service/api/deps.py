@@ -1,17 +1,23 @@
-"""Dependencies shared by the routes: the service and the authenticated caller."""
+"""Dependencies shared by the routes: the service, the authenticated caller, checked ids
+and the free-form text parameters."""
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from pclease_service import store, tokens
-from pclease_service.errors import Forbidden, Unauthorized
-from pclease_service.leases import Principal
+from pclease_service.errors import (
+    ContextNotFound,
+    Forbidden,
+    LeaseNotFound,
+    QueryNotFound,
+    Unauthorized,
+)
+from pclease_service.principals import Principal
 from pclease_service.runtime import Service
+from pclease_service.text import Text
 
 _HOW_TO = "create one with `pclease token create NAME --scope lease`"
 
@@ -22,29 +28,6 @@ def get_service(request: Request) -> Service:
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
-
-
-class TokenCache:
-    """Verified tokens for a few seconds, so most requests skip a database read.
-    A revoked token stops working within ``token_cache_s``."""
-
-    def __init__(self, ttl_s: float) -> None:
-        self.ttl_s = ttl_s
-        self._entries: dict[str, tuple[float, Principal | None]] = {}
-
-    def get(self, token_hash: str) -> tuple[bool, Principal | None]:
-        entry = self._entries.get(token_hash)
-        if entry is None or entry[0] < time.monotonic():
-            return False, None
-        return True, entry[1]
-
-    def put(self, token_hash: str, principal: Principal | None) -> None:
-        if self.ttl_s <= 0:  # caching is off: a revoked token must fail at once
-            return
-        if len(self._entries) > 10_000:
-            self._entries.clear()
-        self._entries[token_hash] = (time.monotonic() + self.ttl_s, principal)
-
 
 # Declares the scheme in the OpenAPI document (on every route that needs a token); the
 # refusal is ours, with a message that says how to get a token.
@@ -63,15 +46,7 @@ async def get_principal(
     value = credentials.credentials.strip() if credentials is not None else ""
     if not value:
         raise Unauthorized(f"send 'Authorization: Bearer <token>'; {_HOW_TO}")
-    token_hash = tokens.hash_token(value)
-    cache: TokenCache = request.app.state.token_cache
-    hit, principal = cache.get(token_hash)
-    if not hit:
-        record = await service.db.read(lambda tx: store.token_by_hash(tx, token_hash))
-        principal = None
-        if record is not None and record.revoked_at is None:
-            principal = Principal(record.id, record.name, record.scopes)
-        cache.put(token_hash, principal)
+    principal = await service.principals.by_token(value)
     if principal is None:
         raise Unauthorized(f"this token is unknown or revoked; {_HOW_TO}")
     request.state.principal = principal
@@ -81,11 +56,6 @@ async def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def require_read(principal: PrincipalDep) -> Principal:
-    """Any valid token may read; scope decides how much it sees (own leases or all)."""
-    return principal
-
-
 def require_admin(principal: PrincipalDep) -> Principal:
     if not principal.is_admin:
         raise Forbidden("this needs a token with the admin scope")
@@ -93,3 +63,47 @@ def require_admin(principal: PrincipalDep) -> Principal:
 
 
 AdminDep = Annotated[Principal, Depends(require_admin)]
+
+# -- ids in paths -----------------------------------------------------------------------------
+
+# Ids are UUID strings (store.transitions.new_id). Anything longer, or holding a NUL (which
+# PostgreSQL refuses in text), cannot name a row, so it is "not found" without asking the
+# database.
+_ID_MAX = 36
+
+
+def _could_exist(item_id: str) -> bool:
+    return len(item_id) <= _ID_MAX and "\x00" not in item_id
+
+
+def _shown(item_id: str) -> str:
+    return item_id if len(item_id) <= _ID_MAX else item_id[:_ID_MAX] + "..."
+
+
+def _lease_id(lease_id: Annotated[str, Path()]) -> str:
+    if not _could_exist(lease_id):
+        raise LeaseNotFound(_shown(lease_id))
+    return lease_id
+
+
+def _context_id(context_id: Annotated[str, Path()]) -> str:
+    if not _could_exist(context_id):
+        raise ContextNotFound(_shown(context_id))
+    return context_id
+
+
+def _query_id(query_id: Annotated[str, Path()]) -> str:
+    if not _could_exist(query_id):
+        raise QueryNotFound(_shown(query_id))
+    return query_id
+
+
+LeaseId = Annotated[str, Depends(_lease_id)]
+ContextId = Annotated[str, Depends(_context_id)]
+QueryId = Annotated[str, Depends(_query_id)]
+
+# -- free-form text in query parameters and headers ---------------------------------------
+# The same rule as in bodies (pclease_service.text).
+IdText = Annotated[str, Text(_ID_MAX)]
+ProfileName = Annotated[str, Text(63)]
+RequiredName = Annotated[str, Text(250, min_length=1)]

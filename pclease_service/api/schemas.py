@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
@@ -19,10 +19,14 @@ from pydantic import (
     model_validator,
 )
 
-from pclease_service.backends.base import QueryTarget
 from pclease_service.config import Profile
-from pclease_service.states import ContextState, LeaseState, QueryState
-from pclease_service.store import ContextRecord, EventRecord, LeaseRecord, QueryRecord
+from pclease_service.contexts.rules import planned_stop
+from pclease_service.plans.targets import QueryTarget
+from pclease_service.states import ContextState, LeaseState, QueryState, StopKind
+from pclease_service.store.contexts import ContextRecord
+from pclease_service.store.events import EventRecord
+from pclease_service.store.leases import LeaseRecord
+from pclease_service.store.queries import QueryRecord
 from pclease_service.text import PATTERN, Text
 
 _MAX_HOLDER_KEYS = 20
@@ -171,19 +175,24 @@ class ContextOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     idle_since: datetime | None
-    stops_at: datetime | None = Field(description="When an idle context will be stopped.")
+    stops_at: datetime | None = Field(
+        description="When an idle context will be stopped (its idle grace, its profile's "
+        "max_lifetime_s, or at once if its profile is gone: whichever comes first)."
+    )
     stopping_since: datetime | None
     stopped_at: datetime | None
     stop_reason: str | None
+    stop_kind: StopKind | None = Field(
+        description="Why it stopped, as a code: idle, max_lifetime, unconfigured, forced, "
+        "shutdown, failed."
+    )
     status_message: str | None
     hourly_cost: float
     cost_so_far: float = Field(description="hourly_cost times the time it has been up.")
 
     @classmethod
     def of(cls, c: ContextRecord, profile: Profile | None, now: datetime) -> ContextOut:
-        stops_at = None
-        if c.state is ContextState.IDLE and c.idle_since is not None and profile is not None:
-            stops_at = c.idle_since + timedelta(seconds=profile.idle_grace_s)
+        planned = planned_stop(c, profile)
         end = c.stopped_at or now
         up_s = max(0.0, (end - c.created_at).total_seconds())
         return cls(
@@ -196,10 +205,11 @@ class ContextOut(BaseModel):
             created_at=c.created_at,
             started_at=c.started_at,
             idle_since=c.idle_since,
-            stops_at=stops_at,
+            stops_at=planned.at if planned else None,
             stopping_since=c.stopping_since,
             stopped_at=c.stopped_at,
             stop_reason=c.stop_reason,
+            stop_kind=c.stop_kind,
             status_message=c.status_message,
             hourly_cost=c.hourly_cost,
             cost_so_far=round(c.hourly_cost * up_s / 3600, 6),

@@ -27,16 +27,27 @@ A backend must provide exactly these coroutine methods:
     the query runs, never in the service process. Cancelling the awaiting task must stop
     the query (and leave the context usable). Failures of the *query* (Polars errors, a
     refused plan, a timeout) are returned as an outcome with ``error_type`` and
-    ``error_message``; only failures of the *backend* raise :class:`BackendError`.
-
-``list_is_cheap``
-    Whether ``list()`` only reads local state, so that a readiness probe may call it. False
-    for a remote API: ``/readyz`` then reports the reconciler's last sweeps instead.
+    ``error_message``; only failures of the *backend* raise
+    :class:`~pclease_service.errors.BackendError`.
 
 ``close() -> None``
-    Release clients and connections. ``stop_on_shutdown`` says whether the service should
-    stop running contexts when it shuts down cleanly (true for local processes that would
-    otherwise outlive it, false for remote compute that leases may still hold).
+    Release clients and connections.
+
+and declares what the service may rely on, instead of being probed:
+
+``capabilities`` (a :class:`Capabilities`)
+    ``stop_on_shutdown``: whether the service stops running contexts when it shuts down
+    cleanly (true for local processes that would otherwise outlive it, false for remote
+    compute that leases may still hold). ``list_is_cheap``: whether ``list()`` only reads
+    local state, so that a readiness probe may call it (false for a remote API:
+    ``/readyz`` then reports the reconciler's last sweeps instead).
+
+``context_options(profile) -> Mapping``
+    The profile's options this backend reads (``ContextSpec.options``); none by default.
+
+``credentials`` (a :class:`Credentials` or None)
+    The credentials it calls its provider with, so the service can report and reload them;
+    None for backends that need none.
 
 Backends never touch the database, and blocking SDK calls run in threads: the reconciler
 adds its own timeouts around every call.
@@ -48,7 +59,14 @@ import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from pclease_service.errors import BackendError
+from pclease_service.plans.targets import QueryTarget
+
+if TYPE_CHECKING:
+    from pclease_service.config import Profile
+    from pclease_service.credentials import CredentialStatus
 
 LABEL_MANAGED_BY = "pclease.managed-by"
 LABEL_INSTANCE = "pclease.instance"
@@ -98,19 +116,6 @@ class Observed:
     context_id: str | None
 
 
-class QueryTarget(StrEnum):
-    COLLECT = "collect"
-    PARQUET = "parquet"
-    CSV = "csv"
-    IPC = "ipc"
-    NDJSON = "ndjson"
-
-
-# The sink path the client attaches for ``collect`` (as Polars Cloud's own client does); the
-# backend redirects it to ``QuerySpec.result_path``.
-IN_MEMORY_SINK = "<in-memory>"
-
-
 @dataclass(frozen=True)
 class QuerySpec:
     """One query to run on a context."""
@@ -147,14 +152,40 @@ class QueryOutcome:
     error_message: str | None = None
 
 
-class BackendError(Exception):
-    """A backend call failed; the message is safe to show to users."""
+@dataclass(frozen=True)
+class Capabilities:
+    """What the service may rely on a backend for (see the module docstring)."""
+
+    stop_on_shutdown: bool = False
+    list_is_cheap: bool = True
+
+
+class Credentials(Protocol):
+    """Credentials a backend holds for its provider (the Polars Cloud service account)."""
+
+    def status(self) -> CredentialStatus:
+        """The last known state; cheap, never blocks."""
+        ...
+
+    def check(self) -> CredentialStatus:
+        """Make sure a token can be had now (blocking) and return the status."""
+        ...
+
+    def reload(self) -> None:
+        """Read the credentials again now (blocking; raises CredentialsError)."""
+        ...
 
 
 class Backend(abc.ABC):
     kind: ClassVar[str]
-    stop_on_shutdown: ClassVar[bool] = False
-    list_is_cheap: ClassVar[bool] = True
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    @property
+    def credentials(self) -> Credentials | None:
+        return None
+
+    def context_options(self, profile: Profile) -> Mapping[str, Any]:
+        return {}
 
     @abc.abstractmethod
     async def start(self, spec: ContextSpec) -> Handle: ...

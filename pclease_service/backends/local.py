@@ -22,7 +22,7 @@ Queries (:meth:`LocalBackend.execute`) go to the worker's ``query`` op on a conn
 their own, which stays open until the outcome arrives. Cancelling the awaiting task shuts
 that connection down; the worker sees it end, kills the executor running the query and
 starts a fresh one, so the context stays usable. What a query may touch and how it runs is
-in ``local_worker`` and ``plan_guard``.
+in ``local_worker``, ``local_executor`` and ``pclease_service.plans``.
 
 Exceptions::
 
@@ -55,11 +55,11 @@ from multiprocessing.connection import (
     deliver_challenge,
 )
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pclease_service.backends.base import (
     Backend,
-    BackendError,
+    Capabilities,
     ContextSpec,
     Handle,
     Observation,
@@ -68,16 +68,21 @@ from pclease_service.backends.base import (
     QueryOutcome,
     QuerySpec,
 )
-from pclease_service.backends.local_worker import (
+from pclease_service.backends.local_wire import (
     AUTHKEY_NAME,
     EXIT_ORPHANED,
     LOG_NAME,
     META_NAME,
+    describe_exit,
     recv_json,
     send_json,
     set_io_timeout,
     socket_address,
 )
+from pclease_service.errors import BackendError
+
+if TYPE_CHECKING:
+    from pclease_service.config import Profile
 
 PROCESS_NAME = "process.json"
 PING_TIMEOUT_S = 2.0
@@ -158,14 +163,9 @@ def _wait_gone(ref: _Ref, timeout_s: float) -> bool:
 
 
 def _describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"signal {-code} ({signal.Signals(-code).name})"
-        except ValueError:
-            return f"signal {-code}"
     if code == EXIT_ORPHANED:
         return f"code {code} (it heard nothing from the service for its orphan timeout)"
-    return f"code {code}"
+    return describe_exit(code)
 
 
 def _last_log_line(directory: Path) -> str | None:
@@ -293,7 +293,7 @@ class LocalBackend(Backend):
     """Contexts as local worker processes; see the module docstring for the layout."""
 
     kind = "local"
-    stop_on_shutdown = True
+    capabilities = Capabilities(stop_on_shutdown=True, list_is_cheap=True)
 
     def __init__(
         self, state_dir: Path, *, orphan_timeout_s: float = 120.0, python: str = sys.executable
@@ -305,6 +305,9 @@ class LocalBackend(Backend):
         self._starting: set[Path] = set()
 
     # -- Backend ----------------------------------------------------------------------------
+    def context_options(self, profile: Profile) -> Mapping[str, Any]:
+        return profile.local.model_dump()
+
     async def start(self, spec: ContextSpec) -> Handle:
         return await asyncio.to_thread(self._start, spec)
 

@@ -24,7 +24,6 @@ from datetime import datetime, timedelta
 from pclease_service.backends.base import (
     LABEL_CONTEXT_ID,
     Backend,
-    BackendError,
     ContextSpec,
     Handle,
     Observation,
@@ -34,6 +33,7 @@ from pclease_service.backends.base import (
     QuerySpec,
 )
 from pclease_service.clock import Clock, SystemClock
+from pclease_service.errors import BackendError
 
 
 @dataclass

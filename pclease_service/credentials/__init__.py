@@ -6,7 +6,7 @@ The service is the only holder of the service account's secret. Pick a source wi
 
 ::
 
-    base.py       ServiceAccount, CredentialsError, the CredentialSource interface
+    base.py       ServiceAccount, the CredentialSource interface (errors: CredentialsError)
     env.py        environment variables
     file.py       mounted secret files
     aws.py        AWS Secrets Manager
@@ -14,9 +14,10 @@ The service is the only holder of the service account's secret. Pick a source wi
     tokens.py     TokenProvider, CredentialStatus, install_sighup
 """
 
-from pclease_service.credentials.base import CredentialsError, CredentialSource, ServiceAccount
+from pclease_service.credentials.base import CredentialSource, ServiceAccount
 from pclease_service.credentials.registry import SOURCES, create_source
 from pclease_service.credentials.tokens import CredentialStatus, TokenProvider, install_sighup
+from pclease_service.errors import CredentialsError
 
 __all__ = [
     "SOURCES",

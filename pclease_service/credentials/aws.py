@@ -17,7 +17,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 
 from pclease_service.config import CredentialsSettings
-from pclease_service.credentials.base import CredentialsError, CredentialSource, ServiceAccount
+from pclease_service.credentials.base import CredentialSource, ServiceAccount
+from pclease_service.errors import CredentialsError
 
 _SHAPE = '{"client_id": "...", "client_secret": "..."}'
 

@@ -1,10 +1,11 @@
-"""What every credential source provides, and the error they all raise.
+"""What every credential source provides (they all raise
+:class:`~pclease_service.errors.CredentialsError`).
 
 A source turns some place a secret lives (environment, mounted files, a secret manager)
 into a :class:`ServiceAccount`. It must provide exactly:
 
 ``name``
-    A short class attribute, the :class:`~service.config.CredentialSourceKind` value.
+    A short class attribute, the :class:`~pclease_service.config.CredentialSourceKind` value.
 
 ``describe() -> str``
     Where it reads from, in words an operator can act on ("files /run/secrets/id and
@@ -22,7 +23,7 @@ into a :class:`ServiceAccount`. It must provide exactly:
 
 Adding a source (HashiCorp Vault, GCP Secret Manager) is one module with one such class,
 a value in ``CredentialSourceKind`` with its settings, and one line in
-:data:`service.credentials.registry.SOURCES`.
+:data:`pclease_service.credentials.registry.SOURCES`.
 """
 
 from __future__ import annotations
@@ -46,18 +47,6 @@ class ServiceAccount:
     @classmethod
     def of(cls, client_id: str, client_secret: str) -> ServiceAccount:
         return cls(client_id, SecretStr(client_secret))
-
-
-class CredentialsError(Exception):
-    """The service account cannot be read or was refused.
-
-    The message is safe to show anywhere: it names the source and what to fix, never the
-    secret.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 class CredentialSource(abc.ABC):

@@ -1,10 +1,10 @@
 """The service account from two environment variables.
 
 A running process's environment never changes, so the variables are read once, when the
-source is made; the polars_cloud backend then removes them from ``os.environ`` so that
-neither the polars-cloud client nor a child process can see them. Rotating a secret kept
-in the environment therefore needs a restart; the ``file`` and ``aws_secrets_manager``
-sources follow rotation without one.
+source is made. No child process of the service sees them: the polars_cloud backend runs
+the polars-cloud client in a process whose environment leaves them out, and local workers
+get a scrubbed environment. Rotating a secret kept in the environment therefore needs a
+restart; the ``file`` and ``aws_secrets_manager`` sources follow rotation without one.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Self
 from pydantic import SecretStr
 
 from pclease_service.config import CredentialsSettings
-from pclease_service.credentials.base import CredentialsError, CredentialSource, ServiceAccount
+from pclease_service.credentials.base import CredentialSource, ServiceAccount
+from pclease_service.errors import CredentialsError
 
 
 class EnvSource(CredentialSource):

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Self
 
 from pclease_service.config import CredentialsSettings
-from pclease_service.credentials.base import CredentialsError, CredentialSource, ServiceAccount
+from pclease_service.credentials.base import CredentialSource, ServiceAccount
+from pclease_service.errors import CredentialsError
 
 
 class FileSource(CredentialSource):

@@ -35,12 +35,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
 from pclease_service.clock import Clock, SystemClock
-from pclease_service.credentials.base import CredentialsError, CredentialSource, ServiceAccount
+from pclease_service.credentials.base import CredentialSource, ServiceAccount
+from pclease_service.errors import CredentialsError
 
 log = logging.getLogger("pclease.credentials")
 
@@ -64,6 +65,17 @@ class CredentialStatus:
     message: str | None
     token_expires_at: datetime | None
     checked_at: datetime | None
+
+    @property
+    def problem(self) -> str | None:
+        """Why the credentials do not work (safe to show: names the source, never the
+        secret), or None when they do."""
+        if self.ok:
+            return None
+        return (
+            f"the Polars Cloud credentials from {self.source} do not work: "
+            f"{self.message or 'unknown problem'}"
+        )
 
 
 @dataclass
@@ -426,7 +438,11 @@ def _scrub(text: str, secret: str) -> str:
     return text.replace(secret, "***") if secret else text
 
 
-def install_sighup(provider: TokenProvider) -> Callable[[], None]:
+class _Reloadable(Protocol):
+    def reload(self) -> None: ...
+
+
+def install_sighup(provider: _Reloadable) -> Callable[[], None]:
     """Make ``SIGHUP`` re-read the service account; returns a function that undoes it.
 
     Call from the main thread (Python only lets it set signal handlers). The handler only

@@ -1,8 +1,17 @@
 """The dashboard: server-rendered pages under ``/ui`` for people who run pclease.
 
-``views`` (routes), ``reads`` (the read-only queries behind them and ``/metrics``),
-``sessions`` (sign-in cookies, CSRF), ``charts`` (inline SVG), ``templates/`` and
-``static/`` (one CSS and one JS file, served by the service: nothing comes from a CDN).
+::
+
+    render.py    the per-app Dashboard (templates, the signed-in viewer), view models
+    pages.py     the pages (overview, context, lease, runs, events) and the refresh probe
+    actions.py   the admin actions (force-stop a context, revoke a lease)
+    signin.py    signing in and out
+    sessions.py  sign-in cookies and CSRF tokens
+    charts.py    inline SVG
+
+and ``templates/`` and ``static/`` (one CSS and one JS file, served by the service: nothing
+comes from a CDN). The SQL behind the pages is the read model in
+:mod:`pclease_service.store.reads`; changes go through the domain managers.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request, Response
 
-    from pclease_service.metrics import InstanceLedger
+    from pclease_service.ledger import InstanceLedger
     from pclease_service.runtime import Service
 
 
@@ -30,24 +39,27 @@ def install(app: FastAPI, service: Service, ledger: InstanceLedger) -> None:
     from fastapi.staticfiles import StaticFiles
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from pclease_service.api.app import allowed_methods
-    from pclease_service.dashboard import views
+    from pclease_service.dashboard import actions, pages, signin
+    from pclease_service.dashboard.render import FRAGMENT_HEADER, HERE, Dashboard
     from pclease_service.dashboard.sessions import SESSION_COOKIE, SessionSigner, load_secret
+    from pclease_service.errors import PageError, SignInRequired
     from pclease_service.text import message_of
+    from pclease_service.web import allowed_methods
 
     signer = SessionSigner(load_secret(service.settings), service.settings.session_ttl_s)
-    dash = views.Dashboard(service, signer, ledger)
+    dash = Dashboard(service, signer, ledger)
     app.state.dashboard = dash
-    app.include_router(views.router)
-    app.include_router(views.root_router)
-    app.mount("/ui/static", StaticFiles(directory=views.HERE / "static"), name="ui-static")
+    for module in (signin, pages, actions):
+        app.include_router(module.router)
+    app.include_router(signin.root_router)
+    app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static")
 
     def is_ui(request: Request) -> bool:
         return request.url.path == "/ui" or request.url.path.startswith("/ui/")
 
     def wants_json(request: Request) -> bool:
         return request.url.path.startswith("/ui/api/") or (
-            request.headers.get(views.FRAGMENT_HEADER) == "1"
+            request.headers.get(FRAGMENT_HEADER) == "1"
         )
 
     def page(request: Request, status: int, title: str, message: str) -> Response:
@@ -58,12 +70,12 @@ def install(app: FastAPI, service: Service, ledger: InstanceLedger) -> None:
             )
         return dash.render(request, "error.html", status=status, title=title, message=message)
 
-    @app.exception_handler(views.PageError)
-    async def _page_error(request: Request, exc: views.PageError) -> Response:
+    @app.exception_handler(PageError)
+    async def _page_error(request: Request, exc: PageError) -> Response:
         return page(request, exc.status, exc.title, exc.message)
 
-    @app.exception_handler(views.SignInRequired)
-    async def _sign_in(request: Request, exc: views.SignInRequired) -> Response:
+    @app.exception_handler(SignInRequired)
+    async def _sign_in(request: Request, exc: SignInRequired) -> Response:
         from urllib.parse import quote
 
         if wants_json(request):

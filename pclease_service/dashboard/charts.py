@@ -14,15 +14,16 @@ from html import escape
 
 from markupsafe import Markup
 
-from pclease_service.metrics import Interval
-from pclease_service.store import LeaseRecord
+from pclease_service.ledger import Interval
+from pclease_service.states import ContextState
+from pclease_service.store.leases import LeaseRecord
 
 _W, _H = 960, 240
 _LEFT, _RIGHT, _TOP, _BOTTOM = 44, 64, 12, 26
 _LAYERS = (
-    ("running", ("running",)),
-    ("idle", ("idle",)),
-    ("transition", ("starting", "stopping")),
+    ("running", (ContextState.RUNNING,)),
+    ("idle", (ContextState.IDLE,)),
+    ("transition", (ContextState.STARTING, ContextState.STOPPING)),
 )
 
 
@@ -88,7 +89,7 @@ def usage_chart(
             stacks[which][b] += seconds / width.total_seconds()
             cost[b] += seconds * item.hourly_cost / 3600
             up_s += seconds
-            if item.state == "idle":
+            if item.state == ContextState.IDLE:
                 idle_s += seconds
                 idle_cost += seconds * item.hourly_cost / 3600
     totals = [sum(layer[b] for layer in stacks) for b in range(buckets)]

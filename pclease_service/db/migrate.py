@@ -1,4 +1,8 @@
-"""Alembic, driven from code: the migrations ship inside the ``migrations`` package."""
+"""Alembic, driven from code: the migrations ship inside the ``migrations`` package.
+
+The scripts are found by their place beside this package, not imported: they import the
+schema from here, and Alembic loads them itself.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,12 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
-from pclease_service import migrations
+_SCRIPTS = Path(__file__).resolve().parent.parent / "migrations"
 
 
 def alembic_config(url: str) -> Config:
     config = Config()
-    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.set_main_option("script_location", str(_SCRIPTS))
     # Alembic's ini interpolation treats % specially; URL-encoded passwords contain it.
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config

@@ -113,6 +113,9 @@ contexts = Table(
     Column("stopping_since", UTCDateTime),
     Column("stopped_at", UTCDateTime),
     Column("stop_reason", Text),
+    # A StopKind: why it stopped, for metrics, the dashboard and the stop fence (the reason
+    # beside it is for people and may be reworded).
+    Column("stop_kind", String(16)),
     Index(None, "profile", "state"),
     Index(None, "state"),
 )

@@ -17,8 +17,8 @@ from sqlalchemy.exc import DBAPIError
 
 from pclease_service.clock import Clock
 from pclease_service.db.engine import READ_ONLY
+from pclease_service.db.tx import Tx
 from pclease_service.errors import DatabaseBusy
-from pclease_service.store import Tx
 
 T = TypeVar("T")
 
@@ -47,7 +47,7 @@ class Database:
     A write that PostgreSQL rolls back as a deadlock victim or a serialization failure is
     run again, with a fresh ``Tx``, up to ``WRITE_ATTEMPTS`` times (units are functions of
     their transaction, so running one again is safe); after that the caller gets
-    :class:`~service.errors.DatabaseBusy` (503), never the driver's error.
+    :class:`~pclease_service.errors.DatabaseBusy` (503), never the driver's error.
     """
 
     def __init__(

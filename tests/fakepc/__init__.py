@@ -36,7 +36,7 @@ Wire facts verified by driving the real client (beyond the shared reference):
 - The client reads ``POLARS_CLOUD_API_ADDR`` once, when ``polars_cloud`` is imported;
   setting it later, or building a new ``ApiClient``, still talks to the production address.
   ``POLARS_CLOUD_ACCESS_TOKEN`` is re-read on every call. So a process can only ever talk to
-  one fake: run the client in a subprocess per fake (``tests/test_fakepc.py`` does).
+  one fake: run the client in a subprocess per fake (``tests/backends/test_fakepc.py`` does).
 - ``ComputeContext`` defaults to ``connection_mode="direct"``, which needs
   ``.../compute/{C}/public_info`` and a TLS compute plane this fake does not provide: pass
   ``connection_mode="proxy"``.

@@ -1,0 +1,1 @@
+"""The v1 routes, one module per resource; thin: validate, call the domain, shape."""

@@ -1,0 +1,315 @@
+"""The query runner: like the reconciler, a loop that alone calls the backend for its
+resource. It starts queued queries whose lease is active on a running context, awaits the
+backend's ``execute`` and records the outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import anyio.to_thread
+
+from pclease_service.backends.base import Backend, QueryOutcome, QuerySpec
+from pclease_service.clock import Clock, within
+from pclease_service.config import Settings
+from pclease_service.db.session import Database
+from pclease_service.db.tx import Tx
+from pclease_service.errors import BackendError
+from pclease_service.instruments import Instruments, NoInstruments
+from pclease_service.loops import tick_forever
+from pclease_service.notify import Notifier
+from pclease_service.plans.targets import QueryTarget
+from pclease_service.queries.spool import Spool
+from pclease_service.states import LIVE_QUERY_STATES, ContextState, LeaseState, QueryState
+from pclease_service.store import contexts, leases, queries
+from pclease_service.store.queries import QueryRecord
+
+log = logging.getLogger("pclease.queries")
+
+ACTOR = "query-runner"
+_HOUSEKEEPING_S = 60.0
+# On top of a query's own timeout (which the backend enforces): shipping the plan and
+# reading the result back.
+_EXECUTE_MARGIN_S = 60.0
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Where a live query would run: its lease's and its context's state."""
+
+    lease: LeaseState
+    context: ContextState
+    handle: Mapping[str, object] | None
+
+    @property
+    def ready(self) -> bool:
+        # A lease still pending waits for its context; ended leases cancel their queries.
+        return (
+            self.lease is LeaseState.ACTIVE
+            and self.context is ContextState.RUNNING
+            and self.handle is not None
+        )
+
+
+class QueryRunner:
+    """Starts queued queries on running contexts and records how they end."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        backend: Backend,
+        notifier: Notifier,
+        spool: Spool,
+        clock: Clock,
+        *,
+        denied_paths: tuple[str, ...] = (),
+        instruments: Instruments | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.backend = backend
+        self.notifier = notifier
+        self.spool = spool
+        self.clock = clock
+        self.denied_paths = denied_paths
+        self.instruments = instruments or NoInstruments()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._housekept_at: float | None = None
+
+    async def recover(self) -> None:
+        """Queries left ``running`` by a previous service process cannot be followed."""
+
+        def unit(tx: Tx) -> int:
+            orphans = queries.list_queries(tx, states=[QueryState.RUNNING], limit=100_000)
+            for query in orphans:
+                queries.transition_query(
+                    tx,
+                    query.id,
+                    QueryState.FAILED,
+                    actor=ACTOR,
+                    reason="the service restarted while the query ran",
+                    values={
+                        "finished_at": tx.now,
+                        "error_type": "ServiceRestarted",
+                        "error_message": "the service restarted while the query ran; "
+                        "submit it again",
+                    },
+                )
+            return len(orphans)
+
+        if count := await self.db.write(unit):
+            log.warning("failed %d query(ies) left running by a previous process", count)
+
+    async def run(self) -> None:
+        """Tick forever; a failing tick is logged with its traceback and the loop goes on."""
+        await tick_forever(
+            self.tick,
+            wake=self.notifier.runner,
+            interval_s=self.settings.reconcile_interval_s,
+            clock=self.clock,
+            log=log,
+        )
+
+    async def tick(self) -> None:
+        def snapshot(tx: Tx) -> tuple[list[QueryRecord], dict[str, _Where]]:
+            live = queries.list_queries(tx, states=LIVE_QUERY_STATES, limit=10_000)
+            where: dict[str, _Where] = {}
+            for query in live:
+                lease = leases.get_lease(tx, query.lease_id)
+                context = contexts.get_context(tx, query.context_id)
+                if lease is not None and context is not None:
+                    where[query.id] = _Where(lease.state, context.state, context.backend_handle)
+            return live, where
+
+        live, where = await self.db.read(snapshot)
+        for query in reversed(live):  # oldest first
+            task = self._tasks.get(query.id)
+            if query.state is QueryState.RUNNING:
+                if query.cancel_requested and task is not None and not task.done():
+                    task.cancel()
+                continue
+            place = where.get(query.id)
+            if place is None or not place.ready or place.handle is None:
+                continue
+            started = await self.db.write(self._start_unit(query.id))
+            if started is not None:
+                self._tasks[started.id] = asyncio.create_task(
+                    self._execute(started, place.handle), name=f"query-{started.id}"
+                )
+        self._tasks = {qid: t for qid, t in self._tasks.items() if not t.done()}
+        now = self.clock.monotonic()
+        if self._housekept_at is None or now - self._housekept_at >= _HOUSEKEEPING_S:
+            self._housekept_at = now
+            await self.housekeeping()
+
+    @staticmethod
+    def _start_unit(query_id: str) -> Callable[[Tx], QueryRecord | None]:
+        def unit(tx: Tx) -> QueryRecord | None:
+            return queries.transition_query(
+                tx,
+                query_id,
+                QueryState.RUNNING,
+                actor=ACTOR,
+                reason="sent to its context",
+                sources=[QueryState.QUEUED],
+                values={"started_at": tx.now},
+            )
+
+        return unit
+
+    async def drain(self) -> None:
+        while pending := [t for t in self._tasks.values() if not t.done()]:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def shutdown(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await self.drain()
+
+    def _spec(
+        self, query: QueryRecord, plan: bytes, profile_roots: tuple[str, ...], allow_udfs: bool
+    ) -> QuerySpec:
+        collect = query.target == QueryTarget.COLLECT.value
+        return QuerySpec(
+            query_id=query.id,
+            plan=plan,
+            target=QueryTarget(query.target),
+            result_path=str(self.spool.result_path(query.id)) if collect else None,
+            engine=query.engine,
+            timeout_s=query.timeout_s,
+            max_result_bytes=self.settings.max_result_bytes,
+            allow_python_udfs=allow_udfs,
+            data_roots=profile_roots,
+            denied_paths=self.denied_paths,
+            labels=dict(query.labels),
+        )
+
+    async def _execute(self, query: QueryRecord, handle: Mapping[str, object]) -> None:
+        lease = await self.db.read(lambda tx: leases.get_lease(tx, query.lease_id))
+        profile = self.settings.profiles.get(lease.profile) if lease else None
+        roots = tuple(profile.data_roots) if profile else ()
+        allow_udfs = profile.allow_python_udfs if profile else False
+        try:
+            plan = await anyio.to_thread.run_sync(self.spool.read_plan, query.id)
+            spec = self._spec(query, plan, roots, allow_udfs)
+            del plan
+            outcome = await within(
+                self.clock,
+                query.timeout_s + _EXECUTE_MARGIN_S,
+                self.backend.execute(handle, spec),
+            )
+        except asyncio.CancelledError:
+            await self._finish_cancelled(query)
+            return
+        except TimeoutError:
+            outcome = QueryOutcome(
+                ok=False,
+                error_type="QueryTimeout",
+                error_message=f"the query ran longer than its timeout of {query.timeout_s:g} s",
+            )
+        except BackendError as exc:
+            outcome = QueryOutcome(ok=False, error_type="BackendError", error_message=str(exc))
+        except FileNotFoundError:
+            outcome = QueryOutcome(
+                ok=False,
+                error_type="PlanLost",
+                error_message="the spooled plan is gone (was the data directory cleaned?); "
+                "submit the query again",
+            )
+        finally:
+            self.spool.discard_plan(query.id)
+        await self._finish(query, outcome)
+
+    def _ran_for(self, query: QueryRecord) -> float:
+        assert query.started_at is not None
+        return (self.clock.now() - query.started_at).total_seconds()
+
+    async def _finish(self, query: QueryRecord, outcome: QueryOutcome) -> None:
+        collect = query.target == QueryTarget.COLLECT.value
+
+        def unit(tx: Tx) -> None:
+            values: dict[str, object] = {
+                "finished_at": tx.now,
+                "rows": outcome.rows,
+                "result_bytes": outcome.result_bytes,
+                "output": outcome.output
+                if not collect
+                else (f"/v1/queries/{query.id}/result" if outcome.ok else None),
+                "error_type": outcome.error_type,
+                "error_message": outcome.error_message,
+            }
+            if outcome.ok:
+                queries.transition_query(
+                    tx,
+                    query.id,
+                    QueryState.SUCCEEDED,
+                    actor=ACTOR,
+                    reason=f"finished: {outcome.rows} rows",
+                    values=values,
+                )
+            else:
+                queries.transition_query(
+                    tx,
+                    query.id,
+                    QueryState.FAILED,
+                    actor=ACTOR,
+                    reason=f"{outcome.error_type}: {outcome.error_message}"[:500],
+                    values=values,
+                )
+            leases.extend_lease(tx, query.lease_id)
+
+        await self.db.write(unit)
+        if query.started_at is not None:
+            outcome_name = QueryState.SUCCEEDED if outcome.ok else QueryState.FAILED
+            self.instruments.query_finished(outcome_name.value, self._ran_for(query))
+        if not outcome.ok and collect:
+            self.spool.result_path(query.id).unlink(missing_ok=True)
+
+    async def _finish_cancelled(self, query: QueryRecord) -> None:
+        self.spool.result_path(query.id).unlink(missing_ok=True)
+
+        def unit(tx: Tx) -> None:
+            current = queries.get_query(tx, query.id)
+            reason = (current.error_message if current else None) or "cancelled"
+            queries.transition_query(
+                tx,
+                query.id,
+                QueryState.CANCELLED,
+                actor=ACTOR,
+                reason=reason,
+                values={"finished_at": tx.now, "error_type": "Cancelled", "error_message": reason},
+            )
+
+        await self.db.write(unit)
+        if query.started_at is not None:
+            self.instruments.query_finished(QueryState.CANCELLED.value, self._ran_for(query))
+
+    async def housekeeping(self) -> None:
+        """Delete spooled plans of finished queries and results whose lease ended long ago."""
+        cutoff = self.clock.now() - timedelta(seconds=self.settings.result_ttl_s)
+
+        def stale(tx: Tx) -> tuple[list[str], list[str]]:
+            plan_ids = [p.stem for p in self.spool.plans.glob("*.plan")]
+            result_ids = [p.stem for p in self.spool.results.glob("*.arrow")]
+            dead_plans = []
+            for qid in plan_ids:
+                query = queries.get_query(tx, qid)
+                if query is not None and query.state.is_terminal:
+                    dead_plans.append(qid)
+            dead_results = []
+            for qid in result_ids:
+                query = queries.get_query(tx, qid)
+                lease = leases.get_lease(tx, query.lease_id) if query else None
+                if lease is None or (lease.ended_at is not None and lease.ended_at < cutoff):
+                    dead_results.append(qid)
+            return dead_plans, dead_results
+
+        dead_plans, dead_results = await self.db.read(stale)
+        for qid in dead_plans:
+            self.spool.discard_plan(qid)
+        for qid in dead_results:
+            self.spool.result_path(qid).unlink(missing_ok=True)

@@ -1,0 +1,648 @@
+"""The polars_cloud backend object against a fake Polars Cloud, through the real client.
+
+The client reads ``POLARS_CLOUD_API_ADDR`` once per process, so every test here shares one
+fake (on the port a previous fake in this process used, if any); each test resets its knobs
+and stops whatever the previous test left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import polars as pl
+import pytest
+
+from pclease_client.plans import build_submission
+from pclease_service.backends.base import (
+    LABEL_CONTEXT_ID,
+    LABEL_INSTANCE,
+    LABEL_MANAGED_BY,
+    LABEL_PROFILE,
+    Capabilities,
+    ContextSpec,
+    Handle,
+    Observed,
+    Phase,
+    QuerySpec,
+)
+from pclease_service.backends.memory import MemoryBackend
+from pclease_service.backends.polars_cloud import PolarsCloudBackend
+from pclease_service.backends.polars_cloud.host import ClientHost, client_environment
+from pclease_service.config import ConfigError, Settings, load_settings
+from pclease_service.credentials import ServiceAccount, TokenProvider, create_source
+from pclease_service.errors import BackendError
+from pclease_service.plans.targets import QueryTarget
+from tests.fakepc import FakePolarsCloud
+from tests.harness import Harness
+
+CLIENT_ID = "pc-client-id"
+SECRET = "pcs_" + secrets.token_urlsafe(24)
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakePolarsCloud]:
+    previous = os.environ.get("POLARS_CLOUD_API_ADDR")
+    port = urlparse(previous).port or 0 if previous else 0
+    server = FakePolarsCloud(
+        client_id=CLIENT_ID,
+        client_secret=SECRET,
+        workspace="pclease-ws",
+        data_dir=tmp_path_factory.mktemp("fakepc"),
+        port=port,
+    ).start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def cloud(fake: FakePolarsCloud) -> Iterator[FakePolarsCloud]:
+    fake.reset()
+    yield fake
+    fake.reset()
+
+
+_made: list[PolarsCloudBackend] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_backends() -> Any:
+    yield
+    while _made:
+        await _made.pop().close()
+
+
+def make_backend(
+    fake: FakePolarsCloud,
+    tmp_path: Path,
+    *,
+    secret: str = SECRET,
+    profiles: dict[str, Any] | None = None,
+    host: ClientHost | None = None,
+    **pc: Any,
+) -> PolarsCloudBackend:
+    id_file, secret_file = tmp_path / "client_id", tmp_path / "client_secret"
+    id_file.write_text(CLIENT_ID)
+    secret_file.write_text(secret)
+    small = {"cpus": 2, "memory_gb": 4, "data_roots": [str(tmp_path)]}
+    settings = Settings(
+        data_dir=tmp_path / "svc",
+        backend="polars_cloud",
+        polars_cloud={
+            "api_addr": fake.url,
+            "token_url": fake.token_url,
+            "workspace": "pclease-ws",
+            "request_timeout_s": 10,
+            "credentials": {
+                "source": "file",
+                "client_id_file": str(id_file),
+                "client_secret_file": str(secret_file),
+            },
+            **pc,
+        },
+        profiles={"small": small, **(profiles or {})},
+    )
+    options = settings.polars_cloud
+    provider = TokenProvider(
+        create_source(options.credentials),
+        options.token_url,
+        refresh_margin_s=options.token_refresh_margin_s,
+        retry_delays_s=(0.1,),
+    )
+    backend = PolarsCloudBackend(settings, provider, host=host)
+    _made.append(backend)
+    return backend
+
+
+def spec(context_id: str = "ctx-1", **options: Any) -> ContextSpec:
+    return ContextSpec(
+        context_id=context_id,
+        profile="small",
+        cpus=2,
+        memory_gb=3.5,
+        labels={
+            LABEL_MANAGED_BY: "pclease",
+            LABEL_INSTANCE: "pclease",
+            LABEL_CONTEXT_ID: context_id,
+            LABEL_PROFILE: "small",
+        },
+        options={"requirements": [], "env": {}, "idle_timeout_mins": 30, **options},
+    )
+
+
+async def running(backend: PolarsCloudBackend, s: ContextSpec) -> Handle:
+    handle = await backend.start(s)
+    for _ in range(100):
+        if (await backend.status(handle)).phase is Phase.RUNNING:
+            return handle
+        await asyncio.sleep(0.05)
+    raise AssertionError("the context did not start")
+
+
+def query(
+    tmp_path: Path, lf: pl.LazyFrame, target: str, destination: str | None = None, **kw: Any
+) -> QuerySpec:
+    sub = build_submission(lf, target, destination)  # type: ignore[arg-type]
+    return QuerySpec(
+        query_id=secrets.token_hex(4),
+        plan=sub.plan,
+        target=QueryTarget(target),
+        result_path=str(tmp_path / "result.arrow") if target == "collect" else None,
+        data_roots=(str(tmp_path),),
+        **kw,
+    )
+
+
+async def test_start_status_list_stop(cloud: FakePolarsCloud, tmp_path: Path) -> None:
+    backend = make_backend(cloud, tmp_path)
+    s = spec(requirements=["pyarrow==16"], env={"A": "1"}, idle_timeout_mins=45)
+    handle = await running(backend, s)
+    assert set(handle) == {"workspace_id", "compute_id"}
+    [compute] = [c for c in cloud.computes() if c["id"] == handle["compute_id"]]
+    assert compute["labels"][LABEL_CONTEXT_ID] == "ctx-1"
+    assert compute["labels"][LABEL_MANAGED_BY] == "pclease"
+    assert compute["mode"] == "Proxy"
+    assert (compute["cpus"], compute["ram_gb"]) == (2, 4)
+    assert compute["idle_timeout_mins"] == 45
+    assert compute["env_vars"] == {"A": "1"}
+    assert "pyarrow==16" in compute["requirements_txt"]
+
+    [observed] = await backend.list()
+    assert observed.context_id == "ctx-1"
+    assert dict(observed.handle) == dict(handle)
+    assert observed.phase is Phase.RUNNING
+
+    # A new backend on the same data dir (a restarted service) still knows it.
+    again = make_backend(cloud, tmp_path)
+    assert [o.context_id for o in await again.list()] == ["ctx-1"]
+
+    await backend.stop(handle)
+    await backend.stop(handle)  # idempotent
+    assert (await backend.status(handle)).phase in (Phase.STOPPING, Phase.STOPPED)
+    assert cloud.running() == []
+    assert await backend.list() == []
+
+
+async def test_unknown_and_half_started_computes_are_listed(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path, stop_unknown_computes=True)
+    await running(backend, spec("known"))
+    user = cloud.auth.subject_for(CLIENT_ID)
+    # A compute the service account started that no ledger entry knows: an orphan.
+    orphan = cloud.start_compute(cloud.workspace_id, user, {"cluster_size": 1})
+    # A compute of another user: not ours, never listed.
+    cloud.start_compute(cloud.workspace_id, str(uuid.uuid4()), {"cluster_size": 1})
+    seen = {o.handle["compute_id"]: o.context_id for o in await backend.list()}
+    assert seen[orphan.id] is None
+    assert len(seen) == 2
+    # By default a compute nobody recorded is not ours to stop: it may be someone else's.
+    cautious = make_backend(cloud, tmp_path)
+    assert orphan.id not in {o.handle["compute_id"] for o in await cautious.list()}
+    await backend.stop({"workspace_id": cloud.workspace_id, "compute_id": orphan.id})
+
+
+async def test_query_sink_collect_and_errors(cloud: FakePolarsCloud, tmp_path: Path) -> None:
+    backend = make_backend(cloud, tmp_path)
+    handle = await running(backend, spec())
+    lf = pl.LazyFrame({"a": [1, 2, 3], "b": ["x", "y", "z"]})
+
+    out = tmp_path / "out.parquet"
+    sink = query(tmp_path, lf, "parquet", str(out), labels={"dag_id": "etl", "task_id": "load"})
+    outcome = await backend.execute(handle, sink)
+    assert outcome.ok, outcome
+    assert pl.read_parquet(out).equals(lf.collect())
+    # The query carries its labels to Polars Cloud, where they show on the query.
+    [sent] = [q for q in cloud.queries() if f"pclease.query-id={sink.query_id}" in q["labels"]]
+    assert sorted(sent["labels"]) == sorted(
+        [f"pclease.query-id={sink.query_id}", "dag_id=etl", "task_id=load"]
+    )
+
+    q = query(tmp_path, lf.filter(pl.col("a") > 1), "collect")
+    outcome = await backend.execute(handle, q)
+    assert outcome.ok, outcome
+    assert outcome.rows == 2
+    assert q.result_path is not None
+    assert pl.read_ipc(q.result_path).equals(lf.filter(pl.col("a") > 1).collect())
+
+    outcome = await backend.execute(handle, query(tmp_path, lf.select("nope"), "collect"))
+    assert not outcome.ok
+    assert outcome.error_type == "ColumnNotFoundError"
+    assert "nope" in (outcome.error_message or "")
+
+    cloud.query_error = "ComputeError: boom"
+    outcome = await backend.execute(handle, query(tmp_path, lf, "collect"))
+    assert (outcome.error_type, outcome.error_message) == ("ComputeError", "boom")
+    cloud.query_error = None
+
+    # Checked again before forwarding: a write outside the data roots.
+    outcome = await backend.execute(handle, query(tmp_path, lf, "parquet", "/elsewhere/x.pq"))
+    assert not outcome.ok and outcome.error_type == "PlanRefused"
+
+
+async def test_cancelling_the_task_cancels_the_query(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    handle = await running(backend, spec())
+    cloud.query_delay_s = 30
+    before = len(cloud.queries())
+    task = asyncio.create_task(
+        backend.execute(handle, query(tmp_path, pl.LazyFrame({"a": [1]}), "collect"))
+    )
+    for _ in range(300):
+        if len(cloud.queries()) > before:
+            break
+        await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(300):
+        if [q["status"] for q in cloud.queries()][-1:] == ["Canceled"]:
+            break
+        await asyncio.sleep(0.05)
+    assert cloud.queries()[-1]["status"] == "Canceled", cloud.queries()[-1]
+    # The context is still usable.
+    cloud.query_delay_s = 0
+    outcome = await backend.execute(handle, query(tmp_path, pl.LazyFrame({"a": [1]}), "collect"))
+    assert outcome.ok, outcome
+
+
+async def test_a_failed_start_is_retried_without_a_second_context(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    cloud.fail_starts = 1
+    await running(backend, spec())
+    assert len(cloud.running()) == 1
+
+    cloud.fail_starts = 10
+    with pytest.raises(BackendError, match="refused to start"):
+        await backend.start(spec("ctx-2"))
+    assert len(cloud.running()) == 1
+    cloud.fail_starts = 0
+
+
+async def test_context_that_ends_failed(cloud: FakePolarsCloud, tmp_path: Path) -> None:
+    backend = make_backend(cloud, tmp_path)
+    cloud.start_ends_failed = True
+    handle = await backend.start(spec())
+    observation = await backend.status(handle)
+    assert observation.phase is Phase.FAILED
+    assert "failed to start" in (observation.message or "")
+    cloud.start_ends_failed = False
+
+    handle = await running(backend, spec("ctx-2"))
+    cloud.fail_compute(str(handle["compute_id"]), "the machine died")
+    observation = await backend.status(handle)
+    assert observation.phase is Phase.FAILED
+    assert "the machine died" in (observation.message or "")
+
+
+async def test_5xx_bursts_and_failing_stops_are_retried(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    handle = await running(backend, spec())
+    cloud.error_burst(2, status=503)
+    assert (await backend.status(handle)).phase is Phase.RUNNING
+    cloud.error_burst(2, status=500)
+    assert len(await backend.list()) == 1
+
+    cloud.fail_stops = 10
+    with pytest.raises(BackendError, match="stop"):
+        await backend.stop(handle)
+    assert len(cloud.running()) == 1
+    cloud.fail_stops = 1
+    await backend.stop(handle)
+    assert cloud.running() == []
+
+
+async def test_revoked_token_is_replaced_once(cloud: FakePolarsCloud, tmp_path: Path) -> None:
+    backend = make_backend(cloud, tmp_path)
+    handle = await running(backend, spec())
+    issued = cloud.tokens_issued
+    cloud.revoke_tokens()
+    assert (await backend.status(handle)).phase is Phase.RUNNING
+    assert cloud.tokens_issued == issued + 1
+    refused = [c for c in cloud.calls if c.status == 401]
+    assert refused, "the revoked token was never refused"
+
+
+async def test_bad_credentials_name_the_source(cloud: FakePolarsCloud, tmp_path: Path) -> None:
+    wrong = "wrong-" + secrets.token_hex(8)
+    backend = make_backend(cloud, tmp_path, secret=wrong)
+    with pytest.raises(BackendError) as caught:
+        await backend.list()
+    message = str(caught.value)
+    assert "client_secret" in message or str(tmp_path) in message
+    assert wrong not in message and SECRET not in message
+    status = backend.credentials.status()
+    assert not status.ok
+    assert wrong not in repr(status)
+    with pytest.raises(BackendError):
+        await backend.start(spec())
+    assert cloud.running() == []
+
+
+async def wait_for(predicate: Any, what: str, timeout_s: float = 15.0) -> Any:
+    for _ in range(int(timeout_s / 0.05)):
+        if value := predicate():
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# -- starts whose answer was lost ------------------------------------------------------------
+
+
+async def test_a_start_whose_answer_was_lost_is_found_and_owned_once(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    cloud.lose_start_answers = 1
+    handle = await backend.start(spec("lost"))
+    [compute] = cloud.running()
+    assert handle["compute_id"] == compute["id"]
+    assert [(o.context_id, o.handle["compute_id"]) for o in await backend.list()] == [
+        ("lost", compute["id"])
+    ]
+    assert [c["labels"].get(LABEL_CONTEXT_ID) for c in cloud.computes()].count("lost") == 1
+
+
+async def test_concurrent_starts_never_share_a_compute(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    await running(backend, spec("warm-up"))  # workspace and user known: both go straight on
+    warm = {c["id"] for c in cloud.running()}
+    # B's request creates its compute but its answer is held back; meanwhile A's creates
+    # one of the same shape and its answer is lost.
+    cloud.hang_start_answers_s = 1.5
+    b = asyncio.create_task(backend.start(spec("b")))
+    await wait_for(lambda: len(cloud.running()) == len(warm) + 1, "B's compute")
+    cloud.hang_start_answers_s = 0.0
+    cloud.lose_start_answers = 1
+    a = await backend.start(spec("a"))
+    b_handle = await b
+    assert a["compute_id"] != b_handle["compute_id"]
+    owners = {o.handle["compute_id"]: o.context_id for o in await backend.list()}
+    assert owners[a["compute_id"]] == "a"
+    assert owners[b_handle["compute_id"]] == "b"
+    assert len(owners) == 3
+
+
+async def test_a_stale_pending_entry_never_claims_someone_elses_compute(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    await running(backend, spec("first"))
+    # The credentials stop working just before the next start sends its request.
+    cloud.rotate("pcs_" + secrets.token_urlsafe(8))
+    cloud.revoke_tokens()
+    with pytest.raises(BackendError, match=r"credentials are not usable|refused"):
+        await backend.start(spec("never-sent"))
+    cloud.rotate(SECRET, CLIENT_ID)
+    # Someone else uses the service account for a context of the very same shape.
+    user = cloud.auth.subject_for(CLIENT_ID)
+    theirs = cloud.start_compute(
+        cloud.workspace_id, user, {"specs": {"cpus": 2, "ram_gb": 4}, "cluster_size": 1}
+    )
+    restarted = make_backend(cloud, tmp_path)
+    owners = {o.handle["compute_id"]: o.context_id for o in await restarted.list()}
+    assert theirs.id not in owners
+    assert list(owners.values()) == ["first"]
+
+
+async def test_a_pending_entry_claims_nothing_when_two_computes_could_be_its(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    cloud.hang_start_answers_s = 12  # longer than request_timeout_s: the start times out
+    with pytest.raises(BackendError, match="not retrying"):
+        await backend.start(spec("timed-out"))
+    cloud.hang_start_answers_s = 0.0
+    [created] = cloud.running()
+    user = cloud.auth.subject_for(CLIENT_ID)
+    cloud.start_compute(
+        cloud.workspace_id, user, {"specs": {"cpus": 2, "ram_gb": 4}, "cluster_size": 1}
+    )
+    # Two same-shape computes: the entry cannot tell which one is its own.
+    assert await backend.list() == []
+    cloud.stop_compute(cloud.workspace_id, cloud.running()[-1]["id"])
+    [observed] = await backend.list()
+    assert (observed.context_id, observed.handle["compute_id"]) == ("timed-out", created["id"])
+
+
+# -- queries that must not run on ------------------------------------------------------------
+
+
+async def test_an_error_while_waiting_cancels_the_query(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    handle = await running(backend, spec())
+    cloud.query_delay_s = 30
+    before = len(cloud.queries())
+    task = asyncio.create_task(
+        backend.execute(handle, query(tmp_path, pl.LazyFrame({"a": [1]}), "collect"))
+    )
+    await wait_for(lambda: len(cloud.queries()) > before, "the query to arrive")
+    cloud.error_burst(3, status=503)  # every status poll fails
+    with pytest.raises(BackendError, match="query status failed"):
+        await task
+    await wait_for(lambda: cloud.queries()[-1]["status"] == "Canceled", "the query to cancel")
+
+
+async def test_a_submission_that_timed_out_is_cancelled_when_it_lands(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path, request_timeout_s=1)
+    handle = await running(backend, spec())
+    cloud.query_delay_s = 30
+    cloud.hang_submit_answers_s = 2
+    with pytest.raises(BackendError) as caught:
+        await backend.execute(handle, query(tmp_path, pl.LazyFrame({"a": [1]}), "collect"))
+    assert "did not take" not in str(caught.value)
+    assert "cancelled as soon as its answer arrives" in str(caught.value)
+    await wait_for(
+        lambda: cloud.queries() and cloud.queries()[-1]["status"] == "Canceled",
+        "the late query to cancel",
+    )
+
+
+async def test_a_result_too_large_on_disk_is_refused_before_it_is_read(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    handle = await running(backend, spec())
+    lf = pl.LazyFrame({"a": list(range(10_000))})
+    q = query(tmp_path, lf, "collect", max_result_bytes=1000)
+    outcome = await backend.execute(handle, q)
+    assert outcome.error_type == "ResultTooLarge"
+    stored = os.stat(cloud.queries()[-1]["uri"]).st_size
+    assert f"the result is {stored} bytes" in (outcome.error_message or "")
+    assert q.result_path is not None
+    assert not os.path.exists(q.result_path)  # noqa: ASYNC240
+    assert not os.path.exists(q.result_path + ".part")  # noqa: ASYNC240
+
+
+# -- stop and list -----------------------------------------------------------------------------
+
+
+async def test_stopping_a_vanished_compute_succeeds_even_when_stops_fail(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    cloud.fail_stops = 10
+    await backend.stop({"workspace_id": cloud.workspace_id, "compute_id": str(uuid.uuid4())})
+
+
+async def test_one_unknown_workspace_does_not_hide_the_others(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    other = {"cpus": 2, "memory_gb": 4, "workspace": "no-such-workspace"}
+    backend = make_backend(cloud, tmp_path, profiles={"other": other})
+    await running(backend, spec("ours"))
+    assert [o.context_id for o in await backend.list()] == ["ours"]
+
+
+# -- the process around the client ----------------------------------------------------------
+
+
+async def test_the_client_runs_without_the_credentials_and_the_service_keeps_its_environment(
+    cloud: FakePolarsCloud, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POLARS_CLOUD_CLIENT_ID", CLIENT_ID)
+    monkeypatch.setenv("POLARS_CLOUD_CLIENT_SECRET", SECRET)
+    before = dict(os.environ)
+    backend = make_backend(cloud, tmp_path, credentials={"source": "env"})
+    assert backend.provider.source.load() == ServiceAccount.of(CLIENT_ID, SECRET)
+    await running(backend, spec())
+    assert dict(os.environ) == before  # the service's own environment is never edited
+    pid = backend.host.pid
+    assert pid is not None
+    environ = await asyncio.to_thread(Path(f"/proc/{pid}/environ").read_bytes)
+    client_env = environ.split(b"\0")
+    names = {line.split(b"=", 1)[0].decode() for line in client_env if line}
+    assert "POLARS_CLOUD_CLIENT_ID" not in names
+    assert "POLARS_CLOUD_CLIENT_SECRET" not in names
+    assert SECRET.encode() not in b"".join(client_env)
+
+
+class ThreadRecordingHost(ClientHost):
+    def __init__(self, api_addr: str, config_dir: Path) -> None:
+        super().__init__(client_environment(api_addr, config_dir))
+        self.threads: list[str] = []
+
+    def call(self, token: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        self.threads.append(threading.current_thread().name)
+        return super().call(token, method, *args, **kwargs)
+
+
+async def test_client_calls_run_on_the_backends_own_threads(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    host = ThreadRecordingHost(cloud.url, tmp_path / "client")
+    backend = make_backend(cloud, tmp_path, host=host)
+    await backend.list()
+    assert host.threads and host.threads[0].startswith("pclease-polars-cloud")
+    await backend.close()
+    with pytest.raises(BackendError, match="closed"):
+        await backend.start(spec())
+
+
+def test_backend_call_timeout_must_cover_the_slowest_start(tmp_path: Path) -> None:
+    base = {"backend": "polars_cloud", "polars_cloud": {"workspace": "ws", "request_timeout_s": 10}}
+    assert Settings(**base).backend_call_timeout_s == 159  # unset: the minimum
+    with pytest.raises(ConfigError) as caught:
+        load_settings(backend_call_timeout_s=60, **base)
+    message = str(caught.value)
+    assert "backend_call_timeout_s = 60" in message
+    assert "polars_cloud.request_timeout_s = 10" in message
+    assert "at least 159" in message
+    assert Settings(**base, backend_call_timeout_s=200).backend_call_timeout_s == 200
+
+
+# -- readiness and leases while Polars Cloud or its credentials fail ---------------------------
+
+
+class RemoteBackend(MemoryBackend):
+    """A backend whose list() a probe must not call, as for Polars Cloud."""
+
+    capabilities = Capabilities(list_is_cheap=False)
+
+    def __init__(self, clock: Any) -> None:
+        super().__init__(clock)
+        self.failing: str | None = None
+        self.listed = 0
+
+    async def list(self) -> list[Observed]:
+        self.listed += 1
+        if self.failing:
+            raise BackendError(self.failing)
+        return await super().list()
+
+
+async def test_readyz_reads_the_sweeps_and_does_not_flap(h: Harness) -> None:
+    backend = RemoteBackend(h.clock)
+    h.service.backend = h.service.reconciler.calls.backend = backend
+
+    async def readyz() -> tuple[int, str]:
+        r = await h.client.get("/readyz")
+        return r.status_code, r.json()["checks"]["backend"]
+
+    assert await readyz() == (200, "ok (not listed yet)")
+    await h.service.reconciler.sweep()
+    assert await readyz() == (200, "ok")
+
+    backend.failing = "Polars Cloud list failed 3 times: HTTP 503"
+    await h.service.reconciler.sweep()
+    status, text = await readyz()
+    assert status == 200
+    assert "the last listing failed: Polars Cloud list failed 3 times: HTTP 503" in text
+
+    h.clock.advance(h.service.settings.backend_unready_after_s)
+    await h.service.reconciler.sweep()
+    status, text = await readyz()
+    assert status == 503
+    assert text.startswith("failing: Polars Cloud list failed 3 times: HTTP 503")
+
+    backend.failing = None
+    await h.service.reconciler.sweep()
+    assert await readyz() == (200, "ok")
+    assert backend.listed == 4  # the sweeps' listings only: no probe listed
+
+
+async def test_failing_credentials_refuse_only_leases_that_need_a_new_context(
+    h: Harness,
+) -> None:
+    problem = "the Polars Cloud credentials from files a and b do not work: refused"
+    first = await h.lease("small", headers={**h.headers, "Idempotency-Key": "k1"})
+
+    async def failing() -> str | None:
+        return problem
+
+    h.service.leases.ready_check = failing
+    # A replay returns the lease it made.
+    again = await h.client.post(
+        "/v1/leases", json={"profile": "small"}, headers={**h.headers, "Idempotency-Key": "k1"}
+    )
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == first["id"]
+    # Room in the context it has: granted.
+    for _ in range(3):
+        joined = await h.lease("small")
+        assert joined["context_id"] == first["context_id"]
+    # The context is full: a new one would have to start.
+    refused = await h.client.post("/v1/leases", json={"profile": "small"}, headers=h.headers)
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "backend_unavailable"
+    assert problem in refused.json()["error"]["message"]

@@ -1,0 +1,205 @@
+"""Queries end to end: a real server, real local workers, real files, the real client."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from devkit.live import LiveServer, run_cli, write_config
+from pclease_client import LeaseLost, PcleaseClient, QueryFailed, build_submission
+from pclease_client.errors import PcleaseHTTPError
+
+pytestmark = pytest.mark.live
+
+
+class Env:
+    def __init__(self, tmp_path: Path) -> None:
+        self.data = tmp_path / "lake"
+        self.data.mkdir()
+        self.outside = tmp_path / "outside"
+        self.outside.mkdir()
+        self.config = write_config(
+            tmp_path / "pclease.toml",
+            {
+                "data_dir": str(tmp_path / "svc"),
+                "database_url": f"sqlite:///{tmp_path / 'svc.db'}",
+                "backend": "local",
+                "reconcile_interval_s": 0.2,
+                "lease_ttl_min_s": 1,
+            },
+            {
+                "small": {
+                    "cpus": 1,
+                    "memory_gb": 1,
+                    "idle_grace_s": 30,
+                    "data_roots": [str(self.data)],
+                },
+            },
+        )
+        run_cli(self.config, "db", "upgrade")
+        token = run_cli(self.config, "token", "create", "q", "--scope", "lease").strip()
+        self.admin_token = run_cli(
+            self.config, "token", "create", "ops", "--scope", "admin"
+        ).strip()
+        self.server = LiveServer(self.config, tmp_path / "server.log").start()
+        self.client = PcleaseClient(self.server.url, token, retries=1)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    environment = Env(tmp_path_factory.mktemp("queries"))
+    yield environment
+    environment.client.close()
+    environment.server.stop()
+
+
+@pytest.fixture
+def lease(env: Env) -> Iterator[Any]:
+    with env.client.lease("small", holder={"dag_id": "t", "task_id": "q"}, ttl_s=30) as held:
+        yield held
+
+
+def frame() -> pl.DataFrame:
+    return pl.DataFrame(
+        {"id": [1, 2, 3, 4], "city": ["a", "b", "a", "c"], "amount": [10.0, 2.5, 7.5, 1.0]}
+    )
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "ipc", "ndjson"])
+def test_every_sink_format_writes_the_right_rows(env: Env, lease: Any, fmt: str) -> None:
+    source = env.data / f"in-{fmt}.parquet"
+    frame().write_parquet(source)
+    out = env.data / f"out.{fmt}"
+    lf = pl.scan_parquet(source).filter(pl.col("amount") > 2).select("id", "city")
+    query = getattr(lease.remote(lf), f"sink_{fmt}")(str(out))
+    assert query["state"] == "succeeded"
+    assert query["rows"] == 3
+    read = {
+        "parquet": pl.read_parquet,
+        "csv": pl.read_csv,
+        "ipc": pl.read_ipc,
+        "ndjson": pl.read_ndjson,
+    }[fmt]
+    assert read(out).sort("id").to_dicts() == [
+        {"id": 1, "city": "a"},
+        {"id": 2, "city": "b"},
+        {"id": 3, "city": "a"},
+    ]
+
+
+def test_collect_returns_the_frame(env: Env, lease: Any) -> None:
+    source = env.data / "collect.parquet"
+    frame().write_parquet(source)
+    lf = pl.scan_parquet(source).group_by("city").agg(pl.col("amount").sum()).sort("city")
+    result = lease.remote(lf).collect()
+    assert result.to_dicts() == [
+        {"city": "a", "amount": 17.5},
+        {"city": "b", "amount": 2.5},
+        {"city": "c", "amount": 1.0},
+    ]
+
+
+def test_a_failure_carries_polars_error(env: Env, lease: Any) -> None:
+    source = env.data / "fail.parquet"
+    frame().write_parquet(source)
+    with pytest.raises(QueryFailed) as caught:
+        lease.remote(pl.scan_parquet(source).select("no_such_column")).collect()
+    assert caught.value.error_type == "ColumnNotFoundError"
+    assert "no_such_column" in caught.value.message
+    assert isinstance(caught.value.as_polars_error(), pl.exceptions.ColumnNotFoundError)
+
+
+def test_paths_outside_the_data_roots_are_refused_without_running(env: Env, lease: Any) -> None:
+    secret = env.outside / "secret.parquet"
+    frame().write_parquet(secret)
+    with pytest.raises(PcleaseHTTPError) as scan:
+        lease.remote(pl.scan_parquet(secret)).collect()
+    assert (scan.value.status, scan.value.code) == (422, "plan_refused")
+    assert str(secret) in scan.value.message
+
+    target = env.outside / "escape.parquet"
+    sneaky = str(env.data / ".." / "outside" / "escape.parquet")
+    with pytest.raises(PcleaseHTTPError) as sink:
+        lease.remote(pl.LazyFrame({"a": [1]})).sink_parquet(sneaky)
+    assert sink.value.code == "plan_refused"
+    assert not target.exists()
+
+    with pytest.raises(PcleaseHTTPError) as own:
+        lease.remote(pl.scan_csv(env.config)).collect()
+    assert own.value.code == "plan_refused"
+    assert env.client.get_lease(lease.id)["state"] == "active"  # nothing else was harmed
+
+
+def test_python_udfs_are_refused_before_anything_runs(env: Env, lease: Any) -> None:
+    marker = env.data / "udf-ran"
+
+    def touch(x: int) -> int:
+        marker.write_text("ran")
+        return x
+
+    lf = pl.LazyFrame({"a": [1]}).select(pl.col("a").map_elements(touch, return_dtype=pl.Int64))
+    with pytest.raises(PcleaseHTTPError) as caught:
+        lease.remote(lf).collect()
+    assert caught.value.status == 422
+    assert caught.value.code == "python_udf_refused"
+    assert not marker.exists()
+
+
+def test_malformed_plans_get_422_and_the_worker_survives(env: Env, lease: Any) -> None:
+    good = build_submission(pl.LazyFrame({"a": [1]}), "collect")
+    for damaged in (good.plan[: len(good.plan) // 2], b"DSL_VERSION" + os.urandom(200)):
+        with pytest.raises(PcleaseHTTPError) as caught:
+            env.client.submit(lease.id, type(good)(damaged, good.options))
+        assert caught.value.status == 422
+    assert lease.remote(pl.LazyFrame({"a": [1, 2]})).collect().height == 2
+
+
+def test_cancellation_stops_a_running_query(env: Env, lease: Any) -> None:
+    # A streaming cross join of 10^10 rows: minutes of CPU, little memory.
+    a = pl.LazyFrame().select(x=pl.int_range(0, 100_000))
+    slow = (
+        a.join(a.select(y=pl.col("x")), how="cross")
+        .filter((pl.col("x") * 7 + pl.col("y")) % 13 == 0)
+        .select(pl.len())
+    )
+    query = env.client.submit(lease.id, build_submission(slow, "collect"))
+    for _ in range(50):
+        state = env.client.get_query(query["id"], wait_s=0.2)["state"]
+        if state == "running":
+            break
+    assert state == "running"
+    started = time.monotonic()
+    env.client.cancel_query(query["id"])
+    final = env.client.get_query(query["id"], wait_s=20)
+    assert final["state"] == "cancelled"
+    assert final["error"]["type"] == "Cancelled"
+    assert time.monotonic() - started < 5
+    assert lease.remote(pl.LazyFrame({"a": [1]})).collect().height == 1
+
+
+def test_a_query_on_an_ended_lease_is_refused(env: Env) -> None:
+    with env.client.lease("small", ttl_s=30) as held:
+        pass
+    with pytest.raises(PcleaseHTTPError) as caught:
+        env.client.submit(held.id, build_submission(pl.LazyFrame({"a": [1]}), "collect"))
+    assert caught.value.status == 410
+
+
+def test_the_client_notices_a_lease_revoked_underneath_it(env: Env) -> None:
+    admin = PcleaseClient(env.server.url, env.admin_token, retries=1)
+    with env.client.lease("small", ttl_s=3) as held:
+        admin.request("POST", f"/v1/contexts/{held.context_id}/stop")
+        deadline = time.monotonic() + 10
+        while held.lost is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with pytest.raises(LeaseLost, match="revoked"):
+            held.check()
+        with pytest.raises(LeaseLost):
+            held.remote(pl.LazyFrame({"a": [1]})).collect()
+    admin.close()
