@@ -26,13 +26,13 @@ from airflow.providers.standard.operators.python import PythonOperator
 
 from airflow_plugin.hooks import PcleaseHook, TaskLease
 from airflow_plugin.links import PcleaseLeaseLink
-from airflow_plugin.operators import _LeaseHolder, task_lease
+from airflow_plugin.operators import SerializesConnId, _LeaseHolder, task_lease
 
 LEASE_ARG = "lease"
 _current_lease: ContextVar[TaskLease | None] = ContextVar("pclease_task_lease", default=None)
 
 
-class _PcleaseDecoratedOperator(DecoratedOperator, PythonOperator):
+class _PcleaseDecoratedOperator(SerializesConnId, DecoratedOperator, PythonOperator):
     custom_operator_name = "@task.pclease"
     template_fields: Sequence[str] = (*PythonOperator.template_fields, "profile")
     operator_extra_links = (PcleaseLeaseLink(),)
