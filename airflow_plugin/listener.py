@@ -55,9 +55,13 @@ def on_task_instance_failed(previous_state: Any, task_instance: Any, error: Any)
     try:
         map_index = getattr(task_instance, "map_index", None)
         conn_id = _conn_id_of(getattr(task_instance, "task", None))
-        # A task process asks its supervisor for connections, which only this thread may
-        # do before the process exits; anywhere else the worker thread looks it up.
-        connection = resolve_connection(conn_id) if in_task_process() else None
+        connection = None
+        if in_task_process():
+            # A task process asks its supervisor for connections, which only this thread
+            # may do before the process exits; anywhere else the worker thread looks it up.
+            connection = resolve_connection(conn_id)
+            if connection is None:
+                return  # this deployment has no such connection: nothing was leased
         releaser().submit(
             ReleaseRequest(
                 conn_id=conn_id,
