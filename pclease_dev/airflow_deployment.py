@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -311,7 +312,7 @@ class AirflowDeployment:
         return str(run["dag_run_id"])
 
     def dag_run(self, dag_id: str, run_id: str) -> DagRun:
-        run = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}").json()
+        run = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}").json()
         tasks = {_ti_name(ti): str(ti["state"]) for ti in self.task_instances(dag_id, run_id)}
         return DagRun(dag_id, run_id, str(run["state"]), tasks)
 
@@ -332,16 +333,16 @@ class AirflowDeployment:
         return self.wait_for_run(dag_id, self.trigger(dag_id, conf), timeout_s)
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
-        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances"
         return list(self.api("GET", path).json()["task_instances"])
 
     def task_instance(self, dag_id: str, run_id: str, task_id: str) -> dict[str, Any]:
-        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}"
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}"
         return dict(self.api("GET", path).json())
 
     def set_task_state(self, dag_id: str, run_id: str, task_id: str, state: str) -> None:
         """What "Mark as failed" (or success) in the UI does."""
-        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}"
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}"
         self.api("PATCH", path, json={"new_state": state})
 
     def xcom(
@@ -353,7 +354,8 @@ class AirflowDeployment:
         *,
         map_index: int = -1,
     ) -> Any:
-        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}"
+        run = quote(run_id, safe="")
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{run}/taskInstances/{task_id}/xcomEntries/{key}"
         params = {"deserialize": True, "map_index": map_index}
         return self.api("GET", path, params=params).json()["value"]
 

@@ -51,7 +51,7 @@ def test_the_airflow_side_gets_the_client_and_the_provider_only(
     )
     assert "[airflow.plugins]\npclease = airflow_plugin.plugin:PcleasePlugin" in entry_points
     requires = Parser().parsestr(metadata(wheel, "METADATA")).get_all("Requires-Dist") or []
-    assert 'apache-airflow<3.4,>=3.1.0; extra == "airflow"' in requires
+    assert 'apache-airflow<3.4,>=3.2.0; extra == "airflow"' in requires
     assert 'pclease-service==0.1.0; extra == "service"' in requires
 
 
