@@ -10,7 +10,8 @@
 The function gets the lease as its first argument, which must be called ``lease``. The
 lease is taken before the
 function runs, heartbeated while it runs, and released when it returns or raises, when
-the task is killed (``on_kill``) and, as a last resort, by the service-side TTL.
+the task is killed (``on_kill``), by its watchdog process within seconds when the task
+process dies (even by SIGKILL), and, as a last resort, by the service-side TTL.
 """
 
 from __future__ import annotations
