@@ -358,6 +358,8 @@ class Blackhole:
 
 @pytest.fixture
 def blackhole() -> Iterator[Blackhole]:
+    """Closing it ends the hung release calls, so that the releaser threads of the shared
+    deployment (one per process, working off one queue) are free again for later tests."""
     hole = Blackhole()
     yield hole
     hole.close()
