@@ -1,6 +1,6 @@
-"""What the two distributions put on an import path: ``pclease`` (what an Airflow worker
-installs as ``pclease[airflow]``) holds the client and the provider only; the service and
-its migrations come with ``pclease-service`` (the ``service`` extra)."""
+"""What ``pip install 'pclease[airflow]'`` puts on an Airflow worker's import path: the
+client, the provider and the service's package, under names of their own; nothing
+generically named (no ``service``, no ``migrations``)."""
 
 from __future__ import annotations
 
@@ -16,23 +16,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, zipfile.ZipFile]:
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     out = tmp_path_factory.mktemp("wheels")
-    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out)]
     subprocess.run(
-        [*build, ".", "./packaging/pclease-service"],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), "."],
         cwd=ROOT,
         check=True,
         capture_output=True,
         timeout=300,
     )
-    found = {path.name.split("-")[0]: zipfile.ZipFile(path) for path in out.glob("*.whl")}
-    assert set(found) == {"pclease", "pclease_service"}
-    return found
-
-
-def top_level(wheel: zipfile.ZipFile) -> set[str]:
-    return {name.split("/")[0] for name in wheel.namelist() if ".dist-info/" not in name}
+    (path,) = out.glob("pclease-*.whl")
+    return zipfile.ZipFile(path)
 
 
 def metadata(wheel: zipfile.ZipFile, name: str) -> str:
@@ -40,11 +34,14 @@ def metadata(wheel: zipfile.ZipFile, name: str) -> str:
     return wheel.read(path).decode()
 
 
-def test_the_airflow_side_gets_the_client_and_the_provider_only(
-    wheels: dict[str, zipfile.ZipFile],
+def test_the_wheel_has_no_generically_named_top_level_module(wheel: zipfile.ZipFile) -> None:
+    top_level = {name.split("/")[0] for name in wheel.namelist() if ".dist-info/" not in name}
+    assert top_level == {"pclease_service", "pclease_client", "airflow_plugin"}
+
+
+def test_the_provider_registers_itself_and_accepts_a_range_of_airflow(
+    wheel: zipfile.ZipFile,
 ) -> None:
-    wheel = wheels["pclease"]
-    assert top_level(wheel) == {"pclease_client", "airflow_plugin"}
     entry_points = metadata(wheel, "entry_points.txt")
     assert "[apache_airflow_provider]\nprovider_info = airflow_plugin:get_provider_info" in (
         entry_points
@@ -52,17 +49,3 @@ def test_the_airflow_side_gets_the_client_and_the_provider_only(
     assert "[airflow.plugins]\npclease = airflow_plugin.plugin:PcleasePlugin" in entry_points
     requires = Parser().parsestr(metadata(wheel, "METADATA")).get_all("Requires-Dist") or []
     assert 'apache-airflow<3.4,>=3.2.0; extra == "airflow"' in requires
-    assert 'pclease-service==0.1.0; extra == "service"' in requires
-
-
-def test_the_service_distribution_has_the_service_and_its_migrations(
-    wheels: dict[str, zipfile.ZipFile],
-) -> None:
-    wheel = wheels["pclease_service"]
-    assert top_level(wheel) == {"service", "migrations"}
-    names = set(wheel.namelist())
-    assert {"migrations/script.py.mako", "migrations/env.py"} <= names
-    assert any(name.startswith("migrations/versions/0001_") for name in names)
-    assert "service/dashboard/templates/overview.html" in names
-    assert "service/dashboard/static/dashboard.css" in names
-    assert "pclease = service.cli:main" in metadata(wheel, "entry_points.txt")
