@@ -16,15 +16,15 @@ import psycopg
 import pytest
 from sqlalchemy import text
 
-from service import store, tokens
-from service.api.app import create_app
-from service.backends.memory import MemoryBackend
-from service.clock import FakeClock
-from service.config import Settings
-from service.db.engine import create_db_engine
-from service.db.migrate import upgrade
-from service.db.schema import metadata
-from service.runtime import Service
+from pclease_service import store, tokens
+from pclease_service.api.app import create_app
+from pclease_service.backends.memory import MemoryBackend
+from pclease_service.clock import FakeClock
+from pclease_service.config import Settings
+from pclease_service.db.engine import create_db_engine
+from pclease_service.db.migrate import upgrade
+from pclease_service.db.schema import metadata
+from pclease_service.runtime import Service
 
 PG_ADMIN_DSN = os.environ.get("PCLEASE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-PCLEASE = [sys.executable, "-m", "service"]
+PCLEASE = [sys.executable, "-m", "pclease_service"]
 
 
 def free_port() -> int:
@@ -58,8 +58,15 @@ def run_cli(config: Path, *args: str, env: dict[str, str] | None = None) -> str:
 
 
 class LiveServer:
-    def __init__(self, config: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        serve_args: tuple[str, ...] = (),
+    ) -> None:
         self.config = config
+        self.serve_args = serve_args
         self.log_path = log_path
         self.env = {**os.environ, **(env or {})}
         self.port = free_port()
@@ -70,7 +77,15 @@ class LiveServer:
     def start(self, timeout_s: float = 30.0) -> LiveServer:
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [*PCLEASE, "serve", "--config", str(self.config), "--port", str(self.port)],
+            [
+                *PCLEASE,
+                "serve",
+                "--config",
+                str(self.config),
+                "--port",
+                str(self.port),
+                *self.serve_args,
+            ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=self.env,

@@ -16,11 +16,11 @@ import pytest
 import pytest_asyncio
 from fastapi.routing import APIRoute
 
-from service.api import v1
-from service.api.app import create_app
-from service.backends.memory import MemoryBackend
-from service.clock import FakeClock
-from service.runtime import Service
+from pclease_service.api import v1
+from pclease_service.api.app import create_app
+from pclease_service.backends.memory import MemoryBackend
+from pclease_service.clock import FakeClock
+from pclease_service.runtime import Service
 from tests.conftest import Harness, _truncate, make_settings
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

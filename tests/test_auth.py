@@ -13,8 +13,8 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from service import store, tokens
-from service.db.schema import events
+from pclease_service import store, tokens
+from pclease_service.db.schema import events
 from tests.conftest import Harness
 
 HOLDER = {"dag_id": "etl", "run_id": "r1", "task_id": "t1"}

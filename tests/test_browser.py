@@ -1,8 +1,9 @@
-"""The dashboard in a real headless Chromium (Debian's, driven by Playwright) against a real
-``pclease serve``: sign in, watch a context appear, count down and stop, force-stop as
-admin, and be refused as a read token. Screenshots of the main pages are taken on every run
-(into a temporary folder); ``PCLEASE_UPDATE_SCREENSHOTS=1`` writes them to ``docs/``, where
-the README shows them.
+"""The dashboard and the API docs in a real headless Chromium (Debian's, driven by
+Playwright) against a real ``pclease serve``: sign in, watch a context appear, count down and
+stop, force-stop as admin, and be refused as a read token; /docs shows every operation of
+the OpenAPI document, from files the service serves itself. Screenshots of the main pages
+are taken on every run (into a temporary folder); ``PCLEASE_UPDATE_SCREENSHOTS=1`` writes
+them to ``docs/``, where the README shows them.
 
 An hour of finished history is seeded through the store (with past clock readings) before
 the server starts, so the chart has something to show; everything asserted happens live.
@@ -21,10 +22,10 @@ from typing import Any
 import httpx
 import pytest
 
-from service import store
-from service.config import Profile
-from service.db.engine import create_db_engine
-from service.states import LeaseState
+from pclease_service import store
+from pclease_service.config import Profile
+from pclease_service.db.engine import create_db_engine
+from pclease_service.states import LeaseState
 from tests.live import LiveServer, run_cli, write_config
 
 pytestmark = [pytest.mark.browser, pytest.mark.live]
@@ -289,3 +290,40 @@ def test_watch_a_context_live_then_force_stop_as_admin(chromium: Any, env: Env) 
     admin.context.close()
     viewer.context.close()
     assert "Traceback" not in env.server.log()
+
+
+def test_api_docs_render_every_operation_without_leaving_the_service(
+    chromium: Any, env: Env
+) -> None:
+    expect = sync_api.expect
+    document = httpx.get(f"{env.server.url}/openapi.json")
+    assert document.status_code == 200, document.text
+    operations = [(m, p) for p, item in document.json()["paths"].items() for m in item]
+    assert len(operations) >= 19
+
+    page = chromium.new_page(viewport={"width": 1360, "height": 900})
+    elsewhere: list[str] = []
+
+    def only_the_service(route: Any) -> None:
+        if route.request.url.startswith(env.server.url):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_the_service)
+    page.goto(f"{env.server.url}/docs")
+    expect(page.locator(".opblock")).to_have_count(len(operations), timeout=15_000)
+    for method, path in operations:
+        summary = page.locator(f'.opblock-{method} .opblock-summary-path[data-path="{path}"]')
+        expect(summary).to_have_count(1)
+    expect(page.locator(".btn.authorize")).to_be_visible()  # the bearer scheme is declared
+    expect(page.locator(".errors-wrapper")).to_have_count(0)
+
+    # The lease request shows its example, and the error body its required fields.
+    page.locator('.opblock-post .opblock-summary-path[data-path="/v1/leases"]').click()
+    body = page.locator(".opblock-post.is-open .opblock-body")
+    expect(body).to_contain_text("nightly_etl")
+    expect(body).to_contain_text("The profile is at capacity")
+    assert elsewhere == [], f"the docs page fetched from outside the service: {elsewhere}"
+    page.close()

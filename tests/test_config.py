@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.config import BackendKind, ConfigError, load_settings
+from pclease_service.config import BackendKind, ConfigError, load_settings
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -25,15 +25,15 @@ from urllib.parse import parse_qs
 import boto3
 import pytest
 
-from service.clock import FakeClock
-from service.config import (
+from pclease_service.clock import FakeClock
+from pclease_service.config import (
     ConfigError,
     CredentialSourceKind,
     CredentialsSettings,
     PolarsCloudSettings,
     load_settings,
 )
-from service.credentials import (
+from pclease_service.credentials import (
     CredentialsError,
     CredentialSource,
     ServiceAccount,
@@ -41,10 +41,10 @@ from service.credentials import (
     create_source,
     install_sighup,
 )
-from service.credentials.aws import AwsSecretsManagerSource
-from service.credentials.env import EnvSource
-from service.credentials.file import FileSource
-from service.credentials.tokens import FORCED_REREAD_MIN_S
+from pclease_service.credentials.aws import AwsSecretsManagerSource
+from pclease_service.credentials.env import EnvSource
+from pclease_service.credentials.file import FileSource
+from pclease_service.credentials.tokens import FORCED_REREAD_MIN_S
 from tests.moto import moto_server
 
 # Everything secret this module makes, so the log check can look for all of it.

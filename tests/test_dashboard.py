@@ -13,14 +13,14 @@ from typing import Any
 import httpx
 import pytest
 
-from service import store, tokens
-from service.backends.base import BackendError
-from service.backends.memory import MemoryBackend
-from service.config import Settings
-from service.dashboard import charts
-from service.dashboard.sessions import SESSION_COOKIE, SessionSigner, load_secret, safe_next
-from service.metrics import Interval
-from service.states import ContextState, LeaseState
+from pclease_service import store, tokens
+from pclease_service.backends.base import BackendError
+from pclease_service.backends.memory import MemoryBackend
+from pclease_service.config import Settings
+from pclease_service.dashboard import charts
+from pclease_service.dashboard.sessions import SESSION_COOKIE, SessionSigner, load_secret, safe_next
+from pclease_service.metrics import Interval
+from pclease_service.states import ContextState, LeaseState
 from tests.conftest import PROFILES, Harness
 
 CLOUD_SECRET = "pc-client-secret-0f9e8d7c6b5a"
@@ -517,13 +517,15 @@ async def test_overview_with_hundreds_of_contexts_and_thousands_of_leases(h: Har
 
 
 def test_lease_states_render_with_a_colour() -> None:
-    css = (Path(__file__).parent.parent / "service/dashboard/static/dashboard.css").read_text()
+    css = (
+        Path(__file__).parent.parent / "pclease_service/dashboard/static/dashboard.css"
+    ).read_text()
     for state in [*ContextState, *LeaseState]:
         assert f".s-{state.value}" in css
 
 
 async def test_queries_show_on_the_pages_and_in_metrics(h: Harness) -> None:
-    from service.states import QueryState
+    from pclease_service.states import QueryState
 
     client = await signed_in(h, "read")
     lease = await h.lease(holder=HOLDER)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from service import store
-from service.backends.base import LABEL_CONTEXT_ID, LABEL_INSTANCE, LABEL_MANAGED_BY
+from pclease_service import store
+from pclease_service.backends.base import LABEL_CONTEXT_ID, LABEL_INSTANCE, LABEL_MANAGED_BY
 from tests.conftest import Harness
 
 AIRFLOW_HOLDER = {

@@ -14,8 +14,8 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from service.db.engine import create_db_engine
-from service.db.schema import contexts, events
+from pclease_service.db.engine import create_db_engine
+from pclease_service.db.schema import contexts, events
 from tests.live import LiveServer, run_cli, write_config
 
 pytestmark = pytest.mark.live
@@ -196,13 +196,13 @@ def test_killed_service_restarts_without_losing_leases_or_starting_twice(env: En
 
 
 def test_restart_stops_workers_the_database_does_not_know(env: Env) -> None:
-    from service.backends.base import (
+    from pclease_service.backends.base import (
         LABEL_CONTEXT_ID,
         LABEL_INSTANCE,
         LABEL_MANAGED_BY,
         ContextSpec,
     )
-    from service.backends.local import LocalBackend
+    from pclease_service.backends.local import LocalBackend
 
     backend = LocalBackend(env.data_dir / "local")
     spec = ContextSpec(

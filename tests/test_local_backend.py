@@ -16,7 +16,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from service.backends.base import (
+from pclease_service.backends.base import (
     LABEL_CONTEXT_ID,
     BackendError,
     ContextSpec,
@@ -26,7 +26,7 @@ from service.backends.base import (
     QuerySpec,
     QueryTarget,
 )
-from service.backends.local import LocalBackend
+from pclease_service.backends.local import LocalBackend
 
 SMALL_PLAN = pl.LazyFrame({"a": [1, 2, 3]}).with_columns(b=pl.col("a") * 2)
 

@@ -27,8 +27,8 @@ import pytest
 from polars._utils.cloud import prepare_cloud_plan
 from polars.plugins import register_plugin_function
 
-from service.backends import plan_guard
-from service.backends.base import (
+from pclease_service.backends import plan_guard
+from pclease_service.backends.base import (
     IN_MEMORY_SINK,
     LABEL_CONTEXT_ID,
     ContextSpec,
@@ -38,7 +38,7 @@ from service.backends.base import (
     QuerySpec,
     QueryTarget,
 )
-from service.backends.local import LocalBackend
+from pclease_service.backends.local import LocalBackend
 from tests.moto import moto_server
 
 SOURCE = pl.DataFrame({"id": list(range(1000)), "group": [f"g{i % 3}" for i in range(1000)]})

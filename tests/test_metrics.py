@@ -11,10 +11,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import metrics
-from service.api.app import create_app
-from service.config import LogFormat
-from service.logs import JsonFormatter, RequestLog
+from pclease_service import metrics
+from pclease_service.api.app import create_app
+from pclease_service.config import LogFormat
+from pclease_service.logs import JsonFormatter, RequestLog
 from tests.conftest import Harness
 
 HOLDER = {"dag_id": "etl", "run_id": "r1", "task_id": "load"}
@@ -134,7 +134,7 @@ async def test_backend_errors_and_refused_leases_are_counted(make_harness: Any) 
 def test_ledger_waits_for_ids_committed_out_of_order() -> None:
     from datetime import UTC, datetime, timedelta
 
-    from service.dashboard.reads import LedgerEvent
+    from pclease_service.dashboard.reads import LedgerEvent
 
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     ledger = metrics.InstanceLedger()

@@ -7,9 +7,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from service.db.engine import create_db_engine
-from service.db.migrate import alembic_config, current_revision, head_revision, upgrade
-from service.db.schema import metadata
+from pclease_service.db.engine import create_db_engine
+from pclease_service.db.migrate import alembic_config, current_revision, head_revision, upgrade
+from pclease_service.db.schema import metadata
 
 
 def test_upgrade_matches_the_schema_and_downgrade_empties_it(database_url: str) -> None:

@@ -21,8 +21,8 @@ import polars as pl
 import pytest
 
 from pclease_client.plans import build_submission
-from service.backends._polars_cloud_client import CloudClient
-from service.backends.base import (
+from pclease_service.backends._polars_cloud_client import CloudClient
+from pclease_service.backends.base import (
     LABEL_CONTEXT_ID,
     LABEL_INSTANCE,
     LABEL_MANAGED_BY,
@@ -35,10 +35,10 @@ from service.backends.base import (
     QuerySpec,
     QueryTarget,
 )
-from service.backends.memory import MemoryBackend
-from service.backends.polars_cloud import PolarsCloudBackend
-from service.config import ConfigError, Settings, load_settings
-from service.credentials import ServiceAccount, TokenProvider, create_source
+from pclease_service.backends.memory import MemoryBackend
+from pclease_service.backends.polars_cloud import PolarsCloudBackend
+from pclease_service.config import ConfigError, Settings, load_settings
+from pclease_service.credentials import ServiceAccount, TokenProvider, create_source
 from tests.conftest import Harness
 from tests.fakepc import FakePolarsCloud
 

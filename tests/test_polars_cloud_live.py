@@ -19,9 +19,9 @@ import pytest
 from sqlalchemy import select
 
 from pclease_client import PcleaseClient, QueryFailed
-from service.dashboard.views import LOGIN_COOKIE
-from service.db.engine import create_db_engine
-from service.db.schema import metadata
+from pclease_service.dashboard.views import LOGIN_COOKIE
+from pclease_service.db.engine import create_db_engine
+from pclease_service.db.schema import metadata
 from tests.fakepc import FakePolarsCloud
 from tests.live import LiveServer, run_cli, write_config
 

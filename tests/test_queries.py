@@ -13,7 +13,7 @@ import pytest
 
 from pclease_client import build_submission
 from pclease_client.plans import Submission
-from service.backends.base import QueryOutcome
+from pclease_service.backends.base import QueryOutcome
 from tests.conftest import PROFILES, Harness
 
 

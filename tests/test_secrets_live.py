@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import select
 
 from pclease_client import PcleaseClient
-from service.dashboard.views import LOGIN_COOKIE
-from service.db.engine import create_db_engine
-from service.db.schema import metadata
+from pclease_service.dashboard.views import LOGIN_COOKIE
+from pclease_service.db.engine import create_db_engine
+from pclease_service.db.schema import metadata
 from tests.live import LiveServer, run_cli, write_config
 
 pytestmark = pytest.mark.live
@@ -65,24 +65,27 @@ def test_secrets_never_leave_the_service(tmp_path: Path) -> None:
         client.close()
 
         admin_headers = {"Authorization": f"Bearer {admin}"}
-        for path in (
-            "/v1/leases",
-            "/v1/contexts",
-            "/v1/events",
-            "/v1/profiles",
-            "/metrics",
-            "/readyz",
-            "/openapi.json",
-            f"/v1/leases/{handle['id']}/queries",
-            "/v1/leases/not-a-lease",
-            "/ui/login",
+        for path, status in (
+            ("/v1/leases", 200),
+            ("/v1/contexts", 200),
+            ("/v1/events", 200),
+            ("/v1/profiles", 200),
+            ("/metrics", 200),
+            ("/readyz", 200),
+            ("/openapi.json", 200),
+            ("/docs", 200),
+            (f"/v1/leases/{handle['id']}/queries", 200),
+            ("/v1/leases/not-a-lease", 404),
+            ("/ui/login", 200),
         ):
-            seen.append(httpx.get(server.url + path, headers=admin_headers).text)
-        seen.append(
-            httpx.get(
-                f"{server.url}/v1/leases", headers={"Authorization": f"Bearer {cloud_secret}"}
-            ).text
+            response = httpx.get(server.url + path, headers=admin_headers)
+            assert response.status_code == status, (path, response.text)
+            seen.append(response.text)
+        refused = httpx.get(
+            f"{server.url}/v1/leases", headers={"Authorization": f"Bearer {cloud_secret}"}
         )
+        assert refused.status_code == 401, refused.text
+        seen.append(refused.text)
         with httpx.Client(base_url=server.url, follow_redirects=True) as browser:
             login = browser.get("/ui/login")
             seen.append(login.text)

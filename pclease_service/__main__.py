@@ -1,0 +1,3 @@
+from pclease_service.cli import main
+
+main()

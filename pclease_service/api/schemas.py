@@ -1,0 +1,409 @@
+"""Request and response bodies of the v1 API (the contract clients rely on)."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    TypeAdapter,
+    WithJsonSchema,
+    model_validator,
+)
+
+from pclease_service.backends.base import QueryTarget
+from pclease_service.config import Profile
+from pclease_service.states import ContextState, LeaseState, QueryState
+from pclease_service.store import ContextRecord, EventRecord, LeaseRecord, QueryRecord
+from pclease_service.text import PATTERN, Text
+
+_MAX_HOLDER_KEYS = 20
+
+#: A holder's or a label's key, and a name or value that identifies something.
+Key = Annotated[str, Text(64, min_length=1)]
+Name = Annotated[str, Text(250)]
+_NAME = TypeAdapter(Name)
+
+
+def _holder_value(value: Any) -> Any:
+    # bool is an int: both pass as they are.
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        # Neither JSON nor the database can keep these faithfully.
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+    if isinstance(value, str):
+        return _NAME.validate_python(value)
+    raise ValueError("must be a string, number or boolean")
+
+
+HolderValue = Annotated[
+    Any,
+    PlainValidator(_holder_value),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "maxLength": 250, "pattern": PATTERN},
+                {"type": "number"},
+                {"type": "boolean"},
+            ]
+        }
+    ),
+]
+
+
+class Holder(BaseModel):
+    """Who holds a lease. Airflow fills the first five; other clients may add scalar keys."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[Key, HolderValue]
+
+    dag_id: Name | None = None
+    run_id: Name | None = None
+    task_id: Name | None = None
+    try_number: int | None = Field(None, ge=0, strict=True)
+    map_index: int | None = Field(None, ge=-1, strict=True)
+
+    @model_validator(mode="after")
+    def _small(self) -> Self:
+        extra = self.model_extra or {}
+        if len(self.model_fields_set) + len(extra) > _MAX_HOLDER_KEYS:
+            raise ValueError(f"holder may have at most {_MAX_HOLDER_KEYS} keys")
+        return self
+
+
+class LeaseRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "profile": "small",
+                    "holder": {
+                        "dag_id": "nightly_etl",
+                        "run_id": "scheduled__2026-11-23T00:00:00+00:00",
+                        "task_id": "transform",
+                        "try_number": 1,
+                        "map_index": -1,
+                    },
+                    "ttl_s": 60,
+                    "wait_s": 30,
+                }
+            ]
+        },
+    )
+
+    profile: Annotated[str, Text(63, min_length=1)] = Field(
+        description="A configured profile name (GET /v1/profiles lists them)."
+    )
+    holder: Holder = Field(default_factory=Holder)
+    # strict: a number, not `true` or "30" quietly turned into one.
+    ttl_s: float | None = Field(
+        None,
+        gt=0,
+        strict=True,
+        description="Seconds without a heartbeat before the lease expires.",
+    )
+    wait_s: float | None = Field(
+        None,
+        ge=0,
+        strict=True,
+        description="How long to wait for capacity before answering 429.",
+    )
+
+
+class LeaseOut(BaseModel):
+    id: str
+    profile: str
+    context_id: str
+    state: LeaseState
+    ttl_s: float
+    expires_at: datetime
+    heartbeat_interval_s: float
+    holder: dict[str, Any]
+    created_at: datetime
+    activated_at: datetime | None
+    heartbeat_at: datetime | None
+    ended_at: datetime | None
+    end_reason: str | None
+
+    @classmethod
+    def of(cls, lease: LeaseRecord) -> LeaseOut:
+        return cls(
+            id=lease.id,
+            profile=lease.profile,
+            context_id=lease.context_id,
+            state=lease.state,
+            ttl_s=lease.ttl_s,
+            expires_at=lease.expires_at,
+            # A third of the TTL leaves room for two lost heartbeats.
+            heartbeat_interval_s=round(lease.ttl_s / 3, 3),
+            holder=dict(lease.holder),
+            created_at=lease.created_at,
+            activated_at=lease.activated_at,
+            heartbeat_at=lease.heartbeat_at,
+            ended_at=lease.ended_at,
+            end_reason=lease.end_reason,
+        )
+
+
+class LeaseList(BaseModel):
+    leases: list[LeaseOut]
+
+
+class ContextOut(BaseModel):
+    id: str
+    profile: str
+    backend: str
+    state: ContextState
+    refcount: int
+    leases_total: int
+    created_at: datetime
+    started_at: datetime | None
+    idle_since: datetime | None
+    stops_at: datetime | None = Field(description="When an idle context will be stopped.")
+    stopping_since: datetime | None
+    stopped_at: datetime | None
+    stop_reason: str | None
+    status_message: str | None
+    hourly_cost: float
+    cost_so_far: float = Field(description="hourly_cost times the time it has been up.")
+
+    @classmethod
+    def of(cls, c: ContextRecord, profile: Profile | None, now: datetime) -> ContextOut:
+        stops_at = None
+        if c.state is ContextState.IDLE and c.idle_since is not None and profile is not None:
+            stops_at = c.idle_since + timedelta(seconds=profile.idle_grace_s)
+        end = c.stopped_at or now
+        up_s = max(0.0, (end - c.created_at).total_seconds())
+        return cls(
+            id=c.id,
+            profile=c.profile,
+            backend=c.backend,
+            state=c.state,
+            refcount=c.refcount,
+            leases_total=c.leases_total,
+            created_at=c.created_at,
+            started_at=c.started_at,
+            idle_since=c.idle_since,
+            stops_at=stops_at,
+            stopping_since=c.stopping_since,
+            stopped_at=c.stopped_at,
+            stop_reason=c.stop_reason,
+            status_message=c.status_message,
+            hourly_cost=c.hourly_cost,
+            cost_so_far=round(c.hourly_cost * up_s / 3600, 6),
+        )
+
+
+class ContextList(BaseModel):
+    contexts: list[ContextOut]
+
+
+class EventOut(BaseModel):
+    id: int
+    at: datetime
+    kind: str
+    context_id: str | None
+    lease_id: str | None
+    from_state: str | None
+    to_state: str | None
+    actor: str
+    reason: str
+
+    @classmethod
+    def of(cls, e: EventRecord) -> EventOut:
+        return cls(**e.__dict__)
+
+
+class EventList(BaseModel):
+    events: list[EventOut]
+
+
+class ProfileOut(BaseModel):
+    name: str
+    cpus: int | None
+    memory_gb: float | None
+    cluster_size: int
+    instance_type: str | None
+    storage_gb: int | None
+    workspace: str | None
+    labels: dict[str, str]
+    idle_grace_s: float
+    max_leases_per_context: int
+    max_contexts: int
+    max_lifetime_s: float | None
+    hourly_cost: float
+
+    @classmethod
+    def of(cls, p: Profile) -> ProfileOut:
+        # Only the shape: backend-specific options (env vars, requirements) may hold secrets.
+        return cls(**p.model_dump(exclude={"local", "polars_cloud"}))
+
+
+class ProfileList(BaseModel):
+    profiles: list[ProfileOut]
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(
+        description="Machine-readable and stable (service.errors lists them): branch on it.",
+        examples=["lease_not_found"],
+    )
+    message: str = Field(description="For people: what went wrong and what to do next.")
+
+
+class ErrorOut(BaseModel):
+    """Every 4xx and 5xx answer of the API has this body."""
+
+    error: ErrorBody
+
+
+class Readiness(BaseModel):
+    status: Literal["ok", "failing"]
+    checks: dict[str, str] = Field(
+        description="database, credentials, backend, reconciler: 'ok', or why not."
+    )
+
+
+_ERRORS_WHEN = {
+    400: "The body could not be read (not UTF-8, or not parseable at all).",
+    401: "No bearer token, or an unknown or revoked one.",
+    403: "The token's scope does not allow this, or the lease belongs to another token.",
+    404: "No such lease, context or query (or not visible to this token).",
+    409: "The request conflicts with the current state (see the message).",
+    410: "The lease has ended; request a new one.",
+    413: "The body is larger than the service accepts.",
+    422: "Invalid input; the message names each field and what is wrong with it.",
+    429: "The profile is at capacity; retry after Retry-After seconds.",
+    503: "The service cannot do this now (backend credentials failing, or the database "
+    "too busy); retry later.",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` of a route for these error statuses: each has :class:`ErrorOut`
+    as its body, so the OpenAPI document describes the errors clients really get."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        responses[status] = {"model": ErrorOut, "description": _ERRORS_WHEN[status]}
+        if status == 429:
+            responses[status]["headers"] = {
+                "Retry-After": {
+                    "description": "Seconds until capacity is likely to free up.",
+                    "schema": {"type": "integer"},
+                }
+            }
+    return responses
+
+
+class QueryOptions(BaseModel):
+    """The JSON part of a query submission (the plan bytes travel beside it)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"target": "collect", "polars_version": "2.0.0", "labels": {"team": "data"}},
+                {
+                    "target": "parquet",
+                    "destination": "s3://lake/daily/kpis.parquet",
+                    "engine": "streaming",
+                    "polars_version": "2.0.0",
+                    "timeout_s": 900,
+                },
+            ]
+        },
+    )
+
+    target: QueryTarget = Field(description="collect, or the sink format: parquet/csv/ipc/ndjson.")
+    destination: Annotated[str, Text(2048)] | None = Field(
+        None, description="The sink's path or URI as the client wrote it (informational)."
+    )
+    engine: Literal["auto", "streaming", "in-memory"] = "auto"
+    streaming: StrictBool | None = Field(None, description="Legacy: true means engine=streaming.")
+    distributed: StrictBool = False
+    labels: dict[Key, Name] = Field(default_factory=dict, max_length=20)
+    polars_version: Annotated[str, Text(32, min_length=1)] = Field(
+        description="The client's Polars version; the plan must come from the same one."
+    )
+    timeout_s: StrictFloat | StrictInt | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.target is QueryTarget.COLLECT and self.destination not in (None, ""):
+            raise ValueError("a collect query has no destination; leave it out")
+        if self.target is not QueryTarget.COLLECT and not self.destination:
+            raise ValueError(f"a {self.target.value} sink needs its destination")
+        if self.streaming and self.engine == "in-memory":
+            raise ValueError("streaming=true contradicts engine='in-memory'")
+        return self
+
+
+class QueryError(BaseModel):
+    type: str
+    message: str
+
+
+class QueryOut(BaseModel):
+    id: str
+    lease_id: str
+    context_id: str
+    state: QueryState
+    target: str
+    destination: str | None
+    engine: str
+    labels: dict[str, str]
+    plan_bytes: int
+    timeout_s: float
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_s: float | None
+    rows: int | None
+    result_bytes: int | None
+    output: str | None = Field(description="Sink location, or the result URL of a collect.")
+    error: QueryError | None
+
+    @classmethod
+    def of(cls, q: QueryRecord) -> QueryOut:
+        duration = None
+        if q.started_at is not None and q.finished_at is not None:
+            duration = round((q.finished_at - q.started_at).total_seconds(), 6)
+        error = None
+        if q.error_type is not None:
+            error = QueryError(type=q.error_type, message=q.error_message or "")
+        return cls(
+            id=q.id,
+            lease_id=q.lease_id,
+            context_id=q.context_id,
+            state=q.state,
+            target=q.target,
+            destination=q.destination,
+            engine=q.engine,
+            labels=dict(q.labels),
+            plan_bytes=q.plan_bytes,
+            timeout_s=q.timeout_s,
+            created_at=q.created_at,
+            started_at=q.started_at,
+            finished_at=q.finished_at,
+            duration_s=duration,
+            rows=q.rows,
+            result_bytes=q.result_bytes,
+            output=q.output,
+            error=error,
+        )
+
+
+class QueryList(BaseModel):
+    queries: list[QueryOut]

@@ -1,0 +1,44 @@
+"""Backends: what actually runs compute contexts (see ``base.py`` for the interface).
+
+Kept free of imports at module level: worker processes import ``local_worker`` from this
+package and should not pay for pydantic and the service's configuration.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pclease_service.backends.base import Backend
+    from pclease_service.clock import Clock
+    from pclease_service.config import Settings
+
+
+def create_backend(settings: Settings, clock: Clock) -> Backend:
+    """The backend the settings name."""
+    from pclease_service.config import BackendKind
+
+    if settings.backend is BackendKind.MEMORY:
+        from pclease_service.backends.memory import MemoryBackend
+
+        return MemoryBackend(clock)
+    if settings.backend is BackendKind.LOCAL:
+        from pclease_service.backends.local import LocalBackend
+
+        return LocalBackend(settings.data_dir / "local")
+    if settings.backend is BackendKind.POLARS_CLOUD:
+        from pclease_service.backends.polars_cloud import PolarsCloudBackend
+        from pclease_service.credentials import TokenProvider, create_source
+
+        options = settings.polars_cloud
+        provider = TokenProvider(
+            create_source(options.credentials),
+            options.token_url,
+            refresh_margin_s=options.token_refresh_margin_s,
+            reread_interval_s=options.credentials.reread_interval_s,
+            # A fetch happens inside one Polars Cloud call: it gets half of its time.
+            timeout_s=options.request_timeout_s / 2,
+            deadline_s=options.request_timeout_s / 2,
+        )
+        return PolarsCloudBackend(settings, provider)
+    raise NotImplementedError(f"backend {settings.backend.value!r} is not available")

@@ -1,0 +1,210 @@
+"""The running service: engine, backend, reconciler and lease manager, wired together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy import make_url
+
+from pclease_service import plans, store
+from pclease_service.backends import create_backend
+from pclease_service.backends.base import Backend
+from pclease_service.clock import Clock, SystemClock
+from pclease_service.config import Settings
+from pclease_service.credentials import CredentialStatus, TokenProvider, install_sighup
+from pclease_service.db.engine import create_db_engine, redacted
+from pclease_service.db.migrate import upgrade
+from pclease_service.db.session import Database
+from pclease_service.leases import LeaseManager
+from pclease_service.notify import Notifier
+from pclease_service.queries import QueryManager, QueryRunner, Spool
+from pclease_service.reconciler import Reconciler
+
+log = logging.getLogger("pclease")
+
+# How often the background check asks for a token while the credentials fail / work.
+_CHECK_FAILS_S = 5.0
+_CHECK_WORKS_S = 60.0
+
+
+class Service:
+    """Owns every long-lived part. ``start`` and ``stop`` bracket the app's lifespan;
+    tests build one with a fake clock and backend and drive ``reconciler.tick`` by hand."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        backend: Backend | None = None,
+        run_reconciler: bool = True,
+        migrate: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.backend = backend or create_backend(settings, self.clock)
+        self.engine = create_db_engine(settings.resolved_database_url)
+        self.notifier = Notifier()
+        self.db = Database(self.engine, self.clock, on_commit=self.notifier.publish)
+        #: The Polars Cloud service account's tokens, when the backend uses one.
+        self.credentials: TokenProvider | None = getattr(self.backend, "provider", None)
+        if not isinstance(self.credentials, TokenProvider):
+            self.credentials = None
+        self.leases = LeaseManager(
+            settings,
+            self.db,
+            self.notifier,
+            self.backend.kind,
+            ready_check=self.credentials_problem if self.credentials else None,
+        )
+        self.reconciler = Reconciler(settings, self.db, self.backend, self.notifier, self.clock)
+        self.spool = Spool(settings.data_dir / "spool")
+        self.queries = QueryManager(
+            settings,
+            self.db,
+            self.notifier,
+            self.spool,
+            context_polars_version=plans.local_polars_version(),
+            context_signature=plans.local_signature,
+            denied_paths=self._denied_paths(),
+        )
+        self.runner = QueryRunner(
+            settings,
+            self.db,
+            self.backend,
+            self.notifier,
+            self.spool,
+            self.clock,
+            denied_paths=self._denied_paths(),
+        )
+        self._run_reconciler = run_reconciler
+        self._migrate = migrate
+        self._uninstall_sighup: Callable[[], None] | None = None
+        self._check_task: asyncio.Task[None] | None = None
+        self._started_at = self.clock.now()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._runner_task: asyncio.Task[None] | None = None
+        self.loop_error: BaseException | None = None
+
+    def _denied_paths(self) -> tuple[str, ...]:
+        """The service's own files: never readable or writable by a query."""
+        denied = [str(self.settings.data_dir.resolve())]
+        config = os.environ.get("PCLEASE_CONFIG")
+        if config:
+            denied.append(str(Path(config).resolve()))
+        url = make_url(self.settings.resolved_database_url)
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            # The database may live outside data_dir; it and its WAL files are ours too.
+            db_file = Path(url.database).resolve()
+            denied += [str(db_file), f"{db_file}-wal", f"{db_file}-shm", f"{db_file}-journal"]
+        return tuple(denied)
+
+    async def start(self) -> None:
+        url = self.settings.resolved_database_url
+        if self._migrate:
+            await asyncio.to_thread(upgrade, url)
+        await self.db.write(lambda tx: store.sync_profiles(tx, self.settings.profiles))
+        self.spool.prepare()
+        await self.runner.recover()
+        if self.credentials is not None:
+            # Learn early whether the credentials work (readiness and lease requests say
+            # so), without holding up startup on the token endpoint.
+            self._check_task = asyncio.create_task(
+                self._watch_credentials(self.credentials), name="credentials-check"
+            )
+            if threading.current_thread() is threading.main_thread():
+                self._uninstall_sighup = install_sighup(self.credentials)
+        log.info(
+            "pclease ready: backend=%s database=%s profiles=%s",
+            self.backend.kind,
+            redacted(url),
+            ",".join(self.settings.profiles) or "(none)",
+        )
+        if self._run_reconciler:
+            self._loop_task = asyncio.create_task(self.reconciler.run(), name="reconciler")
+            self._loop_task.add_done_callback(self._loop_died)
+            self._runner_task = asyncio.create_task(self.runner.run(), name="query-runner")
+            self._runner_task.add_done_callback(self._loop_died)
+
+    def _loop_died(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        self.loop_error = task.exception()
+        log.critical("the reconciler loop died: %r; /readyz now fails", self.loop_error)
+
+    @property
+    def reconciler_alive(self) -> bool:
+        if not self._run_reconciler:
+            return True
+        return all(
+            task is not None and not task.done() for task in (self._loop_task, self._runner_task)
+        )
+
+    @staticmethod
+    async def _watch_credentials(credentials: TokenProvider) -> None:
+        """Keep the credential status current, so /readyz can read it without fetching:
+        often while it fails (a fixed source is noticed soon), rarely once it works
+        (backend calls keep it current then)."""
+        while True:
+            try:
+                status = await asyncio.to_thread(credentials.check)
+            except Exception:
+                log.exception("checking the Polars Cloud credentials failed")
+                status = None
+            await asyncio.sleep(_CHECK_WORKS_S if status and status.ok else _CHECK_FAILS_S)
+
+    def backend_readiness(self) -> tuple[bool, str]:
+        """(ready, what to show) for a backend whose list() a probe must not call: from the
+        reconciler's sweeps. One failed sweep is shown but not fatal; no successful one for
+        ``backend_unready_after_s`` is."""
+        error = self.reconciler.sweep_error
+        if error is None:
+            return True, "ok" if self.reconciler.listed_at else "ok (not listed yet)"
+        since = self.reconciler.listed_at or self._started_at
+        failing_s = (self.clock.now() - since).total_seconds()
+        limit_s = self.settings.backend_unready_after_s
+        if failing_s < limit_s:
+            return True, f"ok (the last listing failed: {error}; unready after {limit_s:g} s)"
+        return False, f"failing: {error} (not listed for {failing_s:.0f} s)"
+
+    def credential_status(self) -> CredentialStatus | None:
+        return self.credentials.status() if self.credentials else None
+
+    async def credentials_problem(self) -> str | None:
+        """Why the credentials do not work (safe to show: names the source, never the
+        secret), or None. A failing status is checked again first, so a fixed source is
+        noticed by the next request."""
+        if self.credentials is None:
+            return None
+        status = self.credentials.status()
+        if status.ok:
+            return None
+        status = await asyncio.to_thread(self.credentials.check)
+        if status.ok:
+            return None
+        return (
+            f"the Polars Cloud credentials from {status.source} do not work: "
+            f"{status.message or 'unknown problem'}"
+        )
+
+    async def stop(self) -> None:
+        if self._uninstall_sighup is not None:
+            self._uninstall_sighup()
+            self._uninstall_sighup = None
+        for task in (self._check_task, self._runner_task, self._loop_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.runner.shutdown()
+        try:
+            await self.reconciler.shutdown()
+        finally:
+            await self.backend.close()
+            self.engine.dispose()
