@@ -1,7 +1,13 @@
 """pclease's Airflow 3 provider: lease Polars compute and run Polars queries from DAGs.
 
-Registered with Airflow through the ``apache_airflow_provider`` entry point
-(:func:`get_provider_info`) and, for the UI links and the listener, ``airflow.plugins``.
+Registered with Airflow through two entry points: ``apache_airflow_provider``
+(:func:`get_provider_info`: the connection type and its form, the hook, the operators,
+``@task.pclease``, the extra link, the ``[pclease]`` configuration section) and
+``airflow.plugins`` (:class:`~airflow_plugin.plugin.PcleasePlugin`: the listener and the UI
+links). The plugin is deliberately not listed in the provider info as well: Airflow loads
+entry-point plugins always and provider-info plugins only with
+``[core] lazy_discover_providers = False``, where listing it twice would register it twice.
+
 The Airflow side holds a pclease token only, never Polars Cloud credentials.
 """
 
@@ -30,6 +36,16 @@ def get_provider_info() -> dict[str, Any]:
         "name": "pclease",
         "description": "Lease Polars Cloud compute through pclease and run Polars queries on it.",
         "versions": [__version__],
+        "integrations": [
+            {
+                "integration-name": "pclease",
+                "tags": ["service"],
+            }
+        ],
+        "operators": [
+            {"integration-name": "pclease", "python-modules": ["airflow_plugin.operators"]}
+        ],
+        "hooks": [{"integration-name": "pclease", "python-modules": ["airflow_plugin.hooks"]}],
         "connection-types": [
             {
                 "hook-class-name": "airflow_plugin.hooks.PcleaseHook",
@@ -60,12 +76,10 @@ def get_provider_info() -> dict[str, Any]:
                 },
             }
         ],
-        "hook-class-names": [],
         "task-decorators": [
             {"name": "pclease", "class-name": "airflow_plugin.decorators.pclease_task"}
         ],
         "extra-links": ["airflow_plugin.links.PcleaseLeaseLink"],
-        "plugins": [{"name": "pclease", "plugin-class": "airflow_plugin.plugin.PcleasePlugin"}],
         "config": {
             "pclease": {
                 "description": "The pclease provider.",

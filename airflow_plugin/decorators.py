@@ -10,7 +10,8 @@
 The function gets the lease as its first argument, which must be called ``lease``. The
 lease is taken before the
 function runs, heartbeated while it runs, and released when it returns or raises, when
-the task is killed (``on_kill``) and, as a last resort, by the service-side TTL.
+the task is killed (``on_kill``), by its watchdog process within seconds when the task
+process dies (even by SIGKILL), and, as a last resort, by the service-side TTL.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from airflow.providers.standard.operators.python import PythonOperator
 
 from airflow_plugin.hooks import PcleaseHook, TaskLease
 from airflow_plugin.links import PcleaseLeaseLink
-from airflow_plugin.operators import _LeaseHolder, task_lease
+from airflow_plugin.operators import SerializesConnId, _LeaseHolder, task_lease
 
 LEASE_ARG = "lease"
 _current_lease: ContextVar[TaskLease | None] = ContextVar("pclease_task_lease", default=None)
 
 
-class _PcleaseDecoratedOperator(DecoratedOperator, PythonOperator):
+class _PcleaseDecoratedOperator(SerializesConnId, DecoratedOperator, PythonOperator):
     custom_operator_name = "@task.pclease"
     template_fields: Sequence[str] = (*PythonOperator.template_fields, "profile")
     operator_extra_links = (PcleaseLeaseLink(),)

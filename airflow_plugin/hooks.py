@@ -235,15 +235,18 @@ class PcleaseHook(BaseHook):
         run_id: str,
         task_id: str | None = None,
         map_index: int | None = None,
+        *,
+        timeout_s: float | None = None,
     ) -> list[str]:
         """Release every live lease held by a DAG run (or one of its task instances);
-        returns the ids released."""
+        returns the ids released. ``timeout_s`` bounds the whole request."""
         params: dict[str, Any] = {"dag_id": dag_id, "run_id": run_id}
         if task_id is not None:
             params["task_id"] = task_id
             if map_index is not None:
                 params["map_index"] = map_index
-        body = self.get_conn().request("DELETE", "/v1/leases", params=params).json()
+        options: dict[str, Any] = {} if timeout_s is None else {"timeout": timeout_s}
+        body = self.get_conn().request("DELETE", "/v1/leases", params=params, **options).json()
         return [lease["id"] for lease in body["leases"]]
 
 

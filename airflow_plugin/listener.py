@@ -1,26 +1,29 @@
 """Release leases the task process could not: a task instance that failed (or was marked
-failed) and a DAG run that ended.
+failed, or was found dead by the scheduler) and a DAG run that ended.
 
-Listeners run inside Airflow's own loops (the DAG-run ones in the scheduler), so each call
-here is one short request without retries, and errors are logged, never raised: Airflow
-must not stall or fail because pclease is unreachable (the lease TTL still ends them).
+These hooks run inside Airflow's own loops: the DAG-run ones in the scheduler, inside its
+ORM session. So they only read plain attributes of the run or task instance and queue a
+release for :mod:`airflow_plugin.releases`, whose background thread resolves the
+connection and calls pclease. Nothing here waits on the network or touches Airflow's
+session, and nothing raises: Airflow must never stall or fail because of pclease.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from airflow.listeners import hookimpl
 
 from airflow_plugin.hooks import PcleaseHook
+from airflow_plugin.releases import (
+    ReleaseRequest,
+    in_task_process,
+    releaser,
+    resolve_connection,
+)
 
 log = logging.getLogger(__name__)
-
-#: One attempt, and not for long: these run in the scheduler's loop.
-_TIMEOUT_S = 3.0
 
 #: Task types of this provider (a serialized DAG keeps the names, not the classes).
 _OUR_TASK_TYPES = frozenset(
@@ -34,10 +37,11 @@ _OUR_TASK_TYPES = frozenset(
 
 
 def _conn_id_of(task: Any) -> str:
-    """The connection a task's leases came through: its operator's ``pclease_conn_id``, or
-    the default one (a plain task may use ``PcleaseHook()`` itself)."""
+    """The connection a task's leases came through: its operator's ``pclease_conn_id``
+    (serialized with the DAG, so the scheduler sees it too), or the default one (a plain
+    task may use ``PcleaseHook()`` itself)."""
     conn_id = getattr(task, "pclease_conn_id", None)
-    return conn_id if isinstance(conn_id, str) else PcleaseHook.default_conn_name
+    return conn_id if isinstance(conn_id, str) and conn_id else PcleaseHook.default_conn_name
 
 
 def _is_ours(task: Any) -> bool:
@@ -45,68 +49,55 @@ def _is_ours(task: Any) -> bool:
     return task_type in _OUR_TASK_TYPES
 
 
-@contextmanager
-def _hook(conn_id: str) -> Iterator[PcleaseHook | None]:
-    """A quick hook that works in a task process and in the scheduler alike; None when the
-    connection does not exist (this deployment does not use pclease through it)."""
-    hook = PcleaseHook(conn_id, retries=0, timeout_s=_TIMEOUT_S)
-    try:
-        hook.connection  # noqa: B018 (resolve it now, to fall back if needed)
-    except Exception as exc:
-        # Outside a task the Task SDK has no route to the metastore's connections.
-        log.debug("pclease: connection %r not found through the Task SDK: %s", conn_id, exc)
-        try:
-            from airflow.models.connection import Connection
-
-            connection = Connection.get_connection_from_secrets(conn_id)
-        except Exception:
-            log.debug("pclease: no connection %r; nothing to release", conn_id)
-            yield None
-            return
-        hook = PcleaseHook(conn_id, connection=connection, retries=0, timeout_s=_TIMEOUT_S)
-    try:
-        yield hook
-    finally:
-        hook.close()
-
-
 @hookimpl
 def on_task_instance_failed(previous_state: Any, task_instance: Any, error: Any) -> None:
     """Any failed task: it may have leased through ``PcleaseHook`` in a plain task."""
-    with _hook(_conn_id_of(getattr(task_instance, "task", None))) as hook:
-        if hook is None:
-            return
-        try:
-            released = hook.release_holder(
-                task_instance.dag_id,
-                task_instance.run_id,
-                task_instance.task_id,
-                getattr(task_instance, "map_index", None),
+    try:
+        map_index = getattr(task_instance, "map_index", None)
+        conn_id = _conn_id_of(getattr(task_instance, "task", None))
+        connection = None
+        if in_task_process():
+            # A task process asks its supervisor for connections, which only this thread
+            # may do before the process exits; anywhere else the worker thread looks it up.
+            connection = resolve_connection(conn_id)
+            if connection is None:
+                return  # this deployment has no such connection: nothing was leased
+        releaser().submit(
+            ReleaseRequest(
+                conn_id=conn_id,
+                dag_id=str(task_instance.dag_id),
+                run_id=str(task_instance.run_id),
+                task_id=str(task_instance.task_id),
+                map_index=map_index if isinstance(map_index, int) else None,
+                why="the task instance failed",
+                connection=connection,
             )
-        except Exception as exc:
-            log.warning(
-                "pclease: could not release the leases of failed %s: %s", task_instance, exc
-            )
-            return
-    if released:
-        log.info("pclease: released %s after task %s failed", ", ".join(released), task_instance)
+        )
+    except Exception:
+        log.warning("pclease: could not queue the release of %s", task_instance, exc_info=True)
 
 
 def _release_run(dag_run: Any, how: str) -> None:
-    """Only DAGs with a pclease task: this runs in the scheduler for every DAG run."""
-    dag = getattr(dag_run, "dag", None)
-    ours = [task for task in getattr(dag, "tasks", None) or [] if _is_ours(task)]
-    for conn_id in sorted({_conn_id_of(task) for task in ours}):
-        with _hook(conn_id) as hook:
-            if hook is None:
-                continue
-            try:
-                released = hook.release_holder(dag_run.dag_id, dag_run.run_id)
-            except Exception as exc:
-                log.warning("pclease: could not release the leases of run %s: %s", dag_run, exc)
-                continue
-        if released:
-            log.info("pclease: released %s as run %s %s", ", ".join(released), dag_run.run_id, how)
+    """Only DAGs with a pclease task (or, when the run's DAG is not at hand, through the
+    default connection): this runs in the scheduler for every DAG run."""
+    try:
+        dag = getattr(dag_run, "dag", None)
+        if dag is None:
+            conn_ids = {PcleaseHook.default_conn_name}
+        else:
+            tasks = getattr(dag, "tasks", None) or []
+            conn_ids = {_conn_id_of(task) for task in tasks if _is_ours(task)}
+        for conn_id in sorted(conn_ids):
+            releaser().submit(
+                ReleaseRequest(
+                    conn_id=conn_id,
+                    dag_id=str(dag_run.dag_id),
+                    run_id=str(dag_run.run_id),
+                    why=f"the DAG run {how}",
+                )
+            )
+    except Exception:
+        log.warning("pclease: could not queue the release of run %s", dag_run, exc_info=True)
 
 
 @hookimpl

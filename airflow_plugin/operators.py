@@ -42,6 +42,15 @@ class _LeaseHolder:
             lease.release_now()
 
 
+class SerializesConnId:
+    """Keep ``pclease_conn_id`` in the serialized DAG, so that the listener in the
+    scheduler releases a run's leases through the connection its tasks used."""
+
+    @classmethod
+    def get_serialized_fields(cls) -> frozenset[str]:
+        return frozenset(super().get_serialized_fields()) | {"pclease_conn_id"}  # type: ignore[misc]
+
+
 class LeasingTask(Protocol):
     """What a task that runs inside a lease has: the operator and ``@task.pclease``."""
 
@@ -73,7 +82,7 @@ def task_lease(task: LeasingTask, context: Any) -> Iterator[TaskLease]:
             task._holding.hold(None)
 
 
-class PcleaseOperator(BaseOperator):
+class PcleaseOperator(SerializesConnId, BaseOperator):
     """Lease ``profile``, build a LazyFrame with ``build(*op_args, **op_kwargs)`` and run it
     on the leased context: sink it to ``target`` (``sink`` = parquet, csv, ipc or ndjson) or
     collect it (``sink="collect"``; the XCom then holds its row count and schema, not the
@@ -162,7 +171,7 @@ class PcleaseOperator(BaseOperator):
         self._holding.release(self.log)
 
 
-class PcleaseAcquireLeaseOperator(BaseOperator):
+class PcleaseAcquireLeaseOperator(SerializesConnId, BaseOperator):
     """A setup task: lease ``profile`` for the rest of the DAG run, so that its context is
     started before the work needs it and stays warm between tasks. Pushes the lease id.
 
@@ -235,7 +244,7 @@ class PcleaseAcquireLeaseOperator(BaseOperator):
         self._holding.release(self.log)
 
 
-class PcleaseReleaseLeaseOperator(BaseOperator):
+class PcleaseReleaseLeaseOperator(SerializesConnId, BaseOperator):
     """A teardown task: release the lease a :class:`PcleaseAcquireLeaseOperator` took."""
 
     template_fields: Sequence[str] = ("lease_id",)

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +126,100 @@ class LiveServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+@dataclass
+class Pclease:
+    """A live pclease for the Airflow tests: a lease token for Airflow, an admin token
+    for the tests, and the directories its profiles may read and write."""
+
+    server: LiveServer
+    token: str
+    admin: str
+    lake: Path
+    exchange: Path
+    cloud_secret: str
+
+    def get(self, path: str, **params: Any) -> Any:
+        response = httpx.get(
+            self.server.url + path,
+            params=params,
+            headers={"Authorization": f"Bearer {self.admin}"},
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def post(self, path: str) -> Any:
+        response = httpx.post(
+            self.server.url + path, headers={"Authorization": f"Bearer {self.admin}"}, timeout=30
+        )
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def leases(self, dag_id: str, run_id: str | None = None) -> list[dict[str, Any]]:
+        params = {"dag_id": dag_id} | ({"run_id": run_id} if run_id else {})
+        return list(self.get("/v1/leases", **params)["leases"])
+
+    def lease(self, lease_id: str) -> dict[str, Any]:
+        return dict(self.get(f"/v1/leases/{lease_id}"))
+
+    def context(self, context_id: str) -> dict[str, Any]:
+        return dict(self.get(f"/v1/contexts/{context_id}"))
+
+    def queries(self, lease_id: str) -> list[dict[str, Any]]:
+        return list(self.get(f"/v1/leases/{lease_id}/queries")["queries"])
+
+    def events(self, **params: Any) -> list[dict[str, Any]]:
+        return list(self.get("/v1/events", limit=5000, **params)["events"])
+
+    def release_reasons(self, lease_id: str) -> list[str]:
+        return [e["reason"] for e in self.events(lease_id=lease_id) if e["to_state"] == "released"]
+
+
+def start_pclease(
+    tmp: Path,
+    *,
+    backend: dict[str, Any],
+    env: dict[str, str],
+    profile: dict[str, Any],
+    grace_s: float = 3,
+) -> Pclease:
+    """A live pclease with profiles small, large and shared, holding a Polars Cloud secret
+    (``env`` has it as ``POLARS_CLOUD_CLIENT_SECRET``)."""
+    lake, exchange = tmp / "lake", tmp / "exchange"
+    lake.mkdir(parents=True)
+    exchange.mkdir()
+    shape = {"idle_grace_s": grace_s, "data_roots": [str(lake), str(exchange)], **profile}
+    config = write_config(
+        tmp / "pclease.toml",
+        {
+            "data_dir": str(tmp / "svc"),
+            "database_url": f"sqlite:///{tmp / 'svc.db'}",
+            "reconcile_interval_s": 0.2,
+            "lease_ttl_s": 20,
+            **backend,
+        },
+        {
+            "small": {"cpus": 1, "memory_gb": 1, "hourly_cost": 0.4, **shape},
+            "large": {"cpus": 2, "memory_gb": 2, "hourly_cost": 1.6, **shape},
+            "shared": {"cpus": 1, "memory_gb": 1, "hourly_cost": 0.4, **shape},
+        },
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POLARS_CLOUD_")} | env
+    run_cli(config, "db", "upgrade", env=env)
+    token = run_cli(config, "token", "create", "airflow", "--scope", "lease", env=env).strip()
+    admin = run_cli(config, "token", "create", "ops", "--scope", "admin", env=env).strip()
+    server = LiveServer(config, tmp / "server.log", env=env).start()
+    return Pclease(server, token, admin, lake, exchange, env["POLARS_CLOUD_CLIENT_SECRET"])
+
+
+def wait_for(predicate: Any, timeout_s: float = 30, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something true; return that."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")

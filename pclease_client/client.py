@@ -14,6 +14,7 @@ import httpx
 
 from pclease_client.errors import LeaseLost, PcleaseHTTPError, QueryFailed
 from pclease_client.plans import Engine, Submission, Target, build_submission
+from pclease_client.watchdog import Watchdog
 
 if TYPE_CHECKING:
     import polars as pl
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pclease_client")
 
 _RETRY_STATUS = frozenset({502, 503, 504})
+#: The longest a lease watch waits for news in one request (the service allows 60 s).
+_WATCH_S = 20.0
 ProgressCallback = Callable[[dict[str, Any]], None]
 
 
@@ -47,6 +50,7 @@ class PcleaseClient:
         self.retries = retries
         self.backoff_s = backoff_s
         self._verify = verify
+        self._token = token
         self._http = httpx.Client(
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {token}", "User-Agent": "pclease-client"},
@@ -157,15 +161,20 @@ class PcleaseClient:
         start_timeout_s: float = 900.0,
         on_progress: Callable[[str], None] | None = None,
         on_created: Callable[[Lease], None] | None = None,
+        watchdog: bool = True,
     ) -> Iterator[Lease]:
         """Lease ``profile``, wait until its context runs, heartbeat, release on exit.
 
         ``on_created`` gets the lease as soon as it exists, before the wait for its context:
         whoever may have to release it early (a signal handler) can hold it from then on.
+        With ``watchdog`` (the default) the lease is also released the moment this process
+        dies, even by SIGKILL (see :mod:`pclease_client.watchdog`).
         """
         data = self.create_lease(profile, holder=holder, ttl_s=ttl_s, wait_s=wait_s)
         lease = Lease(self, data, on_progress=on_progress)
         try:
+            if watchdog:
+                lease.guard_with_watchdog()
             if on_created is not None:
                 on_created(lease)
             lease.wait_active(start_timeout_s)
@@ -173,6 +182,16 @@ class PcleaseClient:
             yield lease
         finally:
             lease.close()
+
+    def watchdog_for(self, lease_id: str, *, give_up_after_s: float) -> Watchdog | None:
+        """A :class:`Watchdog` that releases ``lease_id`` with this client's token when
+        this process dies."""
+        return Watchdog.start(
+            f"{self.base_url}/v1/leases/{lease_id}",
+            self._token,
+            verify=self._verify,
+            give_up_after_s=give_up_after_s,
+        )
 
     def attach(self, lease: str | Mapping[str, Any]) -> Lease:
         """A handle on a lease someone else holds (a setup task, another process): it runs
@@ -237,7 +256,13 @@ class PcleaseClient:
 
 
 class Lease:
-    """A held lease: heartbeats in the background, and runs queries on its context."""
+    """A held lease: heartbeats in the background, and runs queries on its context.
+
+    The heartbeat thread also watches the lease (a long poll on its state), so a lease that
+    ends underneath its holder (revoked, expired, released by someone else) is noticed at
+    once: :attr:`lost` is set, and a query waiting on it fails with :class:`LeaseLost`
+    as soon as the service has cancelled it.
+    """
 
     def __init__(
         self,
@@ -255,10 +280,18 @@ class Lease:
         self._say = on_progress or (lambda message: log.info("%s", message))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watchdog: Watchdog | None = None
         self.lost: LeaseLost | None = None
 
     def __repr__(self) -> str:
         return f"Lease(id={self.id!r}, profile={self.data['profile']!r})"
+
+    def guard_with_watchdog(self) -> None:
+        """Release this lease the moment this process dies (see
+        :mod:`pclease_client.watchdog`); after its TTL the service ends it anyway."""
+        if self.owned and self._watchdog is None:
+            ttl_s = float(self.data.get("ttl_s") or 60.0)
+            self._watchdog = self.client.watchdog_for(self.id, give_up_after_s=ttl_s)
 
     def wait_active(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -286,20 +319,46 @@ class Lease:
         self._thread.start()
 
     def _beat(self, interval: float) -> None:
-        while not self._stop.wait(interval):
+        """Heartbeat every ``interval``; between beats, long-poll the lease's state so that
+        its end is seen at once rather than at the next beat."""
+        next_beat = time.monotonic() + interval
+        while not self._stop.is_set():
+            wait_s = max(0.0, min(next_beat - time.monotonic(), _WATCH_S))
             try:
-                self.data = self.client.heartbeat(self.id)
+                current = self.client.get_lease(self.id, wait_s=wait_s, while_state="active")
+                if self._stop.is_set():
+                    return
+                if current["state"] != "active":
+                    self._lose(LeaseLost(self.id, current["state"], current.get("end_reason")))
+                    return
+                if time.monotonic() >= next_beat:
+                    self.data = self.client.heartbeat(self.id)
+                    next_beat = time.monotonic() + interval
             except PcleaseHTTPError as exc:
+                if self._stop.is_set():
+                    return
                 if exc.status == 410:
                     try:
-                        self.lost = self._lost()
+                        lost = self._lost()
                     except Exception as lookup:  # ended all the same; say what is known
-                        self.lost = LeaseLost(self.id, "ended", f"{exc.message} ({lookup})")
-                    log.error("%s", self.lost)
+                        lost = LeaseLost(self.id, "ended", f"{exc.message} ({lookup})")
+                    self._lose(lost)
                     return
                 log.warning("heartbeat of lease %s failed: %s", self.id, exc)
-            except Exception as exc:  # the next beat retries; the TTL is the limit
+                self._stop.wait(1.0)
+            except Exception as exc:  # the next round retries; the TTL is the limit
+                if self._stop.is_set():
+                    return
                 log.warning("heartbeat of lease %s failed: %s", self.id, exc)
+                self._stop.wait(1.0)
+
+    def _lose(self, lost: LeaseLost) -> None:
+        self.lost = lost
+        log.error("%s", lost)
+        # The holder cannot release it any more; nor need the watchdog.
+        if self._watchdog is not None:
+            self._watchdog.disarm()
+            self._watchdog = None
 
     def _lost(self) -> LeaseLost:
         current = self.client.get_lease(self.id)
@@ -311,16 +370,20 @@ class Lease:
             raise self.lost
 
     def close(self) -> None:
-        """Stop heartbeating and release (idempotent; an attached lease is left alone)."""
+        """Stop heartbeating and release (idempotent; an attached lease is left alone).
+
+        The heartbeat thread is not waited for: it may be in a long poll, and it stops
+        without another request once that returns."""
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
         if not self.owned:
             return
         try:
             self.client.release(self.id)
         except Exception as exc:  # the service-side TTL ends it anyway
             log.warning("could not release lease %s (its TTL will end it): %s", self.id, exc)
+        if self._watchdog is not None:
+            self._watchdog.disarm()
+            self._watchdog = None
 
     def release_now(self, *, timeout_s: float = 3.0) -> None:
         """Release at once from a signal handler: one short request on a connection of its
@@ -329,8 +392,11 @@ class Lease:
         if self.owned:
             try:
                 self.client.release_once(self.id, timeout_s=timeout_s)
-            except Exception as exc:  # the service-side TTL ends it anyway
+            except Exception as exc:  # the watchdog or the service-side TTL ends it anyway
                 log.warning("could not release lease %s (its TTL will end it): %s", self.id, exc)
+                return
+            if self._watchdog is not None:
+                self._watchdog.disarm(wait=False)
 
     def remote(
         self,
@@ -355,9 +421,25 @@ class Lease:
                 raise self.lost from None
             raise
         self._say(f"query {query['id']} submitted ({submission.options['target']})")
-        return self.client.wait_query(
-            query["id"], on_progress=on_progress or self._report, lease=self
-        )
+        try:
+            return self.client.wait_query(
+                query["id"], on_progress=on_progress or self._report, lease=self
+            )
+        except QueryFailed as exc:
+            # The service cancels the queries of a lease that ends: say why it ended.
+            if exc.error_type == "Cancelled":
+                lost = self.lost or self._lost_if_ended()
+                if lost is not None:
+                    self.lost = lost
+                    raise lost from exc
+            raise
+
+    def _lost_if_ended(self) -> LeaseLost | None:
+        try:
+            lost = self._lost()
+        except Exception:  # the query's own error says enough then
+            return None
+        return None if lost.state in ("pending", "active") else lost
 
     def _report(self, query: dict[str, Any]) -> None:
         extra = ""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -203,3 +206,82 @@ def test_the_client_notices_a_lease_revoked_underneath_it(env: Env) -> None:
         with pytest.raises(LeaseLost):
             held.remote(pl.LazyFrame({"a": [1]})).collect()
     admin.close()
+
+
+def slow_frame() -> pl.LazyFrame:
+    a = pl.LazyFrame().select(x=pl.int_range(0, 100_000))
+    return (
+        a.join(a.select(y=pl.col("x")), how="cross")
+        .filter((pl.col("x") * 7 + pl.col("y")) % 13 == 0)
+        .select(pl.len())
+    )
+
+
+def test_a_lease_ended_mid_query_cancels_it_and_says_why(env: Env) -> None:
+    admin = PcleaseClient(env.server.url, env.admin_token, retries=1)
+    outcome: list[BaseException] = []
+    with env.client.lease("small", ttl_s=30) as held:
+
+        def run() -> None:
+            try:
+                held.remote(slow_frame()).collect()
+            except BaseException as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        query = None
+        for _ in range(100):
+            listed = admin.request("GET", f"/v1/leases/{held.id}/queries").json()["queries"]
+            query = next((q for q in listed if q["state"] == "running"), None)
+            if query:
+                break
+            time.sleep(0.1)
+        assert query is not None
+        admin.request("POST", f"/v1/contexts/{held.context_id}/stop")
+        worker.join(30)
+        assert not worker.is_alive()
+    admin.close()
+    (error,) = outcome
+    assert isinstance(error, LeaseLost)
+    assert error.state == "revoked"
+    assert env.client.get_query(query["id"])["state"] == "cancelled"
+
+
+def test_the_watchdog_releases_the_lease_of_a_killed_process(env: Env) -> None:
+    """SIGKILL leaves no chance to release: the lease's watchdog process does it."""
+    script = (
+        "import sys, time\n"
+        "from pclease_client import PcleaseClient\n"
+        "client = PcleaseClient(sys.argv[1], sys.argv[2])\n"
+        "with client.lease('small', ttl_s=60) as lease:\n"
+        "    print(lease.id, flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    token = run_cli(env.config, "token", "create", "doomed", "--scope", "lease").strip()
+    admin = PcleaseClient(env.server.url, env.admin_token, retries=1)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, env.server.url, token], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None
+        lease_id = holder.stdout.readline().strip()
+        assert admin.get_lease(lease_id)["state"] == "active"
+    finally:
+        holder.kill()
+        holder.wait(10)
+        if holder.stdout is not None:
+            holder.stdout.close()
+    lease = admin.get_lease(lease_id, wait_s=10, while_state="active")
+    admin.close()
+    assert lease["state"] == "released"  # not expired: its TTL is a minute
+
+
+def test_a_lease_ended_normally_stops_its_watchdog(env: Env) -> None:
+    with env.client.lease("small", ttl_s=30) as held:
+        watchdog = held._watchdog
+        assert watchdog is not None
+        pid = watchdog.pid
+        assert Path(f"/proc/{pid}").exists()
+    assert held._watchdog is None
+    assert not Path(f"/proc/{pid}").exists()  # exited, and reaped
