@@ -51,7 +51,9 @@ def serve(handle: Callable[[httpx.Request], httpx.Response]) -> Iterator[str]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name="pclease-fake", daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, args=(0.05,), name="pclease-fake", daemon=True
+    )
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
