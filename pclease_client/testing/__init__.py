@@ -51,15 +51,8 @@ import httpx
 
 from pclease_client.client import PcleaseClient
 from pclease_client.testing import routes, server
-from pclease_client.testing.service import (
-    FAKE_TOKEN,
-    FakeService,
-    QueryHandler,
-    QueryOutcome,
-    Starts,
-    SubmittedQuery,
-    fake_profile,
-)
+from pclease_client.testing.records import QueryHandler, QueryOutcome, SubmittedQuery
+from pclease_client.testing.service import FAKE_TOKEN, FakeService, Starts, fake_profile
 
 __all__ = [
     "FAKE_TOKEN",
