@@ -32,13 +32,14 @@ from pclease_client.client import PcleaseClient
 from pclease_client.errors import (
     ApiError,
     CapacityExhausted,
+    LeaseClosed,
     LeaseEnded,
     LeaseLost,
     PcleaseClientError,
     QueryFailed,
     RequestFailed,
 )
-from pclease_client.lease import Lease, RemoteQuery
+from pclease_client.lease import HandleState, Lease, RemoteQuery
 from pclease_client.models import ContextInfo, EventInfo, LeaseInfo, ProfileInfo, QueryInfo
 from pclease_client.plans import Submission, build_submission
 from pclease_client.states import ContextState, LeaseState, QueryState, StopKind
@@ -49,7 +50,9 @@ __all__ = [
     "ContextInfo",
     "ContextState",
     "EventInfo",
+    "HandleState",
     "Lease",
+    "LeaseClosed",
     "LeaseEnded",
     "LeaseInfo",
     "LeaseLost",

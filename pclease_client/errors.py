@@ -28,6 +28,7 @@
     ├── RequestFailed                 no answer at all: refused, timed out, dropped
     ├── UnexpectedResponse            an answer not in the API's shape (a proxy's page)
     ├── LeaseLost                     the lease ended underneath its holder: state and reason
+    ├── LeaseClosed                   this process let the lease go (closed its handle)
     └── QueryFailed                   a query failed or was cancelled: Polars' error type
 
 An error answer becomes the class of its ``code`` (the service's stable codes, listed in
@@ -217,6 +218,19 @@ class LeaseLost(PcleaseClientError):
     def of(cls, lease: LeaseInfo) -> LeaseLost:
         """The lease as it ended."""
         return cls(lease.id, lease.state, lease.end_reason)
+
+
+class LeaseClosed(PcleaseClientError):
+    """A lease handle used after this process let the lease go (``Lease.close()``, the
+    end of ``client.lease()``, a release on kill): nothing more runs on it."""
+
+    def __init__(self, lease_id: str, doing: str, why: str = "") -> None:
+        super().__init__(
+            f"lease {lease_id} was let go by this process"
+            + (f" ({why})" if why else "")
+            + f": cannot {doing}; take a new lease for more work"
+        )
+        self.lease_id = lease_id
 
 
 class QueryFailed(PcleaseClientError):

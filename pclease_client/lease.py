@@ -11,9 +11,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pclease_client.errors import LeaseEnded, LeaseLost, QueryFailed
+from pclease_client.errors import LeaseClosed, LeaseEnded, LeaseLost, QueryFailed
 from pclease_client.models import LeaseInfo, QueryInfo
 from pclease_client.plans import Engine, Submission, Target, build_submission
 from pclease_client.states import LeaseState, QueryState
@@ -59,6 +60,35 @@ class LeaseApi(Protocol):
     def result_frame(self, query_id: str) -> pl.DataFrame: ...
 
 
+class HandleState(Enum):
+    """Where a :class:`Lease` handle is in its life (the lease's own state on the service is
+    :attr:`Lease.state`)::
+
+        waiting ──▶ held ──▶ closed
+           │         │         ▲
+           └──▶ lost ◀┘─────────┘
+
+    ``waiting``: leased, its context may still be starting; ``held``: its context runs
+    (heartbeated, if this handle owns it); ``lost``: it ended underneath its holder
+    (:attr:`Lease.lost` says how); ``closed``: this process let it go (and released it, if
+    it owned it). Using a closed handle raises :class:`~pclease_client.errors.LeaseClosed`;
+    any other move the table below does not allow raises ``RuntimeError`` naming it.
+    """
+
+    WAITING = "waiting"
+    HELD = "held"
+    LOST = "lost"
+    CLOSED = "closed"
+
+
+HANDLE_TRANSITIONS: dict[HandleState, frozenset[HandleState]] = {
+    HandleState.WAITING: frozenset({HandleState.HELD, HandleState.LOST, HandleState.CLOSED}),
+    HandleState.HELD: frozenset({HandleState.LOST, HandleState.CLOSED}),
+    HandleState.LOST: frozenset({HandleState.CLOSED}),
+    HandleState.CLOSED: frozenset(),
+}
+
+
 class Lease:
     """A lease this process uses: made by :meth:`PcleaseClient.lease` (owned: heartbeated
     and released by this handle) or :meth:`PcleaseClient.attach` (someone else's).
@@ -66,7 +96,8 @@ class Lease:
     The heartbeat thread also watches the lease (a long poll on its state), so a lease that
     ends underneath its holder (revoked, expired, released by someone else) is noticed at
     once: :attr:`lost` is set, and a query waiting on it fails with :class:`LeaseLost`
-    as soon as the service has cancelled it.
+    as soon as the service has cancelled it. :attr:`handle_state` is this handle's life
+    (:class:`HandleState`).
     """
 
     def __init__(
@@ -91,8 +122,16 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._watchdog: Watchdog | None = None
+        # Reentrant: release_now runs in a signal handler, on a thread that may hold it.
+        self._moving = threading.RLock()
+        self._handle = HandleState.WAITING
+        self._closed_by = ""
         #: Set once the lease ended underneath its holder.
         self.lost: LeaseLost | None = None
+        if info.state is LeaseState.ACTIVE:
+            self._handle = HandleState.HELD
+        elif info.state.is_terminal:
+            self._lose(LeaseLost.of(info))
 
     @property
     def id(self) -> str:
@@ -108,17 +147,44 @@ class Lease:
 
     @property
     def state(self) -> LeaseState:
+        """The lease's state as last read from the service."""
         return self.info.state
 
+    @property
+    def handle_state(self) -> HandleState:
+        return self._handle
+
     def __repr__(self) -> str:
-        return f"Lease(id={self.id!r}, profile={self.profile!r}, state={self.state.value!r})"
+        return (
+            f"Lease(id={self.id!r}, profile={self.profile!r}, state={self.state.value!r}, "
+            f"handle={self._handle.value!r})"
+        )
+
+    def _move(self, target: HandleState, doing: str) -> None:
+        """Move the handle to ``target`` for ``doing``, or say precisely why it cannot."""
+        with self._moving:
+            if target in HANDLE_TRANSITIONS[self._handle]:
+                self._handle = target
+                return
+            self._refuse(doing)
+            raise RuntimeError(
+                f"lease {self.id}: cannot {doing}: its handle is {self._handle.value} "
+                f"(it may go to {', '.join(s.value for s in HANDLE_TRANSITIONS[self._handle])})"
+            )
+
+    def _refuse(self, doing: str) -> None:
+        """Raise what a closed or lost handle raises for ``doing``."""
+        if self._handle is HandleState.CLOSED:
+            raise LeaseClosed(self.id, doing, self._closed_by)
+        if self._handle is HandleState.LOST and self.lost is not None:
+            raise self.lost
 
     # -- holding it ------------------------------------------------------------------------
 
     def guard_with_watchdog(self) -> None:
         """Release this lease the moment this process dies (see
         :mod:`pclease_client.watchdog`); after its TTL the service ends it anyway."""
-        if self.owned and self._watchdog is None:
+        if self.owned and self._watchdog is None and self._handle is not HandleState.CLOSED:
             self._watchdog = self.client.watchdog_for(self.id, give_up_after_s=self.info.ttl_s)
 
     def wait_active(self, timeout_s: float) -> None:
@@ -126,9 +192,9 @@ class Lease:
         :class:`LeaseLost` if it ends instead or ``timeout_s`` passes (the lease is
         released then)."""
         deadline = time.monotonic() + timeout_s
-        while self.info.state is LeaseState.PENDING:
+        while self._handle is HandleState.WAITING and self.info.state is LeaseState.PENDING:
             if time.monotonic() > deadline:
-                self.close()
+                self.close(f"its context was not running after {timeout_s:g} s")
                 raise LeaseLost(
                     self.id, LeaseState.PENDING, f"context not running after {timeout_s:g} s"
                 )
@@ -139,11 +205,23 @@ class Lease:
             # A long wait counts against the TTL: keep the lease alive meanwhile.
             if self.info.state is LeaseState.PENDING:
                 self.info = self.client.heartbeat(self.id)
+        self._refuse("wait for its context")
         if self.info.state is not LeaseState.ACTIVE:
-            raise LeaseLost.of(self.info)
+            lost = LeaseLost.of(self.info)
+            self._lose(lost)
+            raise lost
+        if self._handle is HandleState.WAITING:
+            self._move(HandleState.HELD, "hold it")
         self._say(f"lease {self.id}: context {self.context_id} is running")
 
     def start_heartbeats(self) -> None:
+        """Heartbeat (and watch the lease) from a background thread, until it is closed."""
+        if self._handle is not HandleState.HELD or self._thread is not None:
+            self._refuse("heartbeat")
+            raise RuntimeError(
+                f"lease {self.id}: cannot start heartbeats: its handle is "
+                f"{self._handle.value}" + (" and beating already" if self._thread else "")
+            )
         self._thread = threading.Thread(
             target=self._beat,
             args=(self.info.heartbeat_interval_s,),
@@ -187,8 +265,13 @@ class Lease:
                 self._stop.wait(1.0)
 
     def _lose(self, lost: LeaseLost) -> None:
-        self.lost = lost
+        with self._moving:
+            if self._handle in (HandleState.CLOSED, HandleState.LOST):
+                return  # let go already, or known lost
+            self._handle = HandleState.LOST
+            self.lost = lost
         log.error("%s", lost)
+        self._stop.set()
         # The holder cannot release it any more; nor need the watchdog.
         if self._watchdog is not None:
             self._watchdog.disarm()
@@ -199,38 +282,50 @@ class Lease:
         return LeaseLost.of(self.info)
 
     def check(self) -> None:
-        """Raise :class:`LeaseLost` if the lease ended underneath us."""
-        if self.lost is not None:
-            raise self.lost
+        """Raise :class:`LeaseLost` if the lease ended underneath its holder, and
+        :class:`LeaseClosed` if this process let it go."""
+        self._refuse("run more work on it")
 
-    def close(self) -> None:
+    def close(self, why: str = "released by its holder") -> None:
         """Stop heartbeating and release (idempotent; an attached lease is left alone).
 
         The heartbeat thread is not waited for: it may be in a long poll, and it stops
         without another request once that returns."""
+        with self._moving:
+            first = self._handle is not HandleState.CLOSED
+            ended = self._handle is HandleState.LOST
+            if first:
+                self._move(HandleState.CLOSED, "close it")
+                self._closed_by = why
         self._stop.set()
-        if not self.owned:
-            return
-        try:
-            self.info = self.client.release(self.id)
-        except Exception as exc:  # the service-side TTL ends it anyway
-            log.warning("could not release lease %s (its TTL will end it): %s", self.id, exc)
-        if self._watchdog is not None:
+        if first and self.owned and not ended:
+            try:
+                self.info = self.client.release(self.id)
+            except Exception as exc:  # the service-side TTL ends it anyway
+                log.warning("could not release lease %s (its TTL will end it): %s", self.id, exc)
+        if self._watchdog is not None:  # disarmed by release_now maybe, but not reaped
             self._watchdog.disarm()
             self._watchdog = None
 
     def release_now(self, *, timeout_s: float = 3.0) -> None:
-        """Release at once from a signal handler: one short request on a connection of its
-        own first, then stop heartbeating (see :meth:`PcleaseClient.release_once`)."""
+        """Release at once from a signal handler: stop heartbeating, then one short request
+        on a connection of its own (see :meth:`PcleaseClient.release_once`). A later
+        :meth:`close` reaps the watchdog."""
+        with self._moving:
+            if self._handle is HandleState.CLOSED:
+                return
+            ended = self._handle is HandleState.LOST
+            self._move(HandleState.CLOSED, "release it")
+            self._closed_by = "its task was killed"
         self._stop.set()
-        if self.owned:
+        if self.owned and not ended:
             try:
                 self.client.release_once(self.id, timeout_s=timeout_s)
             except Exception as exc:  # the watchdog or the service-side TTL ends it anyway
                 log.warning("could not release lease %s (its TTL will end it): %s", self.id, exc)
                 return
-            if self._watchdog is not None:
-                self._watchdog.disarm(wait=False)
+        if self._watchdog is not None:
+            self._watchdog.disarm(wait=False)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -254,8 +349,10 @@ class Lease:
         try:
             query = self.client.submit(self.id, submission)
         except LeaseEnded:  # it ended before the heartbeat thread noticed
-            self.lost = self._lost()
-            raise self.lost from None
+            self._refuse("run a query")
+            self._lose(self._lost())
+            self._refuse("run a query")
+            raise
         self._say(f"query {query.id} submitted ({submission.options['target']})")
         try:
             return self.client.wait_query(
@@ -264,9 +361,11 @@ class Lease:
         except QueryFailed as exc:
             # The service cancels the queries of a lease that ends: say why it ended.
             if exc.state is QueryState.CANCELLED:
+                if self._handle is HandleState.CLOSED:
+                    raise LeaseClosed(self.id, "run a query", self._closed_by) from exc
                 lost = self.lost or self._lost_if_ended()
                 if lost is not None:
-                    self.lost = lost
+                    self._lose(lost)
                     raise lost from exc
             raise
 

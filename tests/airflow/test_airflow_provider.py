@@ -37,6 +37,7 @@ from airflow_plugin.operators import (
 )
 from airflow_plugin.releases import ReleaseRequest, release
 from pclease_client import CapacityExhausted, ContextState, LeaseLost, LeaseState, QueryState
+from pclease_client.errors import LeaseClosed
 from pclease_client.testing import FakePclease, QueryOutcome, SubmittedQuery, fake_profile
 
 HOLDER = {"dag_id": "etl", "run_id": "r1", "task_id": "load", "try_number": 2, "map_index": -1}
@@ -357,8 +358,8 @@ def test_on_kill_releases_a_lease_still_waiting_for_its_context(
     (lease,) = fake.leases()
     assert lease.state is LeaseState.RELEASED
     (error,) = failures
-    assert isinstance(error, PcleaseLeaseLostError)
-    assert "(released" in str(error)
+    assert isinstance(error, LeaseClosed)
+    assert f"lease {lease.id} was let go by this process (its task was killed)" in str(error)
     assert fake.queries() == []
 
 

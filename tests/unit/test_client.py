@@ -32,6 +32,7 @@ from pclease_client import (
 from pclease_client.errors import (
     DatabaseBusy,
     IdempotencyConflict,
+    LeaseClosed,
     LeaseEnded,
     LeaseNotFound,
     NotFound,
@@ -41,6 +42,7 @@ from pclease_client.errors import (
     UnknownProfile,
     api_error,
 )
+from pclease_client.lease import HANDLE_TRANSITIONS, HandleState
 from pclease_client.testing import FAKE_URL, FakePclease, QueryOutcome, SubmittedQuery, fake_profile
 
 HOLDER = {"dag_id": "etl", "run_id": "r1", "task_id": "load", "map_index": -1}
@@ -387,3 +389,63 @@ def test_the_watchdog_releases_the_lease_when_its_holder_is_gone(fake: FakePclea
         assert process.wait(30) == 0
         assert fake.lease(lease.id).state is LeaseState.RELEASED
         assert f"DELETE /v1/leases/{lease.id}" in fake.requests
+
+
+# -- the handle's own life -------------------------------------------------------------------
+
+
+def test_a_closed_handle_says_so_and_releases_once(
+    fake: FakePclease, client: PcleaseClient
+) -> None:
+    with client.lease("small", watchdog=False) as lease:
+        assert lease.handle_state is HandleState.HELD
+        with pytest.raises(RuntimeError, match="cannot start heartbeats: its handle is held"):
+            lease.start_heartbeats()  # beating already
+    assert lease.handle_state is HandleState.CLOSED
+    lease.close()  # idempotent: no second release
+    assert fake.requests.count(f"DELETE /v1/leases/{lease.id}") == 1
+    with pytest.raises(LeaseClosed) as caught:
+        lease.remote(frame())
+    assert str(caught.value) == (
+        f"lease {lease.id} was let go by this process (released by its holder): cannot run "
+        "more work on it; take a new lease for more work"
+    )
+    with pytest.raises(LeaseClosed, match="cannot heartbeat"):
+        lease.start_heartbeats()
+
+
+def test_a_lost_handle_raises_how_it_was_lost_and_does_not_release(
+    fake: FakePclease, client: PcleaseClient
+) -> None:
+    info = client.create_lease("small")
+    lease = client.hold(info)
+    fake.revoke(lease.id, "the machine was needed")
+    with pytest.raises(LeaseLost, match="revoked"):
+        lease.wait_active(30)
+    assert lease.handle_state is HandleState.LOST
+    with pytest.raises(LeaseLost, match="the machine was needed"):
+        lease.remote(frame())
+    lease.close()
+    assert lease.handle_state is HandleState.CLOSED
+    assert f"DELETE /v1/leases/{lease.id}" not in fake.requests  # it had ended
+
+
+def test_an_attached_lease_starts_where_the_lease_is(
+    fake: FakePclease, client: PcleaseClient
+) -> None:
+    pending = client.create_lease("small")
+    assert client.attach(pending.id).handle_state is HandleState.WAITING
+    client.release(pending.id)
+    ended = client.attach(pending.id)
+    assert ended.handle_state is HandleState.LOST
+    with pytest.raises(LeaseLost, match="released"):
+        ended.remote(frame())
+    ended.close()
+    assert fake.requests.count(f"DELETE /v1/leases/{pending.id}") == 1  # only our own
+
+
+def test_the_handle_transitions_end_in_closed() -> None:
+    assert HANDLE_TRANSITIONS[HandleState.CLOSED] == frozenset()
+    for state, targets in HANDLE_TRANSITIONS.items():
+        if state is not HandleState.CLOSED:
+            assert HandleState.CLOSED in targets
