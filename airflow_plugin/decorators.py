@@ -5,7 +5,7 @@
     @task.pclease(profile="large")
     def join_datasets(lease, left: str, right: str) -> int:
         lf = pl.scan_parquet(left).join(pl.scan_parquet(right), on="id")
-        return lease.remote(lf).sink_parquet(out)["rows"]
+        return lease.remote(lf).sink_parquet(out).rows
 
 The function gets the lease as its first argument, which must be called ``lease``. The
 lease is taken before the

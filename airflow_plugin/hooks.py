@@ -11,28 +11,50 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook
 
 from airflow_plugin import UI_FIELD_BEHAVIOUR
-from pclease_client import LeaseLost, PcleaseClient, PcleaseClientError, QueryFailed
-from pclease_client.client import Lease, RemoteQuery
+from pclease_client import (
+    Lease,
+    LeaseInfo,
+    LeaseLost,
+    LeaseState,
+    PcleaseClient,
+    PcleaseClientError,
+    RemoteQuery,
+)
 from pclease_client.plans import Engine
 
 if TYPE_CHECKING:
     import polars as pl
 
 log = logging.getLogger(__name__)
-P = ParamSpec("P")
-R = TypeVar("R")
 
 #: Holder keys filled from the running task instance.
 HOLDER_KEYS = ("dag_id", "run_id", "task_id", "try_number", "map_index")
 
 
-class PcleaseLeaseLostError(RuntimeError):
-    """The task's lease ended underneath it (expired, revoked, or its context failed)."""
+class PcleaseLeaseLostError(LeaseLost):
+    """The task's lease ended underneath it (expired, revoked, or its context failed);
+    the message says what to do about it."""
+
+    @classmethod
+    def from_lost(cls, lost: LeaseLost) -> PcleaseLeaseLostError:
+        shown = lost.state.value if lost.state is not None else "ended"
+        return cls(
+            lost.lease_id,
+            lost.state,
+            lost.reason,
+            message=(
+                f"pclease lease {lost.lease_id} ended underneath this task ({shown}"
+                + (f": {lost.reason}" if lost.reason else "")
+                + "); no more work was submitted on it. If the task outlived the lease TTL "
+                "without heartbeating, raise ttl_s; if an operator revoked it, see the "
+                "pclease dashboard."
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -165,11 +187,10 @@ class PcleaseHook(BaseHook):
 
     def test_connection(self) -> tuple[bool, str]:
         try:
-            client = self.get_conn()
-            profiles = client.request("GET", "/v1/profiles").json()["profiles"]
-        except (PcleaseClientError, ValueError, OSError) as exc:
+            profiles = self.get_conn().list_profiles()
+        except (PcleaseClientError, ValueError) as exc:
             return False, f"pclease at {self._address()}: {exc}"
-        names = ", ".join(p["name"] for p in profiles) or "none"
+        names = ", ".join(p.name for p in profiles) or "none"
         return True, f"connected to pclease at {self.settings.base_url}; profiles: {names}"
 
     def _address(self) -> str:
@@ -199,8 +220,10 @@ class PcleaseHook(BaseHook):
 
         Waits until the context runs (logging progress), heartbeats from a background thread
         at the interval the service advises, and fails the task with
-        :class:`PcleaseLeaseLostError` when the lease ends underneath it. ``on_created``
-        gets the lease as soon as it exists, before its context runs (for ``on_kill``).
+        :class:`PcleaseLeaseLostError` when the lease ends underneath it. Every query is
+        labelled with the task that ran it, and a failed query raises Polars' own error.
+        ``on_created`` gets the lease as soon as it exists, before its context runs (for
+        ``on_kill``).
         """
         who = {**task_holder(context), **dict(holder or {})}
         client = self.get_conn()
@@ -212,22 +235,28 @@ class PcleaseHook(BaseHook):
                 ttl_s=ttl_s,
                 wait_s=wait_s,
                 start_timeout_s=start_timeout_s,
+                labels=holder_labels(who),
+                polars_errors=True,
                 on_progress=self.log.info,
                 on_created=on_created,
             ) as lease:
                 self.log.info("lease %s on the dashboard: %s", lease.id, self.lease_url(lease.id))
-                task_lease = TaskLease(lease, self, labels=holder_labels(who))
                 try:
-                    yield task_lease
+                    yield TaskLease(lease, self)
+                except PcleaseLeaseLostError:
+                    raise
                 except LeaseLost as exc:
-                    raise PcleaseLeaseLostError(_lost_message(exc)) from exc
+                    raise PcleaseLeaseLostError.from_lost(exc) from exc
                 if lease.lost is not None:
-                    raise PcleaseLeaseLostError(_lost_message(lease.lost))
+                    raise PcleaseLeaseLostError.from_lost(lease.lost)
+        except PcleaseLeaseLostError:
+            raise
         except LeaseLost as exc:  # while waiting for the context to start
-            raise PcleaseLeaseLostError(_lost_message(exc)) from exc
+            raise PcleaseLeaseLostError.from_lost(exc) from exc
 
-    def release(self, lease_id: str) -> None:
-        self.get_conn().release(lease_id)
+    def release(self, lease_id: str) -> LeaseInfo:
+        """Release one lease (a lease that ended already is answered as it is)."""
+        return self.get_conn().release(lease_id)
 
     def release_holder(
         self,
@@ -239,28 +268,25 @@ class PcleaseHook(BaseHook):
         timeout_s: float | None = None,
     ) -> list[str]:
         """Release every live lease held by a DAG run (or one of its task instances);
-        returns the ids released. ``timeout_s`` bounds the whole request."""
-        params: dict[str, Any] = {"dag_id": dag_id, "run_id": run_id}
-        if task_id is not None:
-            params["task_id"] = task_id
-            if map_index is not None:
-                params["map_index"] = map_index
-        options: dict[str, Any] = {} if timeout_s is None else {"timeout": timeout_s}
-        body = self.get_conn().request("DELETE", "/v1/leases", params=params, **options).json()
-        return [lease["id"] for lease in body["leases"]]
+        returns the ids released. ``timeout_s`` bounds each attempt."""
+        released = self.get_conn().release_holder(
+            dag_id,
+            run_id,
+            task_id=task_id,
+            map_index=map_index if task_id is not None else None,
+            timeout_s=timeout_s,
+        )
+        return [lease.id for lease in released]
 
 
 class TaskLease:
     """A lease as a task sees it: ``lease.remote(lf)`` mirrors Polars Cloud's
-    ``lf.remote(ctx)``, logs query progress to the task log and raises Polars' own error
-    when a query fails."""
+    ``lf.remote(ctx)`` (``.sink_parquet(...)``, ``.collect()``...), logs query progress
+    to the task log and raises Polars' own error when a query fails."""
 
-    def __init__(
-        self, lease: Lease, hook: PcleaseHook, *, labels: Mapping[str, str] | None = None
-    ) -> None:
+    def __init__(self, lease: Lease, hook: PcleaseHook) -> None:
         self._lease = lease
         self._hook = hook
-        self._labels = dict(labels or {})
 
     @property
     def id(self) -> str:
@@ -272,7 +298,16 @@ class TaskLease:
 
     @property
     def profile(self) -> str:
-        return str(self._lease.data["profile"])
+        return self._lease.profile
+
+    @property
+    def state(self) -> LeaseState:
+        return self._lease.state
+
+    @property
+    def info(self) -> LeaseInfo:
+        """The lease as last read from pclease."""
+        return self._lease.info
 
     @property
     def url(self) -> str:
@@ -292,43 +327,11 @@ class TaskLease:
         engine: Engine = "auto",
         labels: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
-    ) -> TaskRemoteQuery:
-        self._lease.check()
-        # The task's identity travels with each query (to Polars Cloud's query list too).
-        merged = {**self._labels, **dict(labels or {})}
-        return TaskRemoteQuery(
-            self._lease.remote(lf, engine=engine, labels=merged, timeout_s=timeout_s)
-        )
-
-
-class TaskRemoteQuery:
-    def __init__(self, query: RemoteQuery) -> None:
-        self._query = query
-
-    def sink_parquet(self, destination: str, **options: Any) -> dict[str, Any]:
-        return _polars_errors(self._query.sink_parquet, destination, **options)
-
-    def sink_csv(self, destination: str, **options: Any) -> dict[str, Any]:
-        return _polars_errors(self._query.sink_csv, destination, **options)
-
-    def sink_ipc(self, destination: str, **options: Any) -> dict[str, Any]:
-        return _polars_errors(self._query.sink_ipc, destination, **options)
-
-    def sink_ndjson(self, destination: str, **options: Any) -> dict[str, Any]:
-        return _polars_errors(self._query.sink_ndjson, destination, **options)
-
-    def collect(self) -> pl.DataFrame:
-        return _polars_errors(self._query.collect)
-
-
-def _polars_errors(call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-    try:
-        return call(*args, **kwargs)
-    except QueryFailed as exc:
-        error = exc.as_polars_error()
-        if error is exc:
-            raise
-        raise error from exc
+    ) -> RemoteQuery:
+        """Run ``lf`` on the leased context: ``.sink_parquet(uri)``, ``.sink_csv``,
+        ``.sink_ipc``, ``.sink_ndjson`` or ``.collect()``. The task's labels go with it
+        (``labels`` adds to them)."""
+        return self._lease.remote(lf, engine=engine, labels=labels, timeout_s=timeout_s)
 
 
 def task_holder(context: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -360,12 +363,3 @@ def _describe(holder: Mapping[str, Any]) -> str:
     if not holder:
         return "this process"
     return " ".join(f"{key}={holder[key]}" for key in HOLDER_KEYS if key in holder)
-
-
-def _lost_message(exc: LeaseLost) -> str:
-    return (
-        f"pclease lease {exc.lease_id} ended underneath this task ({exc.state}"
-        + (f": {exc.reason}" if exc.reason else "")
-        + "); no more work was submitted on it. If the task outlived the lease TTL without "
-        "heartbeating, raise ttl_s; if an operator revoked it, see the pclease dashboard."
-    )

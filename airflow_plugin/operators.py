@@ -12,7 +12,7 @@ from airflow.sdk import BaseOperator
 
 from airflow_plugin.hooks import PcleaseHook, TaskLease, task_holder
 from airflow_plugin.links import PcleaseLeaseLink, persist_lease_link
-from pclease_client.client import Lease
+from pclease_client import Lease
 
 if TYPE_CHECKING:
     import polars as pl
@@ -158,12 +158,12 @@ class PcleaseOperator(SerializesConnId, BaseOperator):
                     "rows": frame.height,
                     "schema": {name: str(dtype) for name, dtype in frame.schema.items()},
                 }
-            options = {"storage_options": self.storage_options} if self.storage_options else {}
-            query = getattr(remote, f"sink_{self.sink}")(self.target, **options)
+            sink = getattr(remote, f"sink_{self.sink}")
+            query = sink(self.target, storage_options=self.storage_options)
             return {
                 "lease_id": lease.id,
-                "query_id": query["id"],
-                "rows": query.get("rows"),
+                "query_id": query.id,
+                "rows": query.rows,
                 "target": self.target,
             }
 
@@ -212,8 +212,8 @@ class PcleaseAcquireLeaseOperator(SerializesConnId, BaseOperator):
         with closing(PcleaseHook(self.pclease_conn_id)) as hook:
             client = hook.get_conn()
             holder = {**task_holder(context), "purpose": "warm"}
-            data = client.create_lease(self.profile, holder=holder, ttl_s=self.ttl_s)
-            lease = Lease(client, data, on_progress=self.log.info)
+            info = client.create_lease(self.profile, holder=holder, ttl_s=self.ttl_s)
+            lease = client.hold(info, on_progress=self.log.info)
             self._holding.hold(lease)
             try:
                 persist_lease_link(context, lease.id, hook.lease_url(lease.id))
@@ -222,7 +222,7 @@ class PcleaseAcquireLeaseOperator(SerializesConnId, BaseOperator):
                         "lease %s holds context %s (%s); not waiting for it to run",
                         lease.id,
                         lease.context_id,
-                        lease.data["state"],
+                        lease.state.value,
                     )
                     return lease.id
                 lease.wait_active(self.start_timeout_s)
@@ -265,12 +265,9 @@ class PcleaseReleaseLeaseOperator(SerializesConnId, BaseOperator):
         if not self.lease_id:
             self.log.info("no lease to release (its setup task took none)")
             return
-        hook = PcleaseHook(self.pclease_conn_id)
-        try:
-            lease = hook.get_conn().release(str(self.lease_id))
-        finally:
-            hook.close()
-        self.log.info("released pclease lease %s (%s)", lease["id"], lease["state"])
+        with closing(PcleaseHook(self.pclease_conn_id)) as hook:
+            lease = hook.release(str(self.lease_id))
+        self.log.info("released pclease lease %s (%s)", lease.id, lease.state.value)
 
 
 def warm_profile(

@@ -121,7 +121,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 query = client.submit(lease.id, sub)
                 accepted = time.perf_counter() - t0
-                client.wait_query(query["id"])
+                client.wait_query(query.id)
                 finished = time.perf_counter() - t0
                 lines.append(
                     f"| plan embedding a {len(sub.plan) / 1e6:.0f} MB DataFrame | accepted in "

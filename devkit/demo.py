@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from devkit.airflow_deployment import AirflowDeployment
-from pclease_client import PcleaseClient
+from pclease_client import ContextState, LeaseInfo, LeaseState, PcleaseClient
 
 ROOT = Path(__file__).resolve().parent.parent
 DAG_ID = "pclease_seed_pipeline"
@@ -51,33 +49,29 @@ class RefcountWatcher:
                 print(f"(could not read the contexts: {exc})")
 
     def _sample(self) -> None:
-        live = self._client.request(
-            "GET", "/v1/contexts", params={"state": ["starting", "running"]}
-        ).json()["contexts"]
+        live = self._client.list_contexts(state=[ContextState.STARTING, ContextState.RUNNING])
         for context in live:
-            known = self.highest.get(context["id"], (0, "", []))
-            if context["refcount"] > known[0]:
-                leases = self._client.request(
-                    "GET",
-                    "/v1/leases",
-                    params={"context_id": context["id"], "state": ["pending", "active"]},
-                ).json()["leases"]
-                tasks = sorted(lease["holder"].get("task_id", "?") for lease in leases)
-                self.highest[context["id"]] = (context["refcount"], context["profile"], tasks)
+            known = self.highest.get(context.id, (0, "", []))
+            if context.refcount > known[0]:
+                leases = self._client.list_leases(
+                    context_id=context.id, state=[LeaseState.PENDING, LeaseState.ACTIVE]
+                )
+                tasks = sorted(str(lease.holder.get("task_id", "?")) for lease in leases)
+                self.highest[context.id] = (context.refcount, context.profile, tasks)
                 print(
-                    f"  context {context['id'][:8]} ({context['profile']}): refcount "
-                    f"{context['refcount']}, held by {', '.join(tasks)}",
+                    f"  context {context.id[:8]} ({context.profile}): refcount "
+                    f"{context.refcount}, held by {', '.join(tasks)}",
                     flush=True,
                 )
 
 
-def most_at_once(leases: list[dict[str, Any]]) -> int:
+def most_at_once(leases: list[LeaseInfo]) -> int:
     """The most leases that overlapped in time (from the service's own timestamps)."""
     edges = []
     for lease in leases:
-        edges.append((datetime.fromisoformat(lease["created_at"]), 1))
-        if lease["ended_at"]:
-            edges.append((datetime.fromisoformat(lease["ended_at"]), -1))
+        edges.append((lease.created_at, 1))
+        if lease.ended_at is not None:
+            edges.append((lease.ended_at, -1))
     held = best = 0
     for _, step in sorted(edges, key=lambda edge: (edge[0], edge[1])):
         held += step
@@ -123,17 +117,15 @@ def main() -> int:
             print(f"the run failed; the task logs are under {args.home / 'logs'}")
             return 1
 
-        leases = client.request(
-            "GET", "/v1/leases", params={"dag_id": DAG_ID, "run_id": run.run_id}
-        ).json()["leases"]
+        leases = client.list_leases(dag_id=DAG_ID, run_id=run.run_id)
         print("\n== contexts of the run (from pclease's leases)")
-        by_context: dict[str, list[dict[str, Any]]] = {}
+        by_context: dict[str, list[LeaseInfo]] = {}
         for lease in leases:
-            by_context.setdefault(lease["context_id"], []).append(lease)
+            by_context.setdefault(lease.context_id, []).append(lease)
         for context_id, held in by_context.items():
-            tasks = ", ".join(sorted(lease["holder"]["task_id"] for lease in held))
+            tasks = ", ".join(sorted(str(lease.holder["task_id"]) for lease in held))
             print(
-                f"context {context_id[:8]} ({held[0]['profile']}): {len(held)} leases, "
+                f"context {context_id[:8]} ({held[0].profile}): {len(held)} leases, "
                 f"up to {most_at_once(held)} at once: {tasks}; dashboard: "
                 f"{args.url}/ui/contexts/{context_id}"
             )

@@ -13,20 +13,19 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
 
-import httpx
 import polars as pl
 
-from pclease_client import PcleaseClient
+from pclease_client import ContextInfo, ContextState, LeaseInfo, LeaseState, PcleaseClient
 
 # The data root examples/pclease.toml allows: absolute, and the same on every machine.
 LAKE = Path("/tmp/pclease-demo-lake")  # noqa: S108
 
 
-def show(what: str, obj: dict[str, Any]) -> None:
+def show(what: str, obj: LeaseInfo | ContextInfo) -> None:
     keys = ("id", "state", "context_id", "refcount", "expires_at", "stops_at", "stop_reason")
-    print(f"  {what}: " + ", ".join(f"{k}={obj[k]}" for k in keys if obj.get(k) is not None))
+    shown = {key: getattr(obj, key, None) for key in keys}
+    print(f"  {what}: " + ", ".join(f"{k}={v}" for k, v in shown.items() if v is not None))
 
 
 def main() -> None:
@@ -36,9 +35,7 @@ def main() -> None:
     parser.add_argument("--profile", default="small")
     args = parser.parse_args()
 
-    client = httpx.Client(
-        base_url=args.url, timeout=60, headers={"Authorization": f"Bearer {args.token}"}
-    )
+    client = PcleaseClient(args.url, args.token, timeout_s=60)
     holder = {
         "dag_id": "demo",
         "run_id": f"manual__{int(time.time())}",
@@ -48,31 +45,20 @@ def main() -> None:
     }
 
     print(f"1. lease profile {args.profile!r} (cold: its context has to start)")
-    first = (
-        client.post("/v1/leases", json={"profile": args.profile, "holder": holder, "ttl_s": 15})
-        .raise_for_status()
-        .json()
-    )
+    first = client.create_lease(args.profile, holder=holder, ttl_s=15)
     show("lease", first)
     started = time.monotonic()
-    first = (
-        client.get(f"/v1/leases/{first['id']}", params={"wait_s": 30, "state": "pending"})
-        .raise_for_status()
-        .json()
-    )
+    first = client.get_lease(first.id, wait_s=30, while_state=LeaseState.PENDING)
     show(f"after {time.monotonic() - started:.1f} s", first)
-    if first["state"] != "active":
+    if first.state is not LeaseState.ACTIVE:
         raise SystemExit(f"the lease did not become active: {first}")
 
     print("2. a second lease on the same profile shares the running context")
-    second = client.post(
-        "/v1/leases", json={"profile": args.profile, "holder": {**holder, "task_id": "second"}}
-    )
-    second_lease = second.raise_for_status().json()
-    show("lease", second_lease)
-    context = client.get(f"/v1/contexts/{first['context_id']}").raise_for_status().json()
+    second = client.create_lease(args.profile, holder={**holder, "task_id": "second"})
+    show("lease", second)
+    context = client.get_context(first.context_id)
     show("context", context)
-    assert second_lease["context_id"] == first["context_id"]
+    assert second.context_id == first.context_id
 
     print("3. run Polars queries through the lease (the worker runs them, not this process)")
     LAKE.mkdir(parents=True, exist_ok=True)
@@ -84,47 +70,44 @@ def main() -> None:
             "amount": [round(5 + (i * 37 % 100) * 0.75, 2) for i in range(1000)],
         }
     ).write_csv(orders)
-    query_client = PcleaseClient(args.url, args.token)
-    lease = query_client.attach(first)
+    # A handle that runs queries on the lease; this script heartbeats and releases it.
+    lease = client.attach(first)
     out = LAKE / "orders.parquet"
     sunk = lease.remote(pl.scan_csv(orders).filter(pl.col("amount") > 20)).sink_parquet(str(out))
-    print(f"  sink_parquet: {sunk['rows']} rows to {sunk['output']} in {sunk['duration_s']} s")
+    print(f"  sink_parquet: {sunk.rows} rows to {sunk.output} in {sunk.duration_s} s")
     totals = lease.remote(
         pl.scan_parquet(out).group_by("city").agg(pl.col("amount").sum().round(2)).sort("city")
     ).collect()
     print("  collect of the per-city totals:")
     for row in totals.iter_rows(named=True):
         print(f"    {row['city']:10} {row['amount']:>10.2f}")
-    query_client.close()
 
     print("4. heartbeats keep a lease alive")
     for _ in range(2):
-        time.sleep(first["heartbeat_interval_s"] / 4)
-        beat = client.post(f"/v1/leases/{first['id']}/heartbeat").raise_for_status().json()
-        show("heartbeat", beat)
+        time.sleep(first.heartbeat_interval_s / 4)
+        show("heartbeat", client.heartbeat(first.id))
 
     print("5. release both; the last release starts the idle grace period")
-    client.delete(f"/v1/leases/{second_lease['id']}").raise_for_status()
-    released = client.delete(f"/v1/leases/{first['id']}").raise_for_status().json()
-    show("released", released)
-    context = client.get(f"/v1/contexts/{first['context_id']}").raise_for_status().json()
+    client.release(second.id)
+    show("released", client.release(first.id))
+    context = client.get_context(first.context_id)
     show("context", context)
 
     print("6. wait for the grace period to stop the context")
     deadline = time.monotonic() + 60
-    while context["state"] not in ("stopped", "failed") and time.monotonic() < deadline:
+    while not context.state.is_terminal and time.monotonic() < deadline:
         time.sleep(0.5)
-        context = client.get(f"/v1/contexts/{first['context_id']}").raise_for_status().json()
+        context = client.get_context(first.context_id)
     show("context", context)
-    if context["state"] != "stopped":
+    if context.state is not ContextState.STOPPED:
         raise SystemExit(f"the context did not stop: {context}")
 
     print("7. its history")
-    events = client.get("/v1/events", params={"context_id": context["id"]}).raise_for_status()
-    for event in reversed(events.json()["events"]):
-        move = f"{event['from_state'] or '-'} -> {event['to_state']}" if event["to_state"] else ""
-        print(f"  {event['at'][11:19]} {event['kind']:7} {move:22} {event['reason']}")
-    print(f"done: context ran {context['cost_so_far']:.5f} (cost units) worth of compute")
+    for event in reversed(client.list_events(context_id=context.id)):
+        move = f"{event.from_state or '-'} -> {event.to_state}" if event.to_state else ""
+        print(f"  {event.at:%H:%M:%S} {event.kind:7} {move:22} {event.reason}")
+    print(f"done: context ran {context.cost_so_far:.5f} (cost units) worth of compute")
+    client.close()
 
 
 if __name__ == "__main__":

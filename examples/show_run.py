@@ -9,7 +9,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pclease_client import PcleaseClient
+from pclease_client import ContextState, PcleaseClient
 
 
 def main() -> None:
@@ -28,24 +28,22 @@ def main() -> None:
     print(revenue.sort("revenue", descending=True).head(5))
 
     with PcleaseClient(args.url, args.token) as client:
-        leases = client.request("GET", "/v1/leases", params={"dag_id": args.dag_id}).json()
-        latest_run = leases["leases"][0]["holder"]["run_id"]
-        mine = [lease for lease in leases["leases"] if lease["holder"]["run_id"] == latest_run]
+        leases = client.list_leases(dag_id=args.dag_id)
+        latest_run = leases[0].holder["run_id"]
+        mine = [lease for lease in leases if lease.holder["run_id"] == latest_run]
         print(f"\n== leases of run {latest_run}")
         for lease in reversed(mine):
             print(
-                f"{lease['holder']['task_id']:<28} profile={lease['profile']:<6} "
-                f"context={lease['context_id'][:8]} {lease['state']}"
+                f"{lease.holder['task_id']:<28} profile={lease.profile:<6} "
+                f"context={lease.context_id[:8]} {lease.state}"
             )
-        contexts = {lease["context_id"] for lease in mine}
+        contexts = {lease.context_id for lease in mine}
         print(f"\n== {len(contexts)} contexts; waiting for their idle grace to stop them")
         deadline = time.monotonic() + 60
-        states: dict[str, str] = {}
+        states: dict[str, ContextState] = {}
         while time.monotonic() < deadline:
-            states = {
-                c: client.request("GET", f"/v1/contexts/{c}").json()["state"] for c in contexts
-            }
-            if all(state == "stopped" for state in states.values()):
+            states = {c: client.get_context(c).state for c in contexts}
+            if all(state is ContextState.STOPPED for state in states.values()):
                 break
             time.sleep(1)
         for context_id, state in states.items():

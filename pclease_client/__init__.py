@@ -7,29 +7,65 @@ service. The Airflow provider builds on it.
 
     from pclease_client import PcleaseClient
 
-    client = PcleaseClient("http://pclease:8040", token)
-    with client.lease("large", holder={"dag_id": "etl"}) as lease:
-        lease.remote(lf).sink_parquet("s3://bucket/out/data.parquet")
-        df = lease.remote(other_lf).collect()
+    with PcleaseClient("http://pclease:8040", token) as client:
+        with client.lease("large", holder={"dag_id": "etl"}) as lease:
+            written = lease.remote(lf).sink_parquet("s3://bucket/out/data.parquet")
+            print(written.rows, written.duration_s)
+            df = lease.remote(other_lf).collect()
+        running = client.list_contexts(state=[ContextState.RUNNING])
+
+The modules, one idea each:
+
+- :mod:`~pclease_client.client`: :class:`PcleaseClient`, a method per route of the API
+- :mod:`~pclease_client.lease`: :class:`Lease` (heartbeats, its end noticed at once) and
+  :class:`RemoteQuery` (``lease.remote(lf).sink_parquet(...)``)
+- :mod:`~pclease_client.models`: the answers, as frozen dataclasses
+- :mod:`~pclease_client.states`: the state enums and stop kinds
+- :mod:`~pclease_client.errors`: the exception tree, one class per error code
+- :mod:`~pclease_client.calls`: every request as data, and the retry policy (no I/O)
+- :mod:`~pclease_client.plans`: a LazyFrame into a submission
+- :mod:`~pclease_client.watchdog`: releases a lease when its process dies
+- :mod:`~pclease_client.testing`: a fake service for the tests of code that uses this
 """
 
-from pclease_client.client import Lease, PcleaseClient, RemoteQuery
+from pclease_client.client import PcleaseClient
 from pclease_client.errors import (
+    ApiError,
+    CapacityExhausted,
+    LeaseClosed,
+    LeaseEnded,
     LeaseLost,
     PcleaseClientError,
-    PcleaseHTTPError,
     QueryFailed,
+    RequestFailed,
 )
+from pclease_client.lease import HandleState, Lease, RemoteQuery
+from pclease_client.models import ContextInfo, EventInfo, LeaseInfo, ProfileInfo, QueryInfo
 from pclease_client.plans import Submission, build_submission
+from pclease_client.states import ContextState, LeaseState, QueryState, StopKind
 
 __all__ = [
+    "ApiError",
+    "CapacityExhausted",
+    "ContextInfo",
+    "ContextState",
+    "EventInfo",
+    "HandleState",
     "Lease",
+    "LeaseClosed",
+    "LeaseEnded",
+    "LeaseInfo",
     "LeaseLost",
+    "LeaseState",
     "PcleaseClient",
     "PcleaseClientError",
-    "PcleaseHTTPError",
+    "ProfileInfo",
     "QueryFailed",
+    "QueryInfo",
+    "QueryState",
     "RemoteQuery",
+    "RequestFailed",
+    "StopKind",
     "Submission",
     "build_submission",
 ]

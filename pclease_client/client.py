@@ -1,19 +1,29 @@
-"""A small synchronous HTTP client for the pclease v1 API."""
+"""``PcleaseClient``: the synchronous client of the pclease v1 API.
+
+A method per route, each a :class:`~pclease_client.calls.Call` (built in
+:mod:`pclease_client.calls`, read into :mod:`pclease_client.models`) sent through
+``httpx.Client`` with the retries of a :class:`~pclease_client.calls.RetryPolicy`.
+:meth:`PcleaseClient.lease` is the convenient way in: it leases, waits for the context,
+heartbeats and releases (see :class:`~pclease_client.lease.Lease`).
+"""
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
-from pclease_client.errors import LeaseLost, PcleaseHTTPError, QueryFailed
-from pclease_client.plans import Engine, Submission, Target, build_submission
+from pclease_client import calls
+from pclease_client.calls import Call, RetryPolicy
+from pclease_client.errors import QueryFailed, RequestFailed
+from pclease_client.lease import Lease, QueryProgress
+from pclease_client.models import ContextInfo, EventInfo, LeaseInfo, ProfileInfo, QueryInfo
+from pclease_client.plans import Submission
+from pclease_client.states import ContextState, LeaseState, QueryState
 from pclease_client.watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -21,18 +31,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pclease_client")
 
-_RETRY_STATUS = frozenset({502, 503, 504})
-#: The longest a lease watch waits for news in one request (the service allows 60 s).
-_WATCH_S = 20.0
-ProgressCallback = Callable[[dict[str, Any]], None]
+T = TypeVar("T")
+#: The longest one long poll waits for news (the service allows 60 s).
+WATCH_S = 20.0
 
 
 class PcleaseClient:
     """Talks to one pclease service with one token.
 
-    Every call retries transient failures (connection errors, 502/503/504) with
-    exponential backoff; lease creation carries an ``Idempotency-Key`` so a retried
-    request never leases twice.
+    Every call retries transient failures (lost connections, 502/503/504) with
+    exponential backoff (a query submission only when it was never sent); lease creation
+    carries an ``Idempotency-Key`` so a retried request never leases twice. Error answers
+    raise the classes of :mod:`pclease_client.errors`; a call that never got an answer
+    raises :class:`~pclease_client.errors.RequestFailed`.
+
+    ``transport`` replaces httpx's network transport, e.g. with
+    :meth:`pclease_client.testing.FakePclease.transport` in tests.
     """
 
     def __init__(
@@ -47,13 +61,15 @@ class PcleaseClient:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self.retries = retries
-        self.backoff_s = backoff_s
+        self.retry_policy = RetryPolicy(retries=retries, backoff_s=backoff_s)
         self._verify = verify
         self._token = token
+        self._transport = transport
+        self._headers = {"Authorization": f"Bearer {token}", "User-Agent": "pclease-client"}
         self._http = httpx.Client(
             base_url=self.base_url,
-            headers={"Authorization": f"Bearer {token}", "User-Agent": "pclease-client"},
+            headers=self._headers,
+            # Long polls wait up to a minute on the service: reads may take longer.
             timeout=httpx.Timeout(timeout_s, read=max(timeout_s, 90.0)),
             verify=verify,
             transport=transport,
@@ -68,37 +84,39 @@ class PcleaseClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- plumbing --------------------------------------------------------------------------
+    def send(self, call: Call[T], *, timeout_s: float | None = None) -> T:
+        """Send ``call`` (retrying as :attr:`retry_policy` says) and read its answer.
 
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        retry_unsent_only: bool = False,
-        **kwargs: Any,
-    ) -> httpx.Response:
-        """One API call with retries; raises :class:`PcleaseHTTPError` on an error answer."""
+        ``timeout_s`` bounds each attempt instead of the client's timeout."""
+        options: dict[str, Any] = {} if timeout_s is None else {"timeout": timeout_s}
         attempt = 0
         while True:
-            try:
-                response = self._http.request(method, path, **kwargs)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                error: Exception = exc
-            except httpx.TransportError as exc:
-                if retry_unsent_only:
-                    raise
-                error = exc
-            else:
-                if response.status_code not in _RETRY_STATUS or retry_unsent_only:
-                    return _checked(response)
-                error = PcleaseHTTPError(response.status_code, "unavailable", response.text[:200])
             attempt += 1
-            if attempt > self.retries:
-                raise error
-            delay = self.backoff_s * 2 ** (attempt - 1)
-            log.warning("pclease %s %s failed (%s); retrying in %.1f s", method, path, error, delay)
+            try:
+                response = self._http.request(
+                    call.method, call.path, **call.request_args(), **options
+                )
+            except httpx.TransportError as exc:
+                delay = self.retry_policy.delay_s(call, attempt, error=exc)
+                if delay is None:
+                    raise RequestFailed(
+                        call.method, call.url(self.base_url), str(exc) or type(exc).__name__
+                    ) from exc
+                why = str(exc) or type(exc).__name__
+            else:
+                delay = self.retry_policy.delay_s(call, attempt, status=response.status_code)
+                if delay is None:
+                    return call.answer(response)
+                why = f"answered {response.status_code}"
+            log.warning(
+                "pclease %s %s failed (%s); retrying in %.1f s", call.method, call.path, why, delay
+            )
             time.sleep(delay)
+
+    # -- profiles --------------------------------------------------------------------------
+
+    def list_profiles(self) -> list[ProfileInfo]:
+        return self.send(calls.list_profiles())
 
     # -- leases ----------------------------------------------------------------------------
 
@@ -110,45 +128,85 @@ class PcleaseClient:
         ttl_s: float | None = None,
         wait_s: float | None = None,
         idempotency_key: str | None = None,
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = {"profile": profile, "holder": dict(holder or {})}
-        if ttl_s is not None:
-            body["ttl_s"] = ttl_s
-        if wait_s is not None:
-            body["wait_s"] = wait_s
-        key = idempotency_key or str(uuid.uuid4())
-        return _json(
-            self.request("POST", "/v1/leases", json=body, headers={"Idempotency-Key": key})
+    ) -> LeaseInfo:
+        """A new lease, ``pending`` until its context runs (see :meth:`lease`, which waits
+        and heartbeats). ``wait_s``: queue that long for capacity instead of failing at
+        once with :class:`~pclease_client.errors.CapacityExhausted`."""
+        return self.send(
+            calls.create_lease(
+                profile,
+                holder=holder,
+                ttl_s=ttl_s,
+                wait_s=wait_s,
+                idempotency_key=idempotency_key,
+            )
         )
 
     def get_lease(
-        self, lease_id: str, *, wait_s: float = 0, while_state: str | None = None
-    ) -> dict[str, Any]:
-        params: dict[str, Any] = {"wait_s": wait_s}
-        if while_state:
-            params["state"] = while_state
-        return _json(self.request("GET", f"/v1/leases/{lease_id}", params=params))
+        self, lease_id: str, *, wait_s: float = 0, while_state: LeaseState | None = None
+    ) -> LeaseInfo:
+        """The lease; with ``wait_s``, as soon as its state leaves ``while_state``."""
+        return self.send(calls.get_lease(lease_id, wait_s=wait_s, while_state=while_state))
 
-    def heartbeat(self, lease_id: str) -> dict[str, Any]:
-        return _json(self.request("POST", f"/v1/leases/{lease_id}/heartbeat"))
+    def list_leases(
+        self,
+        *,
+        state: Iterable[LeaseState] | None = None,
+        context_id: str | None = None,
+        dag_id: str | None = None,
+        run_id: str | None = None,
+        limit: int | None = None,
+    ) -> list[LeaseInfo]:
+        """Leases (newest first) this token may see."""
+        return self.send(
+            calls.list_leases(
+                state=state, context_id=context_id, dag_id=dag_id, run_id=run_id, limit=limit
+            )
+        )
 
-    def release(self, lease_id: str) -> dict[str, Any]:
-        return _json(self.request("DELETE", f"/v1/leases/{lease_id}"))
+    def heartbeat(self, lease_id: str) -> LeaseInfo:
+        return self.send(calls.heartbeat(lease_id))
 
-    def release_once(self, lease_id: str, *, timeout_s: float = 3.0) -> None:
+    def release(self, lease_id: str) -> LeaseInfo:
+        """Release the lease (repeating it answers the same released lease)."""
+        return self.send(calls.release(lease_id))
+
+    def release_holder(
+        self,
+        dag_id: str,
+        run_id: str,
+        *,
+        task_id: str | None = None,
+        map_index: int | None = None,
+        timeout_s: float | None = None,
+    ) -> list[LeaseInfo]:
+        """Release every live lease of a DAG run, or of one of its task instances (the
+        caller's own unless the token is an admin's); returns those it released."""
+        return self.send(
+            calls.release_holder(dag_id, run_id, task_id=task_id, map_index=map_index),
+            timeout_s=timeout_s,
+        )
+
+    def release_once(self, lease_id: str, *, timeout_s: float = 3.0) -> LeaseInfo:
         """One release attempt on a connection of its own, with a short timeout.
 
         For signal handlers (Airflow's ``on_kill``): the interrupted thread may be inside
         this client's connection pool, whose lock is not reentrant, and the process may be
         killed within seconds, so there is no time for retries.
         """
+        call = calls.release(lease_id)
         with httpx.Client(
             base_url=self.base_url,
-            headers=self._http.headers,
+            headers=self._headers,
             timeout=timeout_s,
             verify=self._verify,
+            transport=self._transport,
         ) as http:
-            _checked(http.delete(f"/v1/leases/{lease_id}"))
+            try:
+                response = http.request(call.method, call.path, **call.request_args())
+            except httpx.TransportError as exc:
+                raise RequestFailed(call.method, call.url(self.base_url), str(exc)) from exc
+            return call.answer(response)
 
     @contextmanager
     def lease(
@@ -159,19 +217,26 @@ class PcleaseClient:
         ttl_s: float | None = None,
         wait_s: float | None = None,
         start_timeout_s: float = 900.0,
+        labels: Mapping[str, str] | None = None,
+        polars_errors: bool = False,
         on_progress: Callable[[str], None] | None = None,
         on_created: Callable[[Lease], None] | None = None,
         watchdog: bool = True,
     ) -> Iterator[Lease]:
         """Lease ``profile``, wait until its context runs, heartbeat, release on exit.
 
-        ``on_created`` gets the lease as soon as it exists, before the wait for its context:
-        whoever may have to release it early (a signal handler) can hold it from then on.
-        With ``watchdog`` (the default) the lease is also released the moment this process
-        dies, even by SIGKILL (see :mod:`pclease_client.watchdog`).
+        ``labels`` go with every query run on the lease; with ``polars_errors`` a failed
+        query raises Polars' own exception (``ColumnNotFoundError``...) rather than
+        :class:`~pclease_client.errors.QueryFailed`. ``on_created`` gets the lease as soon
+        as it exists, before the wait for its context: whoever may have to release it early
+        (a signal handler) can hold it from then on. With ``watchdog`` (the default) the
+        lease is also released the moment this process dies, even by SIGKILL (see
+        :mod:`pclease_client.watchdog`).
         """
-        data = self.create_lease(profile, holder=holder, ttl_s=ttl_s, wait_s=wait_s)
-        lease = Lease(self, data, on_progress=on_progress)
+        info = self.create_lease(profile, holder=holder, ttl_s=ttl_s, wait_s=wait_s)
+        lease = Lease(
+            self, info, labels=labels, polars_errors=polars_errors, on_progress=on_progress
+        )
         try:
             if watchdog:
                 lease.guard_with_watchdog()
@@ -183,68 +248,127 @@ class PcleaseClient:
         finally:
             lease.close()
 
+    def attach(
+        self,
+        lease: str | LeaseInfo,
+        *,
+        labels: Mapping[str, str] | None = None,
+        polars_errors: bool = False,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> Lease:
+        """A handle on a lease someone else holds (a setup task, another process): it runs
+        queries on the lease but neither heartbeats nor releases it."""
+        info = self.get_lease(lease) if isinstance(lease, str) else lease
+        return Lease(
+            self,
+            info,
+            owned=False,
+            labels=labels,
+            polars_errors=polars_errors,
+            on_progress=on_progress,
+        )
+
+    def hold(
+        self,
+        lease: LeaseInfo,
+        *,
+        labels: Mapping[str, str] | None = None,
+        polars_errors: bool = False,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> Lease:
+        """A handle that owns ``lease`` (made with :meth:`create_lease`): it releases the
+        lease on :meth:`~pclease_client.lease.Lease.close`. Waiting for its context and
+        heartbeating are the caller's to start (what :meth:`lease` does for you)."""
+        return Lease(
+            self, lease, labels=labels, polars_errors=polars_errors, on_progress=on_progress
+        )
+
     def watchdog_for(self, lease_id: str, *, give_up_after_s: float) -> Watchdog | None:
         """A :class:`Watchdog` that releases ``lease_id`` with this client's token when
         this process dies."""
         return Watchdog.start(
-            f"{self.base_url}/v1/leases/{lease_id}",
+            calls.release(lease_id).url(self.base_url),
             self._token,
             verify=self._verify,
             give_up_after_s=give_up_after_s,
         )
 
-    def attach(self, lease: str | Mapping[str, Any]) -> Lease:
-        """A handle on a lease someone else holds (a setup task, another process): it runs
-        queries on the lease but neither heartbeats nor releases it."""
-        data = self.get_lease(lease) if isinstance(lease, str) else dict(lease)
-        return Lease(self, data, owned=False)
+    # -- contexts and events ---------------------------------------------------------------
 
-    # -- queries ---------------------------------------------------------------------------
+    def list_contexts(
+        self,
+        *,
+        state: Iterable[ContextState] | None = None,
+        profile: str | None = None,
+        limit: int | None = None,
+    ) -> list[ContextInfo]:
+        return self.send(calls.list_contexts(state=state, profile=profile, limit=limit))
 
-    def submit(self, lease_id: str, submission: Submission) -> dict[str, Any]:
-        import json
+    def get_context(self, context_id: str) -> ContextInfo:
+        return self.send(calls.get_context(context_id))
 
-        return _json(
-            self.request(
-                "POST",
-                f"/v1/leases/{lease_id}/queries",
-                files={"plan": ("plan.bin", submission.plan, "application/octet-stream")},
-                data={"options": json.dumps(submission.options)},
-                retry_unsent_only=True,
+    def stop_context(self, context_id: str) -> ContextInfo:
+        """Admin: revoke the context's leases and stop it."""
+        return self.send(calls.stop_context(context_id))
+
+    def list_events(
+        self,
+        *,
+        context_id: str | None = None,
+        lease_id: str | None = None,
+        after_id: int | None = None,
+        limit: int | None = None,
+    ) -> list[EventInfo]:
+        """The audit log, newest first (a lease token sees its own leases' history)."""
+        return self.send(
+            calls.list_events(
+                context_id=context_id, lease_id=lease_id, after_id=after_id, limit=limit
             )
         )
 
-    def get_query(self, query_id: str, *, wait_s: float = 0) -> dict[str, Any]:
-        return _json(self.request("GET", f"/v1/queries/{query_id}", params={"wait_s": wait_s}))
+    # -- queries ---------------------------------------------------------------------------
 
-    def cancel_query(self, query_id: str) -> dict[str, Any]:
-        return _json(self.request("POST", f"/v1/queries/{query_id}/cancel"))
+    def submit(self, lease_id: str, submission: Submission) -> QueryInfo:
+        """Run a plan on the lease's context; answers at once (see :meth:`wait_query`)."""
+        return self.send(calls.submit_query(lease_id, submission))
+
+    def list_queries(self, lease_id: str) -> list[QueryInfo]:
+        """The lease's queries."""
+        return self.send(calls.list_lease_queries(lease_id))
+
+    def get_query(self, query_id: str, *, wait_s: float = 0) -> QueryInfo:
+        """The query; with ``wait_s``, as soon as it has finished."""
+        return self.send(calls.get_query(query_id, wait_s=wait_s))
+
+    def cancel_query(self, query_id: str) -> QueryInfo:
+        return self.send(calls.cancel_query(query_id))
 
     def wait_query(
         self,
         query_id: str,
         *,
         timeout_s: float | None = None,
-        on_progress: ProgressCallback | None = None,
-        lease: Lease | None = None,
-    ) -> dict[str, Any]:
-        """Follow a query until it ends; raise :class:`QueryFailed` unless it succeeded."""
+        on_progress: QueryProgress | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> QueryInfo:
+        """Follow a query until it ends; raise :class:`QueryFailed` unless it succeeded.
+
+        ``check`` is called before each long poll and may raise to stop following (a lease
+        that ended underneath the query); with ``timeout_s`` the query is cancelled when it
+        has not finished in time."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        last_state = None
+        last_state: QueryState | None = None
         while True:
-            if lease is not None:
-                lease.check()
-            query = self.get_query(query_id, wait_s=20)
-            if on_progress is not None and query["state"] != last_state:
+            if check is not None:
+                check()
+            query = self.get_query(query_id, wait_s=WATCH_S)
+            if on_progress is not None and query.state is not last_state:
                 on_progress(query)
-            last_state = query["state"]
-            if query["state"] == "succeeded":
+            last_state = query.state
+            if query.state is QueryState.SUCCEEDED:
                 return query
-            if query["state"] in ("failed", "cancelled"):
-                error = query.get("error") or {}
-                raise QueryFailed(
-                    query_id, error.get("type", query["state"]), error.get("message", "")
-                )
+            if query.state.is_terminal:
+                raise QueryFailed.of(query)
             if deadline is not None and time.monotonic() > deadline:
                 self.cancel_query(query_id)
                 raise QueryFailed(
@@ -252,302 +376,13 @@ class PcleaseClient:
                 )
 
     def result_bytes(self, query_id: str) -> bytes:
-        return self.request("GET", f"/v1/queries/{query_id}/result").content
+        """A collect query's result as an Arrow IPC file."""
+        return self.send(calls.query_result(query_id))
 
-
-class Lease:
-    """A held lease: heartbeats in the background, and runs queries on its context.
-
-    The heartbeat thread also watches the lease (a long poll on its state), so a lease that
-    ends underneath its holder (revoked, expired, released by someone else) is noticed at
-    once: :attr:`lost` is set, and a query waiting on it fails with :class:`LeaseLost`
-    as soon as the service has cancelled it.
-    """
-
-    def __init__(
-        self,
-        client: PcleaseClient,
-        data: dict[str, Any],
-        *,
-        on_progress: Callable[[str], None] | None = None,
-        owned: bool = True,
-    ) -> None:
-        self.client = client
-        self.data = data
-        self.owned = owned
-        self.id: str = data["id"]
-        self.context_id: str = data["context_id"]
-        self._say = on_progress or (lambda message: log.info("%s", message))
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._watchdog: Watchdog | None = None
-        self.lost: LeaseLost | None = None
-
-    def __repr__(self) -> str:
-        return f"Lease(id={self.id!r}, profile={self.data['profile']!r})"
-
-    def guard_with_watchdog(self) -> None:
-        """Release this lease the moment this process dies (see
-        :mod:`pclease_client.watchdog`); after its TTL the service ends it anyway."""
-        if self.owned and self._watchdog is None:
-            ttl_s = float(self.data.get("ttl_s") or 60.0)
-            self._watchdog = self.client.watchdog_for(self.id, give_up_after_s=ttl_s)
-
-    def wait_active(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self.data["state"] == "pending":
-            if time.monotonic() > deadline:
-                self.close()
-                raise LeaseLost(self.id, "pending", f"context not running after {timeout_s:g} s")
-            self._say(f"lease {self.id}: waiting for context {self.context_id} to start")
-            self.data = self.client.get_lease(self.id, wait_s=20, while_state="pending")
-            # A long wait counts against the TTL: keep the lease alive meanwhile.
-            if self.data["state"] == "pending":
-                self.data = self.client.heartbeat(self.id)
-        if self.data["state"] != "active":
-            raise LeaseLost(self.id, self.data["state"], self.data.get("end_reason"))
-        self._say(f"lease {self.id}: context {self.context_id} is running")
-
-    def start_heartbeats(self) -> None:
-        interval = float(self.data.get("heartbeat_interval_s") or 10.0)
-        self._thread = threading.Thread(
-            target=self._beat,
-            args=(interval,),
-            name=f"pclease-heartbeat-{self.id[:8]}",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def _beat(self, interval: float) -> None:
-        """Heartbeat every ``interval``; between beats, long-poll the lease's state so that
-        its end is seen at once rather than at the next beat."""
-        next_beat = time.monotonic() + interval
-        while not self._stop.is_set():
-            wait_s = max(0.0, min(next_beat - time.monotonic(), _WATCH_S))
-            try:
-                current = self.client.get_lease(self.id, wait_s=wait_s, while_state="active")
-                if self._stop.is_set():
-                    return
-                if current["state"] != "active":
-                    self._lose(LeaseLost(self.id, current["state"], current.get("end_reason")))
-                    return
-                if time.monotonic() >= next_beat:
-                    self.data = self.client.heartbeat(self.id)
-                    next_beat = time.monotonic() + interval
-            except PcleaseHTTPError as exc:
-                if self._stop.is_set():
-                    return
-                if exc.status == 410:
-                    try:
-                        lost = self._lost()
-                    except Exception as lookup:  # ended all the same; say what is known
-                        lost = LeaseLost(self.id, "ended", f"{exc.message} ({lookup})")
-                    self._lose(lost)
-                    return
-                log.warning("heartbeat of lease %s failed: %s", self.id, exc)
-                self._stop.wait(1.0)
-            except Exception as exc:  # the next round retries; the TTL is the limit
-                if self._stop.is_set():
-                    return
-                log.warning("heartbeat of lease %s failed: %s", self.id, exc)
-                self._stop.wait(1.0)
-
-    def _lose(self, lost: LeaseLost) -> None:
-        self.lost = lost
-        log.error("%s", lost)
-        # The holder cannot release it any more; nor need the watchdog.
-        if self._watchdog is not None:
-            self._watchdog.disarm()
-            self._watchdog = None
-
-    def _lost(self) -> LeaseLost:
-        current = self.client.get_lease(self.id)
-        return LeaseLost(self.id, current["state"], current.get("end_reason"))
-
-    def check(self) -> None:
-        """Raise :class:`LeaseLost` if the lease ended underneath us."""
-        if self.lost is not None:
-            raise self.lost
-
-    def close(self) -> None:
-        """Stop heartbeating and release (idempotent; an attached lease is left alone).
-
-        The heartbeat thread is not waited for: it may be in a long poll, and it stops
-        without another request once that returns."""
-        self._stop.set()
-        if not self.owned:
-            return
-        try:
-            self.client.release(self.id)
-        except Exception as exc:  # the service-side TTL ends it anyway
-            log.warning("could not release lease %s (its TTL will end it): %s", self.id, exc)
-        if self._watchdog is not None:
-            self._watchdog.disarm()
-            self._watchdog = None
-
-    def release_now(self, *, timeout_s: float = 3.0) -> None:
-        """Release at once from a signal handler: one short request on a connection of its
-        own first, then stop heartbeating (see :meth:`PcleaseClient.release_once`)."""
-        self._stop.set()
-        if self.owned:
-            try:
-                self.client.release_once(self.id, timeout_s=timeout_s)
-            except Exception as exc:  # the watchdog or the service-side TTL ends it anyway
-                log.warning("could not release lease %s (its TTL will end it): %s", self.id, exc)
-                return
-            if self._watchdog is not None:
-                self._watchdog.disarm(wait=False)
-
-    def remote(
-        self,
-        lf: pl.LazyFrame,
-        *,
-        engine: Engine = "auto",
-        labels: Mapping[str, str] | None = None,
-        timeout_s: float | None = None,
-    ) -> RemoteQuery:
-        """Mirror of Polars Cloud's ``lf.remote(ctx)``: choose a sink or collect."""
-        return RemoteQuery(self, lf, engine=engine, labels=labels, timeout_s=timeout_s)
-
-    def run(
-        self, submission: Submission, *, on_progress: ProgressCallback | None = None
-    ) -> dict[str, Any]:
-        self.check()
-        try:
-            query = self.client.submit(self.id, submission)
-        except PcleaseHTTPError as exc:
-            if exc.status == 410:  # it ended before the heartbeat thread noticed
-                self.lost = self._lost()
-                raise self.lost from None
-            raise
-        self._say(f"query {query['id']} submitted ({submission.options['target']})")
-        try:
-            return self.client.wait_query(
-                query["id"], on_progress=on_progress or self._report, lease=self
-            )
-        except QueryFailed as exc:
-            # The service cancels the queries of a lease that ends: say why it ended.
-            if exc.error_type == "Cancelled":
-                lost = self.lost or self._lost_if_ended()
-                if lost is not None:
-                    self.lost = lost
-                    raise lost from exc
-            raise
-
-    def _lost_if_ended(self) -> LeaseLost | None:
-        try:
-            lost = self._lost()
-        except Exception:  # the query's own error says enough then
-            return None
-        return None if lost.state in ("pending", "active") else lost
-
-    def _report(self, query: dict[str, Any]) -> None:
-        extra = ""
-        if query["state"] == "succeeded":
-            extra = f": {query.get('rows')} rows in {query.get('duration_s')} s"
-        self._say(f"query {query['id']} {query['state']}{extra}")
-
-
-class RemoteQuery:
-    def __init__(
-        self,
-        lease: Lease,
-        lf: pl.LazyFrame,
-        *,
-        engine: Engine,
-        labels: Mapping[str, str] | None,
-        timeout_s: float | None,
-    ) -> None:
-        self._lease = lease
-        self._lf = lf
-        self._engine: Engine = engine
-        self._labels = dict(labels or {})
-        self._timeout_s = timeout_s
-
-    def _sink(
-        self,
-        target: Target,
-        destination: str,
-        storage_options: Mapping[str, str] | None,
-        sink_options: Mapping[str, Any],
-    ) -> dict[str, Any]:
-        submission = build_submission(
-            self._lf,
-            target,
-            destination,
-            storage_options=storage_options,
-            engine=self._engine,
-            labels=self._labels,
-            timeout_s=self._timeout_s,
-            sink_options=sink_options,
-        )
-        return self._lease.run(submission)
-
-    def sink_parquet(
-        self,
-        destination: str,
-        *,
-        storage_options: Mapping[str, str] | None = None,
-        **sink_options: Any,
-    ) -> dict[str, Any]:
-        return self._sink("parquet", destination, storage_options, sink_options)
-
-    def sink_csv(
-        self,
-        destination: str,
-        *,
-        storage_options: Mapping[str, str] | None = None,
-        **sink_options: Any,
-    ) -> dict[str, Any]:
-        return self._sink("csv", destination, storage_options, sink_options)
-
-    def sink_ipc(
-        self,
-        destination: str,
-        *,
-        storage_options: Mapping[str, str] | None = None,
-        **sink_options: Any,
-    ) -> dict[str, Any]:
-        return self._sink("ipc", destination, storage_options, sink_options)
-
-    def sink_ndjson(
-        self,
-        destination: str,
-        *,
-        storage_options: Mapping[str, str] | None = None,
-        **sink_options: Any,
-    ) -> dict[str, Any]:
-        return self._sink("ndjson", destination, storage_options, sink_options)
-
-    def collect(self) -> pl.DataFrame:
+    def result_frame(self, query_id: str) -> pl.DataFrame:
+        """A collect query's result as a Polars DataFrame."""
         import io
 
         import polars as pl
 
-        submission = build_submission(
-            self._lf,
-            "collect",
-            engine=self._engine,
-            labels=self._labels,
-            timeout_s=self._timeout_s,
-        )
-        query = self._lease.run(submission)
-        return pl.read_ipc(io.BytesIO(self._lease.client.result_bytes(query["id"])))
-
-
-def _checked(response: httpx.Response) -> httpx.Response:
-    if response.is_success:
-        return response
-    try:
-        error = response.json()["error"]
-        code, message = str(error["code"]), str(error["message"])
-    except (ValueError, KeyError, TypeError):
-        code, message = "http_error", response.text[:500]
-    raise PcleaseHTTPError(response.status_code, code, message)
-
-
-def _json(response: httpx.Response) -> dict[str, Any]:
-    data = response.json()
-    if not isinstance(data, dict):
-        raise PcleaseHTTPError(response.status_code, "bad_response", "expected a JSON object")
-    return data
+        return pl.read_ipc(io.BytesIO(self.result_bytes(query_id)))

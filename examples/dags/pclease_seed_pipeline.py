@@ -111,7 +111,7 @@ def pclease_seed_pipeline() -> None:
             pl.scan_parquet(out).group_by("country").agg(pl.col("revenue").sum()).sort("country")
         ).collect()
         print(by_country)
-        return {"output": out, "rows": query["rows"], "countries": by_country.height}
+        return {"output": out, "rows": query.rows, "countries": by_country.height}
 
     warm_large, release_large = warm_profile("large")
     paths = generate_inputs()

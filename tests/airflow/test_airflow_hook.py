@@ -153,7 +153,7 @@ def test_lease_runs_queries_and_releases(service: Service) -> None:
         assert held["holder"] == HOLDER
         assert lease.url == f"{service.server.url}/ui/leases/{lease.id}"
         lf = pl.LazyFrame({"n": [1, 2, 3]}).with_columns(sq=pl.col("n") ** 2)
-        assert lease.remote(lf).sink_parquet(str(out))["rows"] == 3
+        assert lease.remote(lf).sink_parquet(str(out)).rows == 3
         assert lease.remote(lf).collect()["sq"].to_list() == [1, 4, 9]
         queries = service.queries(lease.id)
         assert [q["labels"] for q in queries] == [
@@ -219,8 +219,8 @@ def test_release_holder_and_task_holder(service: Service) -> None:
     client = service.hook().get_conn()
     mine = [client.create_lease("small", holder={**HOLDER, "map_index": i}) for i in (0, 1)]
     released = service.hook().release_holder("etl", "r1", "load", map_index=1)
-    assert released == [mine[1]["id"]]
-    assert service.hook().release_holder("etl", "r1") == [mine[0]["id"]]
+    assert released == [mine[1].id]
+    assert service.hook().release_holder("etl", "r1") == [mine[0].id]
     assert task_holder({"ti": SimpleNamespace(**HOLDER, state="running")}) == HOLDER
     assert task_holder({}) == {}
 

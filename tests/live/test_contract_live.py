@@ -88,10 +88,10 @@ def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     client = PcleaseClient(server.url, tokens["lease"])
     lease = client.create_lease("large", holder={"dag_id": "fuzz", "run_id": "r1"})
     submission = build_submission(pl.LazyFrame({"a": [1, 2]}), "collect")
-    query = client.submit(lease["id"], submission)
+    query = client.submit(lease.id, submission)
     client.close()
     try:
-        yield Api(server, tmp_path, tokens, {"admin": query["id"], "lease": query["id"]})
+        yield Api(server, tmp_path, tokens, {"admin": query.id, "lease": query.id})
     finally:
         server.stop()
 

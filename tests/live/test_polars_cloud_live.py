@@ -276,7 +276,7 @@ def test_restart_adopts_its_context_and_stops_unknown_ones(
     server = env.server()
     client = env.client(server)
     lease = client.create_lease("small", holder=HOLDER, ttl_s=60)
-    wait_until(lambda: env.lease_state(server, lease["id"])["state"] == "active")
+    wait_until(lambda: env.lease_state(server, lease.id)["state"] == "active")
     [ours] = cloud.running()
     server.kill()
     client.close()
@@ -286,12 +286,12 @@ def test_restart_adopts_its_context_and_stops_unknown_ones(
     stray = cloud.start_compute(cloud.workspace_id, user, {"cluster_size": 1})
     server = env.server()
     wait_until(lambda: {c["id"] for c in cloud.running()} == {ours["id"]}, 20, "the stray to stop")
-    assert env.lease_state(server, lease["id"])["state"] == "active"
+    assert env.lease_state(server, lease.id)["state"] == "active"
     client = env.client(server)
-    attached = client.attach(lease["id"])
+    attached = client.attach(lease.id)
     assert attached.remote(pl.LazyFrame({"a": [1]})).collect().height == 1
     assert any(c["id"] == stray.id and c["status"] != "Running" for c in cloud.computes())
-    client.release(lease["id"])
+    client.release(lease.id)
     wait_until(lambda: not cloud.running(), 20, "the context to stop")
     client.close()
 
@@ -353,7 +353,7 @@ def test_injected_failures_end_in_clear_errors(
         lease = client.create_lease("small", holder=HOLDER, ttl_s=30)
         return dict(
             wait_until(
-                lambda: (s := env.lease_state(server, lease["id"]))["state"] == "failed" and s,
+                lambda: (s := env.lease_state(server, lease.id))["state"] == "failed" and s,
                 20,
                 what,
             )
@@ -386,11 +386,11 @@ def test_injected_failures_end_in_clear_errors(
     wait_until(lambda: not cloud.running(), 30, "the context to stop despite failing stops")
 
     lease = client.create_lease("small", holder=HOLDER, ttl_s=30)
-    wait_until(lambda: env.lease_state(server, lease["id"])["state"] == "active")
+    wait_until(lambda: env.lease_state(server, lease.id)["state"] == "active")
     [compute] = cloud.running()
     cloud.fail_compute(compute["id"], "the machine died")
     state = wait_until(
-        lambda: (s := env.lease_state(server, lease["id"]))["state"] != "active" and s, 20
+        lambda: (s := env.lease_state(server, lease.id))["state"] != "active" and s, 20
     )
     assert "the machine died" in json.dumps(state)
     client.close()

@@ -15,8 +15,17 @@ import polars as pl
 import pytest
 
 from devkit.live import LiveServer, run_cli, write_config
-from pclease_client import LeaseLost, PcleaseClient, QueryFailed, build_submission
-from pclease_client.errors import PcleaseHTTPError
+from pclease_client import (
+    ApiError,
+    LeaseEnded,
+    LeaseLost,
+    LeaseState,
+    PcleaseClient,
+    QueryFailed,
+    QueryState,
+    build_submission,
+)
+from pclease_client.errors import PlanRefusal, PlanRefused
 
 pytestmark = pytest.mark.live
 
@@ -81,8 +90,8 @@ def test_every_sink_format_writes_the_right_rows(env: Env, lease: Any, fmt: str)
     out = env.data / f"out.{fmt}"
     lf = pl.scan_parquet(source).filter(pl.col("amount") > 2).select("id", "city")
     query = getattr(lease.remote(lf), f"sink_{fmt}")(str(out))
-    assert query["state"] == "succeeded"
-    assert query["rows"] == 3
+    assert query.state is QueryState.SUCCEEDED
+    assert query.rows == 3
     read = {
         "parquet": pl.read_parquet,
         "csv": pl.read_csv,
@@ -121,22 +130,23 @@ def test_a_failure_carries_polars_error(env: Env, lease: Any) -> None:
 def test_paths_outside_the_data_roots_are_refused_without_running(env: Env, lease: Any) -> None:
     secret = env.outside / "secret.parquet"
     frame().write_parquet(secret)
-    with pytest.raises(PcleaseHTTPError) as scan:
+    with pytest.raises(PlanRefused) as scan:
         lease.remote(pl.scan_parquet(secret)).collect()
     assert (scan.value.status, scan.value.code) == (422, "plan_refused")
+    assert scan.value.refusal is PlanRefusal.REFUSED
     assert str(secret) in scan.value.message
 
     target = env.outside / "escape.parquet"
     sneaky = str(env.data / ".." / "outside" / "escape.parquet")
-    with pytest.raises(PcleaseHTTPError) as sink:
+    with pytest.raises(PlanRefused) as sink:
         lease.remote(pl.LazyFrame({"a": [1]})).sink_parquet(sneaky)
     assert sink.value.code == "plan_refused"
     assert not target.exists()
 
-    with pytest.raises(PcleaseHTTPError) as own:
+    with pytest.raises(PlanRefused) as own:
         lease.remote(pl.scan_csv(env.config)).collect()
     assert own.value.code == "plan_refused"
-    assert env.client.get_lease(lease.id)["state"] == "active"  # nothing else was harmed
+    assert env.client.get_lease(lease.id).state is LeaseState.ACTIVE  # nothing else was harmed
 
 
 def test_python_udfs_are_refused_before_anything_runs(env: Env, lease: Any) -> None:
@@ -147,7 +157,7 @@ def test_python_udfs_are_refused_before_anything_runs(env: Env, lease: Any) -> N
         return x
 
     lf = pl.LazyFrame({"a": [1]}).select(pl.col("a").map_elements(touch, return_dtype=pl.Int64))
-    with pytest.raises(PcleaseHTTPError) as caught:
+    with pytest.raises(PlanRefused) as caught:
         lease.remote(lf).collect()
     assert caught.value.status == 422
     assert caught.value.code == "python_udf_refused"
@@ -157,7 +167,7 @@ def test_python_udfs_are_refused_before_anything_runs(env: Env, lease: Any) -> N
 def test_malformed_plans_get_422_and_the_worker_survives(env: Env, lease: Any) -> None:
     good = build_submission(pl.LazyFrame({"a": [1]}), "collect")
     for damaged in (good.plan[: len(good.plan) // 2], b"DSL_VERSION" + os.urandom(200)):
-        with pytest.raises(PcleaseHTTPError) as caught:
+        with pytest.raises(ApiError) as caught:
             env.client.submit(lease.id, type(good)(damaged, good.options))
         assert caught.value.status == 422
     assert lease.remote(pl.LazyFrame({"a": [1, 2]})).collect().height == 2
@@ -173,15 +183,16 @@ def test_cancellation_stops_a_running_query(env: Env, lease: Any) -> None:
     )
     query = env.client.submit(lease.id, build_submission(slow, "collect"))
     for _ in range(50):
-        state = env.client.get_query(query["id"], wait_s=0.2)["state"]
-        if state == "running":
+        state = env.client.get_query(query.id, wait_s=0.2).state
+        if state is QueryState.RUNNING:
             break
-    assert state == "running"
+    assert state is QueryState.RUNNING
     started = time.monotonic()
-    env.client.cancel_query(query["id"])
-    final = env.client.get_query(query["id"], wait_s=20)
-    assert final["state"] == "cancelled"
-    assert final["error"]["type"] == "Cancelled"
+    env.client.cancel_query(query.id)
+    final = env.client.get_query(query.id, wait_s=20)
+    assert final.state is QueryState.CANCELLED
+    assert final.error is not None
+    assert final.error.type == "Cancelled"
     assert time.monotonic() - started < 5
     assert lease.remote(pl.LazyFrame({"a": [1]})).collect().height == 1
 
@@ -189,7 +200,7 @@ def test_cancellation_stops_a_running_query(env: Env, lease: Any) -> None:
 def test_a_query_on_an_ended_lease_is_refused(env: Env) -> None:
     with env.client.lease("small", ttl_s=30) as held:
         pass
-    with pytest.raises(PcleaseHTTPError) as caught:
+    with pytest.raises(LeaseEnded) as caught:
         env.client.submit(held.id, build_submission(pl.LazyFrame({"a": [1]}), "collect"))
     assert caught.value.status == 410
 
@@ -197,7 +208,7 @@ def test_a_query_on_an_ended_lease_is_refused(env: Env) -> None:
 def test_the_client_notices_a_lease_revoked_underneath_it(env: Env) -> None:
     admin = PcleaseClient(env.server.url, env.admin_token, retries=1)
     with env.client.lease("small", ttl_s=3) as held:
-        admin.request("POST", f"/v1/contexts/{held.context_id}/stop")
+        admin.stop_context(held.context_id)
         deadline = time.monotonic() + 10
         while held.lost is None and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -232,20 +243,20 @@ def test_a_lease_ended_mid_query_cancels_it_and_says_why(env: Env) -> None:
         worker.start()
         query = None
         for _ in range(100):
-            listed = admin.request("GET", f"/v1/leases/{held.id}/queries").json()["queries"]
-            query = next((q for q in listed if q["state"] == "running"), None)
+            listed = admin.list_queries(held.id)
+            query = next((q for q in listed if q.state is QueryState.RUNNING), None)
             if query:
                 break
             time.sleep(0.1)
         assert query is not None
-        admin.request("POST", f"/v1/contexts/{held.context_id}/stop")
+        admin.stop_context(held.context_id)
         worker.join(30)
         assert not worker.is_alive()
     admin.close()
     (error,) = outcome
     assert isinstance(error, LeaseLost)
-    assert error.state == "revoked"
-    assert env.client.get_query(query["id"])["state"] == "cancelled"
+    assert error.state is LeaseState.REVOKED
+    assert env.client.get_query(query.id).state is QueryState.CANCELLED
 
 
 def test_the_watchdog_releases_the_lease_of_a_killed_process(env: Env) -> None:
@@ -266,15 +277,15 @@ def test_the_watchdog_releases_the_lease_of_a_killed_process(env: Env) -> None:
     try:
         assert holder.stdout is not None
         lease_id = holder.stdout.readline().strip()
-        assert admin.get_lease(lease_id)["state"] == "active"
+        assert admin.get_lease(lease_id).state is LeaseState.ACTIVE
     finally:
         holder.kill()
         holder.wait(10)
         if holder.stdout is not None:
             holder.stdout.close()
-    lease = admin.get_lease(lease_id, wait_s=10, while_state="active")
+    lease = admin.get_lease(lease_id, wait_s=10, while_state=LeaseState.ACTIVE)
     admin.close()
-    assert lease["state"] == "released"  # not expired: its TTL is a minute
+    assert lease.state is LeaseState.RELEASED  # not expired: its TTL is a minute
 
 
 def test_a_lease_ended_normally_stops_its_watchdog(env: Env) -> None:

@@ -74,7 +74,7 @@ def test_secrets_never_leave_the_service(tmp_path: Path) -> None:
             ("/readyz", 200),
             ("/openapi.json", 200),
             ("/docs", 200),
-            (f"/v1/leases/{handle['id']}/queries", 200),
+            (f"/v1/leases/{handle.id}/queries", 200),
             ("/v1/leases/not-a-lease", 404),
             ("/ui/login", 200),
         ):
@@ -95,7 +95,7 @@ def test_secrets_never_leave_the_service(tmp_path: Path) -> None:
             assert "Sign out" in page.text, "the sign-in did not work; nothing would be checked"
             seen.append(page.text)
             seen.extend(str(v) for v in browser.cookies.jar)
-            for path in ("/ui/", "/ui/events", "/ui/runs", f"/ui/leases/{handle['id']}"):
+            for path in ("/ui/", "/ui/events", "/ui/runs", f"/ui/leases/{handle.id}"):
                 seen.append(browser.get(path).text)
     finally:
         server.stop()

@@ -47,8 +47,7 @@ def pclease_parallel() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             lease.remote(pl.LazyFrame({"n": [n]})).collect()
-            context = hook.get_conn().request("GET", f"/v1/contexts/{lease.context_id}").json()
-            seen = max(seen, int(context["refcount"]))
+            seen = max(seen, hook.get_conn().get_context(lease.context_id).refcount)
             if seen >= 2:
                 break
             time.sleep(0.2)
@@ -106,7 +105,7 @@ def pclease_sigterm() -> None:
         # What the supervisor does to a task it stops: SIGTERM, whose handler calls
         # on_kill (the supervisor would follow with SIGKILL; this task looks first).
         os.kill(os.getpid(), signal.SIGTERM)
-        return str(PcleaseHook().get_conn().get_lease(lease.id)["state"])
+        return PcleaseHook().get_conn().get_lease(lease.id).state.value
 
     terminated()
 
