@@ -1,0 +1,14 @@
+-- Read one lease: wrk -s get.lua URL -- LEASE_ID
+package.path = package.path .. ";" .. debug.getinfo(1, "S").source:sub(2):match("(.*/)") .. "?.lua"
+local common = require("common")
+local req
+
+function init(args)
+   req = wrk.format("GET", "/v1/leases/" .. args[1], common.headers())
+end
+
+function request()
+   return req
+end
+
+done = common.done
