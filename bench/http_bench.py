@@ -192,6 +192,7 @@ def py_spy(pid: int, out: Path, duration: int) -> subprocess.Popen[bytes]:
             str(duration),
             "--rate",
             "200",
+            "--gil",
             "--format",
             "raw",
             "--output",
