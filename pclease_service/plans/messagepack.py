@@ -80,13 +80,20 @@ _INTEGER_204 = re.compile(rb"\xc3\xc3")
 _RUN_WINDOW = 1 << 20  # bytes; at least 2 (one integer)
 
 
-def byte_run_end(buf: bytes, pos: int, count: int) -> int | None:
+def run_standin(buf: bytes) -> bytes:
+    """``buf`` in the stand-in bytes :func:`byte_run_end` reads (one translate for a whole
+    plan is cheaper than one per run or window)."""
+    return buf.translate(_RUN_STANDIN)
+
+
+def byte_run_end(buf: bytes, pos: int, count: int, standin: bytes | None = None) -> int | None:
     """Where a run of ``count`` small integers (a ``Vec<u8>``) starting at ``buf[pos]`` ends,
-    or None when the bytes there are not such a run."""
+    or None when the bytes there are not such a run. ``standin``: ``run_standin(buf)``."""
     end = len(buf)
+    view = memoryview(buf.translate(_RUN_STANDIN) if standin is None else standin)
     while True:
         stop = min(end, pos + min(2 * count, _RUN_WINDOW))
-        window = _INTEGER_204.sub(b"B", buf[pos:stop].translate(_RUN_STANDIN))
+        window = _INTEGER_204.sub(b"B", view[pos:stop])
         try:
             tokens = window.decode("utf-8")
             broken = False
@@ -131,6 +138,7 @@ def decode(buf: bytes, start: int = 0) -> Any:
     """
     pos = start
     end = len(buf)
+    standin: bytes | None = None
     stack: list[_Frame] = []
     result: Any = None
     done = False
@@ -183,7 +191,11 @@ def decode(buf: bytes, start: int = 0) -> Any:
                 pos += width
             else:
                 count = c & 0x0F
-            run_end = byte_run_end(buf, pos, count) if count >= 16 else None
+            run_end = None
+            if count >= 16:
+                if standin is None:
+                    standin = run_standin(buf)
+                run_end = byte_run_end(buf, pos, count, standin)
             if run_end is not None:
                 value = Blob(count, pos, binary=False, stop=run_end)
                 pos = run_end
