@@ -6,9 +6,11 @@ endpoint measured in the same run as the ceiling.
 
 For each database: a real ``pclease serve`` (uvicorn, one worker, the database migrated by
 Alembic, the local backend) and ``bench/ceiling.py`` (the same uvicorn options) run side by
-side. Each run measures, one after the other, the ceiling, a heartbeat on a warm lease, a
-GET of that lease and create + release on the warm context (``bench/wrk/*.lua``), each for
-``--duration`` seconds with one wrk thread and ``--connections`` connections. The figures
+side. Each run measures, one after the other, the ceiling, heartbeats on warm leases
+(``--warm-leases``, 64 by default: each heartbeat goes to the next one, as tasks heartbeat
+their own leases), GETs of those leases and create + release on the warm context
+(``bench/wrk/*.lua``), each for ``--duration`` seconds with one wrk thread and
+``--connections`` connections. The figures
 are medians over the runs; each run's latency percentiles come from wrk. Any non-2xx
 answer, socket error or timeout fails the benchmark. Then it fills the database to each
 ``--leases`` count of live leases and reports the server's RSS and the heartbeat and
@@ -248,20 +250,23 @@ def bench_database(kind: str, args: argparse.Namespace) -> Result:
                 time.sleep(0.1)
             try:
                 headers = {"Authorization": f"Bearer {token}"}
-                r = httpx.post(
-                    f"{server.url}/v1/leases",
-                    json={"profile": PROFILE, "ttl_s": 3600},
-                    headers=headers,
-                )
-                assert r.status_code == 201, r.text
-                lease = r.json()["id"]
+                warm = []
+                for _ in range(args.warm_leases):
+                    r = httpx.post(
+                        f"{server.url}/v1/leases",
+                        json={"profile": PROFILE, "ttl_s": 3600},
+                        headers=headers,
+                    )
+                    assert r.status_code == 201, r.text
+                    warm.append(r.json()["id"])
                 r = httpx.get(
-                    f"{server.url}/v1/leases/{lease}",
+                    f"{server.url}/v1/leases/{warm[-1]}",
                     params={"wait_s": 60, "state": "pending"},
                     headers=headers,
                     timeout=90,
                 )
                 assert r.status_code == 200 and r.json()["state"] == "active", r.text
+                lease = ",".join(warm)
                 assert server.proc is not None
                 pid = server.proc.pid
                 result.rss_idle_mb = rss_mb(pid)
@@ -368,6 +373,12 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--leases", default="100,10000", help="live-lease counts for memory")
+    parser.add_argument(
+        "--warm-leases",
+        type=int,
+        default=64,
+        help="leases the heartbeat and GET runs go through, one after the other",
+    )
     parser.add_argument("--profile", type=Path, default=None, help="py-spy profiles here")
     args = parser.parse_args()
     args.leases = [int(n) for n in args.leases.split(",") if n]

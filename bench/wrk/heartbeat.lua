@@ -1,14 +1,18 @@
--- Heartbeat one warm lease: wrk -s heartbeat.lua URL -- LEASE_ID
+-- Heartbeat warm leases, one after the other: wrk -s heartbeat.lua URL -- ID[,ID...]
+-- (as many Airflow tasks would, each heartbeating its own lease).
 package.path = package.path .. ";" .. debug.getinfo(1, "S").source:sub(2):match("(.*/)") .. "?.lua"
 local common = require("common")
-local req
+local reqs, n = {}, 0
 
 function init(args)
-   req = wrk.format("POST", "/v1/leases/" .. args[1] .. "/heartbeat", common.headers())
+   for id in string.gmatch(args[1], "[^,]+") do
+      table.insert(reqs, wrk.format("POST", "/v1/leases/" .. id .. "/heartbeat", common.headers()))
+   end
 end
 
 function request()
-   return req
+   n = n % #reqs + 1
+   return reqs[n]
 end
 
 done = common.done
