@@ -120,6 +120,16 @@ contexts = Table(
     Index(None, "state"),
 )
 
+# Which token's lease request created a context: the contexts a token's quotas count
+# (live contexts, instance-hours, spend). A lease that joins a context adds no row here.
+context_starters = Table(
+    "context_starters",
+    metadata,
+    Column("context_id", ID, ForeignKey("contexts.id"), primary_key=True),
+    Column("token_id", ID, ForeignKey("tokens.id"), nullable=False),
+    Index(None, "token_id"),
+)
+
 leases = Table(
     "leases",
     metadata,
