@@ -19,7 +19,7 @@ so concurrent requests cannot both pass a limit; a refusal changes nothing.
 
 from pclease_service.quotas.admission import admit_lease, admit_start, record_start
 from pclease_service.quotas.book import QuotaBook
-from pclease_service.quotas.usage import TokenUsage, usage_by_token
+from pclease_service.quotas.usage import TokenUsage, usage_by_name, usage_by_token
 
 __all__ = [
     "QuotaBook",
@@ -27,5 +27,6 @@ __all__ = [
     "admit_lease",
     "admit_start",
     "record_start",
+    "usage_by_name",
     "usage_by_token",
 ]

@@ -12,7 +12,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from pclease_service.db.tx import Tx
 from pclease_service.states import LIVE_CONTEXT_STATES
+from pclease_service.store import tokens, usage
 from pclease_service.store.usage import StartedContext
 
 
@@ -82,3 +84,14 @@ def usage_by_token(
         token_id: fold(by_token.get(token_id, []), live_leases.get(token_id, 0), now)
         for token_id in sorted(set(by_token) | set(live_leases))
     }
+
+
+def usage_by_name(tx: Tx) -> dict[str, TokenUsage]:
+    """Every token's usage by token name (what ``/metrics`` and the dashboard show: names
+    are chosen by operators and few, never secrets; ids never leave the service)."""
+    now = tx.now
+    by_id = usage_by_token(
+        usage.started_since(tx, month_start(now)), usage.live_leases_by_token(tx), now
+    )
+    names = tokens.token_names(tx, by_id)
+    return {names.get(token_id, token_id): used for token_id, used in by_id.items()}

@@ -144,8 +144,3 @@ def live_leases_by_token(tx: Tx) -> dict[str, int]:
         .group_by(leases.c.token_id)
     )
     return {token_id: int(count) for token_id, count in rows}
-
-
-def token_names(tx: Tx) -> dict[str, str]:
-    """Every token's name by id, revoked ones included (their usage still counts)."""
-    return {row.id: row.name for row in tx.conn.execute(select(tokens.c.id, tokens.c.name))}
