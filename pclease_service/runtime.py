@@ -167,7 +167,11 @@ class Service:
         then the Polars Cloud credentials. A credentials failure raises
         :class:`~pclease_service.errors.CredentialsError`; a bad config file is logged and
         the quotas in force stay."""
-        self.reload_quotas()
+        try:
+            self.reload_quotas()
+        except Exception:
+            # Whatever went wrong there, the credentials are still re-read.
+            log.exception("SIGHUP: re-reading the quotas failed; the quotas in force stay")
         if self.credentials is not None:
             self.credentials.reload()
 

@@ -153,6 +153,8 @@ leases = Table(
     Column("request_fingerprint", String(64)),
     UniqueConstraint("token_id", "idempotency_key"),
     Index(None, "context_id", "state"),
+    # A token's live leases, counted by its quota on every grant.
+    Index(None, "token_id", "state"),
     Index(None, "state", "expires_at"),
     Index(None, "dag_id", "run_id"),
 )

@@ -1,4 +1,5 @@
-"""context_starters: which token's lease request created each context (for quotas)
+"""context_starters: which token's lease request created each context; leases by token
+and state (both for quotas)
 
 Revision ID: 0008
 Revises: 0003
@@ -46,9 +47,15 @@ def upgrade() -> None:
             batch_op.f("ix_context_starters_token_id"), ["token_id"], unique=False
         )
     op.execute(_BACKFILL)
+    with op.batch_alter_table("leases", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_leases_token_id_state"), ["token_id", "state"], unique=False
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("leases", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_leases_token_id_state"))
     with op.batch_alter_table("context_starters", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_context_starters_token_id"))
     op.drop_table("context_starters")
