@@ -21,6 +21,7 @@ from pydantic import (
 
 from pclease_service.config import Profile
 from pclease_service.contexts.rules import planned_stop
+from pclease_service.errors import QuotaName
 from pclease_service.plans.targets import QueryTarget
 from pclease_service.states import ContextState, LeaseState, QueryState, StopKind
 from pclease_service.store.contexts import ContextRecord
@@ -268,7 +269,7 @@ class ProfileList(BaseModel):
 class QuotaOut(BaseModel):
     """The limit that refused a request (``quota_exceeded``, ``budget_exhausted``)."""
 
-    name: Literal["live_leases", "live_contexts", "instance_hours_per_day", "monthly_budget"]
+    name: QuotaName
     profile: str | None = Field(
         description="The profile the limit is about; null for the token-wide ones."
     )

@@ -55,6 +55,12 @@ def test_the_client_knows_every_state_of_the_service(name: str) -> None:
             assert member.is_terminal == theirs(member.value).is_terminal
 
 
+def test_the_client_knows_every_quota_name() -> None:
+    assert {m.name: m.value for m in client_errors.QuotaName} == {
+        m.name: m.value for m in service_errors.QuotaName
+    }
+
+
 def test_the_client_knows_every_plan_refusal() -> None:
     assert {m.name: m.value for m in client_errors.PlanRefusal} == {
         m.name: m.value for m in service_errors.PlanRefusal
