@@ -31,12 +31,16 @@ The modules, one idea each:
 from pclease_client.client import PcleaseClient
 from pclease_client.errors import (
     ApiError,
+    BudgetExhausted,
     CapacityExhausted,
     LeaseClosed,
     LeaseEnded,
     LeaseLost,
     PcleaseClientError,
     QueryFailed,
+    QuotaExceeded,
+    QuotaName,
+    QuotaUse,
     RequestFailed,
 )
 from pclease_client.lease import HandleState, Lease, RemoteQuery
@@ -46,6 +50,7 @@ from pclease_client.states import ContextState, LeaseState, QueryState, StopKind
 
 __all__ = [
     "ApiError",
+    "BudgetExhausted",
     "CapacityExhausted",
     "ContextInfo",
     "ContextState",
@@ -63,6 +68,9 @@ __all__ = [
     "QueryFailed",
     "QueryInfo",
     "QueryState",
+    "QuotaExceeded",
+    "QuotaName",
+    "QuotaUse",
     "RemoteQuery",
     "RequestFailed",
     "StopKind",

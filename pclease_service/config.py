@@ -127,6 +127,94 @@ class Profile(BaseModel):
         return self
 
 
+class ProfileQuota(BaseModel):
+    """What one token may hold and spend on one profile."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_live_contexts: int | None = Field(
+        None,
+        ge=0,
+        description="Live contexts of this profile the token's leases may have started. "
+        "Joining a context that runs already never counts against it.",
+    )
+    monthly_budget: float | None = Field(
+        None,
+        gt=0,
+        description="What the contexts the token started on this profile may cost per UTC "
+        "calendar month: their up time times the profile's hourly_cost.",
+    )
+    monthly_budget_hard: bool = Field(
+        True,
+        description="true: once spent, refuse new contexts with 403 until the month ends; "
+        "false: only report (metrics, dashboard, log).",
+    )
+
+
+class Quota(BaseModel):
+    """What one token (one team) may hold and spend; an unset limit is no limit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_live_leases: int | None = Field(
+        None, ge=0, description="Pending and active leases at once, over all profiles."
+    )
+    max_instance_hours_per_day: float | None = Field(
+        None,
+        gt=0,
+        description="Hours the contexts the token started were up in the current UTC day, "
+        "over all profiles.",
+    )
+    profiles: dict[str, ProfileQuota] = Field(default_factory=dict)
+
+    @property
+    def unlimited(self) -> bool:
+        return (
+            self.max_live_leases is None
+            and self.max_instance_hours_per_day is None
+            and not self.profiles
+        )
+
+
+class QuotaSettings(BaseModel):
+    """Per-token quotas, by token name (the name given to ``pclease token create``).
+
+    A token with an entry in ``tokens`` uses that entry only; every other token uses
+    ``default``. Re-read on ``SIGHUP``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    default: Quota = Field(default_factory=Quota)
+    tokens: dict[str, Quota] = Field(default_factory=dict)
+
+    def for_token(self, name: str) -> Quota:
+        return self.tokens.get(name, self.default)
+
+    def problems(self, profiles: dict[str, Profile]) -> list[str]:
+        """What does not fit the configured ``profiles``, one line per problem."""
+        problems: list[str] = []
+        entries = [("quotas.default", self.default)] + [
+            (f"quotas.tokens.{name}", quota) for name, quota in self.tokens.items()
+        ]
+        configured = ", ".join(sorted(profiles)) or "(none)"
+        for where, quota in entries:
+            for name, limits in quota.profiles.items():
+                profile = profiles.get(name)
+                if profile is None:
+                    problems.append(
+                        f"{where}.profiles.{name}: no profile {name!r} is configured "
+                        f"(configured profiles: {configured})"
+                    )
+                elif limits.monthly_budget is not None and profile.hourly_cost == 0:
+                    problems.append(
+                        f"{where}.profiles.{name}.monthly_budget: profile {name!r} has "
+                        "hourly_cost = 0, so it never spends anything: set "
+                        f"profiles.{name}.hourly_cost, or remove the budget"
+                    )
+        return problems
+
+
 class CredentialSourceKind(StrEnum):
     ENV = "env"
     FILE = "file"
@@ -295,6 +383,10 @@ class Settings(BaseSettings):
     )
 
     profiles: dict[str, Profile] = Field(default_factory=dict)
+    quotas: QuotaSettings = Field(
+        default_factory=QuotaSettings,
+        description="Per-token limits and budgets (docs/quotas.md); re-read on SIGHUP.",
+    )
     polars_cloud: PolarsCloudSettings = Field(default_factory=PolarsCloudSettings)
 
     @classmethod
@@ -347,6 +439,7 @@ class Settings(BaseSettings):
                     f"profiles.{name}: the {self.backend.value} backend needs cpus and "
                     "memory_gb (instance_type alone only works with polars_cloud)"
                 )
+        problems.extend(self.quotas.problems(self.profiles))
         if problems:
             raise ValueError("; ".join(problems))
         named = {name: p.model_copy(update={"name": name}) for name, p in self.profiles.items()}

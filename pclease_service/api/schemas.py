@@ -21,6 +21,7 @@ from pydantic import (
 
 from pclease_service.config import Profile
 from pclease_service.contexts.rules import planned_stop
+from pclease_service.errors import QuotaName
 from pclease_service.plans.targets import QueryTarget
 from pclease_service.states import ContextState, LeaseState, QueryState, StopKind
 from pclease_service.store.contexts import ContextRecord
@@ -265,12 +266,35 @@ class ProfileList(BaseModel):
     profiles: list[ProfileOut]
 
 
+class QuotaOut(BaseModel):
+    """The limit that refused a request (``quota_exceeded``, ``budget_exhausted``)."""
+
+    name: QuotaName
+    profile: str | None = Field(
+        description="The profile the limit is about; null for the token-wide ones."
+    )
+    used: float = Field(
+        description="What the token uses now: leases, contexts, hours today or cost this "
+        "month (in the unit of the profiles' hourly_cost)."
+    )
+    limit: float
+    frees_at: datetime | None = Field(
+        description="When the window restarts (next UTC day or month); null when it frees "
+        "as the token's leases or contexts end (see Retry-After)."
+    )
+
+
 class ErrorBody(BaseModel):
     code: str = Field(
         description="Machine-readable and stable (service.errors lists them): branch on it.",
         examples=["lease_not_found"],
     )
     message: str = Field(description="For people: what went wrong and what to do next.")
+    quota: QuotaOut | None = Field(
+        None,
+        description="Only on quota_exceeded (429) and budget_exhausted (403): the token's "
+        "limit that refused the request. Nothing the token holds was touched.",
+    )
 
 
 class ErrorOut(BaseModel):
@@ -289,13 +313,15 @@ class Readiness(BaseModel):
 _ERRORS_WHEN = {
     400: "The body could not be read (not UTF-8, or not parseable at all).",
     401: "No bearer token, or an unknown or revoked one.",
-    403: "The token's scope does not allow this, or the lease belongs to another token.",
+    403: "The token's scope does not allow this, or the lease belongs to another token, or "
+    "(budget_exhausted) the token spent its hard monthly budget on the profile.",
     404: "No such lease, context or query (or not visible to this token).",
     409: "The request conflicts with the current state (see the message).",
     410: "The lease has ended; request a new one.",
     413: "The body is larger than the service accepts.",
     422: "Invalid input; the message names each field and what is wrong with it.",
-    429: "The profile is at capacity; retry after Retry-After seconds.",
+    429: "The profile is at capacity (capacity_exhausted), or the token is at one of its "
+    "quotas (quota_exceeded, with the quota in the body); retry after Retry-After seconds.",
     503: "The service cannot do this now (backend credentials failing, or the database "
     "too busy); retry later.",
 }
@@ -310,7 +336,7 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         if status == 429:
             responses[status]["headers"] = {
                 "Retry-After": {
-                    "description": "Seconds until capacity is likely to free up.",
+                    "description": "Seconds until capacity or the quota is likely to free up.",
                     "schema": {"type": "integer"},
                 }
             }
