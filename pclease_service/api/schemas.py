@@ -361,7 +361,8 @@ class QueryOptions(BaseModel):
 
     target: QueryTarget = Field(description="collect, or the sink format: parquet/csv/ipc/ndjson.")
     destination: Annotated[str, Text(2048)] | None = Field(
-        None, description="The sink's path or URI as the client wrote it (informational)."
+        None,
+        description="The sink's path or URI, as the plan's sink writes it (422 otherwise).",
     )
     engine: Literal["auto", "streaming", "in-memory"] = "auto"
     streaming: StrictBool | None = Field(None, description="Legacy: true means engine=streaming.")

@@ -94,7 +94,7 @@ class QueryManager:
         # The whole pipeline, once, in a thread: decoding a plan of up to max_plan_bytes is
         # pure Python and takes time. A plan refused now is refused with a 422 before it is
         # queued; the backend checks again where the plan runs.
-        await anyio.to_thread.run_sync(
+        info = await anyio.to_thread.run_sync(
             lambda: check_plan(
                 data,
                 reader=self.reader(),
@@ -105,6 +105,13 @@ class QueryManager:
                 client_polars_version=request.polars_version,
             )
         )
+        # The destination a query shows is where its plan writes, not a free label.
+        written = info.output.path if info.output is not None else None
+        if request.destination is not None and written not in (None, request.destination):
+            raise InvalidInput(
+                f"options.destination is {request.destination!r}, but the plan writes "
+                f"to {written!r}; send the sink's own path as destination"
+            )
         timeout = request.timeout_s or self.settings.query_timeout_s
         if timeout > self.settings.query_timeout_max_s:
             raise InvalidInput(

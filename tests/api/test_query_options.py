@@ -1,7 +1,9 @@
-"""A context runs its profile's concurrent_queries at once; the rest wait in submission
-order, with their place and wait on the query and the dashboard. And the distributed
-option: refused where it cannot run. (The memory backend runs nothing; real concurrency
-is in tests/live/test_concurrency_live.py.)"""
+"""Every option a query accepts does something, or is refused. A context runs its
+profile's concurrent_queries at once; the rest wait in submission order, with their place
+and wait on the query and the dashboard. ``distributed`` is refused where it cannot run,
+``destination`` where it is not where the plan writes. (The memory backend runs nothing;
+real concurrency is in tests/live/test_concurrency_live.py, distributed runs in
+tests/live/test_polars_cloud_queries_live.py.)"""
 
 from __future__ import annotations
 
@@ -40,6 +42,16 @@ async def get(h: Harness, query_id: str) -> dict[str, Any]:
     return data
 
 
+async def sent(h: Harness, n: int) -> set[str]:
+    """The ids of the queries the backend was given, once it has been given ``n`` (each
+    runs in a task of its own, which reaches the backend after a database read)."""
+    for _ in range(500):
+        if len(h.backend.executed) >= n:
+            break
+        await asyncio.sleep(0.01)
+    return {spec.query_id for spec in h.backend.executed}
+
+
 async def active_lease(h: Harness) -> dict[str, Any]:
     lease = await h.lease()
     await h.settle()
@@ -69,7 +81,7 @@ async def test_queries_beyond_concurrent_queries_wait_in_submission_order(
     assert [q["state"] for q in states] == ["running", "running", "queued", "queued", "queued"]
     assert [q["queue_position"] for q in states] == [None, None, 1, 2, 3]
     assert [q["queued_s"] for q in states] == [5.0, 4.0, 3.0, 2.0, 1.0]  # so far, or until run
-    assert [spec.query_id for spec in h.backend.executed] == ids[:2]
+    assert await sent(h, 2) == set(ids[:2])
 
     client = await signed_in(h, "read")
     page = await client.get(f"/ui/contexts/{lease['context_id']}")
@@ -93,7 +105,7 @@ async def test_queries_beyond_concurrent_queries_wait_in_submission_order(
     ]
     assert [q["queue_position"] for q in states] == [None, None, None, None, 1]
     assert states[2]["queued_s"] == 13.0
-    assert [spec.query_id for spec in h.backend.executed] == ids[:4]
+    assert await sent(h, 4) == set(ids[:4])
     h.backend.query_gate.set()
     await h.service.runner.drain()
     await h.tick()
@@ -153,3 +165,31 @@ async def test_distributed_queries_are_refused_where_they_cannot_run(
     assert response.status_code == 422, response.text
     assert response.json()["error"]["code"] == "invalid_input"
     assert says in response.json()["error"]["message"]
+
+
+async def test_a_destination_other_than_the_plans_sink_is_refused(
+    make_harness: Any, tmp_path: Any
+) -> None:
+    profiles = {**PROFILES, "small": {**PROFILES["small"], "data_roots": [str(tmp_path)]}}
+    h: Harness = await make_harness(profiles=profiles)
+    lease = await active_lease(h)
+    sink = str(tmp_path / "out.parquet")
+    sub = build_submission(pl.LazyFrame({"a": [1]}), "parquet", sink)
+
+    async def send(destination: str) -> Any:
+        return await h.client.post(
+            f"/v1/leases/{lease['id']}/queries",
+            files={"plan": ("plan.bin", sub.plan)},
+            data={"options": json.dumps({**sub.options, "destination": destination})},
+            headers=h.headers,
+        )
+
+    elsewhere = await send(str(tmp_path / "elsewhere.parquet"))
+    assert elsewhere.status_code == 422, elsewhere.text
+    assert elsewhere.json()["error"]["message"] == (
+        f"options.destination is {str(tmp_path / 'elsewhere.parquet')!r}, but the plan "
+        f"writes to {sink!r}; send the sink's own path as destination"
+    )
+    same = await send(sink)
+    assert same.status_code == 202, same.text
+    assert same.json()["destination"] == sink
