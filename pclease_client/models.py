@@ -190,6 +190,8 @@ class ProfileInfo(Model):
     max_contexts: int
     max_lifetime_s: float | None
     hourly_cost: float
+    #: Queries one context runs at once; more wait in its queue.
+    concurrent_queries: int
 
 
 def read_list(model: type[Model], key: str, data: object) -> list[Any]:

@@ -64,6 +64,7 @@ def fake_profile(name: str, **overrides: Any) -> ProfileInfo:
         "max_contexts": 1,
         "max_lifetime_s": None,
         "hourly_cost": 0.0,
+        "concurrent_queries": 1,
     }
     unknown = set(overrides) - set(shape)
     if unknown:

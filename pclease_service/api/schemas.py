@@ -256,11 +256,12 @@ class ProfileOut(BaseModel):
     max_contexts: int
     max_lifetime_s: float | None
     hourly_cost: float
+    concurrent_queries: int = Field(description="Queries one context runs at once.")
 
     @classmethod
     def of(cls, p: Profile) -> ProfileOut:
         # Only the shape: backend-specific options (env vars, requirements) may hold secrets.
-        return cls(**p.model_dump(exclude={"local", "polars_cloud"}))
+        return cls(**p.model_dump(include=set(cls.model_fields)))
 
 
 class ProfileList(BaseModel):
