@@ -44,7 +44,14 @@ from pclease_client.errors import (
     RequestFailed,
 )
 from pclease_client.lease import HandleState, Lease, RemoteQuery
-from pclease_client.models import ContextInfo, EventInfo, LeaseInfo, ProfileInfo, QueryInfo
+from pclease_client.models import (
+    ContextInfo,
+    DistributedInfo,
+    EventInfo,
+    LeaseInfo,
+    ProfileInfo,
+    QueryInfo,
+)
 from pclease_client.plans import Submission, build_submission
 from pclease_client.states import ContextState, LeaseState, QueryState, StopKind
 
@@ -54,6 +61,7 @@ __all__ = [
     "CapacityExhausted",
     "ContextInfo",
     "ContextState",
+    "DistributedInfo",
     "EventInfo",
     "HandleState",
     "Lease",

@@ -96,6 +96,8 @@ class Service:
             self.spool,
             reader=_local_reader,
             denied_paths=denied,
+            backend=self.backend.kind,
+            backend_distributes=self.backend.capabilities.distributed_queries,
         )
         self.runner = QueryRunner(
             settings,

@@ -361,6 +361,8 @@ class Records:
             started_at=started,
             finished_at=now,
             duration_s=round((now - started).total_seconds(), 6),
+            queue_position=None,
+            queued_s=round((started - query.created_at).total_seconds(), 6),
             **changes,
         )
         self._queries[query.id] = ended

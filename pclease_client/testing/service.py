@@ -28,7 +28,14 @@ from pclease_client.errors import (
     UnknownProfile,
     api_error,
 )
-from pclease_client.models import ContextInfo, EventInfo, LeaseInfo, ProfileInfo, QueryInfo
+from pclease_client.models import (
+    ContextInfo,
+    DistributedInfo,
+    EventInfo,
+    LeaseInfo,
+    ProfileInfo,
+    QueryInfo,
+)
 from pclease_client.states import ContextState, LeaseState, QueryState, StopKind
 from pclease_client.testing.records import (
     QueryHandler,
@@ -61,6 +68,7 @@ def fake_profile(name: str, **overrides: Any) -> ProfileInfo:
         "max_contexts": 1,
         "max_lifetime_s": None,
         "hourly_cost": 0.0,
+        "concurrent_queries": 1,
     }
     unknown = set(overrides) - set(shape)
     if unknown:
@@ -526,6 +534,10 @@ class FakeService(Records):
                 result_bytes=None,
                 output=None,
                 error=None,
+                distributed=_distributed(options.get("distributed")),
+                # The fake runs every query at once: it is next in line, and starts now.
+                queue_position=1,
+                queued_s=0.0,
             )
             self._queries[query.id] = query
             submitted = SubmittedQuery(query.id, lease.id, lease.context_id, dict(options), plan)
@@ -537,7 +549,11 @@ class FakeService(Records):
             if not current.state.is_terminal:
                 if outcome is None:
                     self._queries[query.id] = replace(
-                        current, state=QueryState.RUNNING, started_at=now
+                        current,
+                        state=QueryState.RUNNING,
+                        started_at=now,
+                        queue_position=None,
+                        queued_s=0.0,
                     )
                 else:
                     self._finish(current, outcome)
@@ -581,3 +597,28 @@ class FakeService(Records):
             self.fail_context(context_id, "the fake was told to fail starts")
         else:
             self.start_context(context_id)
+
+
+_DISTRIBUTED_DEFAULTS: dict[str, Any] = {
+    "min_workers": None,
+    "max_workers": None,
+    "shuffle_compression": "auto",
+    "shuffle_format": "auto",
+    "shuffle_compression_level": None,
+    "equi_join_broadcast_limit": 256 * 1024**2,
+    "partitions_per_worker": None,
+    "single_worker_ops": "auto",
+    "expression_lowering": None,
+}
+
+
+def _distributed(asked: object) -> DistributedInfo | None:
+    """What the service records for a submission's ``distributed`` option, on a profile
+    without distributed defaults that can run it (the fake refuses nothing here)."""
+    if asked is None or asked is False:
+        return None
+    given = asked if isinstance(asked, Mapping) else {}
+    unknown = set(given) - set(_DISTRIBUTED_DEFAULTS)
+    if unknown:
+        raise refusal(InvalidInput, f"options.distributed: unknown option(s) {sorted(unknown)}")
+    return DistributedInfo.from_json({**_DISTRIBUTED_DEFAULTS, **given})

@@ -204,6 +204,8 @@ queries = Table(
     Column("output", Text),
     Column("error_type", String(100)),
     Column("error_message", Text),
+    # The distributed settings it runs with (what the service sends); null: one node.
+    Column("distributed", JSON),
     Index(None, "lease_id", "state"),
     Index(None, "state"),
     Index(None, "context_id", "created_at"),

@@ -24,6 +24,7 @@ from pclease_client import (
     ApiError,
     ContextInfo,
     ContextState,
+    DistributedInfo,
     EventInfo,
     LeaseInfo,
     LeaseState,
@@ -40,6 +41,7 @@ from pclease_client.models import Model, QueryErrorInfo
 from pclease_client.testing import FAKE_URL, FakePclease, fake_profile
 from pclease_service.api import schemas
 from pclease_service.api.errors import _HTTP_CODES
+from pclease_service.config import DistributedSettings
 from tests.harness import PROFILES, Harness
 
 # -- the same vocabulary ---------------------------------------------------------------------
@@ -74,6 +76,7 @@ def test_the_client_knows_every_plan_refusal() -> None:
         (ContextInfo, schemas.ContextOut),
         (QueryInfo, schemas.QueryOut),
         (QueryErrorInfo, schemas.QueryError),
+        (DistributedInfo, DistributedSettings),
         (EventInfo, schemas.EventOut),
         (ProfileInfo, schemas.ProfileOut),
     ],
