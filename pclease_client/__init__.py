@@ -31,24 +31,37 @@ The modules, one idea each:
 from pclease_client.client import PcleaseClient
 from pclease_client.errors import (
     ApiError,
+    BudgetExhausted,
     CapacityExhausted,
     LeaseClosed,
     LeaseEnded,
     LeaseLost,
     PcleaseClientError,
     QueryFailed,
+    QuotaExceeded,
+    QuotaName,
+    QuotaUse,
     RequestFailed,
 )
 from pclease_client.lease import HandleState, Lease, RemoteQuery
-from pclease_client.models import ContextInfo, EventInfo, LeaseInfo, ProfileInfo, QueryInfo
+from pclease_client.models import (
+    ContextInfo,
+    DistributedInfo,
+    EventInfo,
+    LeaseInfo,
+    ProfileInfo,
+    QueryInfo,
+)
 from pclease_client.plans import Submission, build_submission
 from pclease_client.states import ContextState, LeaseState, QueryState, StopKind
 
 __all__ = [
     "ApiError",
+    "BudgetExhausted",
     "CapacityExhausted",
     "ContextInfo",
     "ContextState",
+    "DistributedInfo",
     "EventInfo",
     "HandleState",
     "Lease",
@@ -63,6 +76,9 @@ __all__ = [
     "QueryFailed",
     "QueryInfo",
     "QueryState",
+    "QuotaExceeded",
+    "QuotaName",
+    "QuotaUse",
     "RemoteQuery",
     "RequestFailed",
     "StopKind",

@@ -26,6 +26,7 @@ from pclease_service.notify import Notifier, long_poll
 from pclease_service.plans.check import Reader, check_plan
 from pclease_service.plans.targets import QueryTarget
 from pclease_service.principals import Principal
+from pclease_service.queries.distribution import Requested, resolve
 from pclease_service.queries.spool import Spool
 from pclease_service.states import QueryState
 from pclease_service.store import leases, queries
@@ -42,6 +43,8 @@ class QueryRequest:
     labels: Mapping[str, str]
     polars_version: str
     timeout_s: float | None
+    #: None: the profile decides; see :func:`pclease_service.queries.distribution.resolve`.
+    distributed: Requested = None
 
 
 class QueryManager:
@@ -55,6 +58,8 @@ class QueryManager:
         *,
         reader: Callable[[], Reader],
         denied_paths: tuple[str, ...] = (),
+        backend: str = "memory",
+        backend_distributes: bool = False,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -64,6 +69,9 @@ class QueryManager:
         #: The Polars the service's contexts run (what the version rule checks against).
         self.reader = reader
         self.denied_paths = denied_paths
+        #: The backend's kind and whether it runs distributed queries (its capabilities).
+        self.backend = backend
+        self.backend_distributes = backend_distributes
 
     async def submit(
         self, principal: Principal, lease_id: str, data: bytes, request: QueryRequest
@@ -76,10 +84,17 @@ class QueryManager:
         if lease.state.is_terminal:
             raise LeaseEnded(lease_id, lease.state.value, lease.end_reason)
         profile = self.settings.profiles.get(lease.profile)
+        distributed = resolve(
+            request.distributed,
+            profile,
+            backend=self.backend,
+            backend_distributes=self.backend_distributes,
+            engine=request.engine,
+        )
         # The whole pipeline, once, in a thread: decoding a plan of up to max_plan_bytes is
         # pure Python and takes time. A plan refused now is refused with a 422 before it is
         # queued; the backend checks again where the plan runs.
-        await anyio.to_thread.run_sync(
+        info = await anyio.to_thread.run_sync(
             lambda: check_plan(
                 data,
                 reader=self.reader(),
@@ -90,6 +105,13 @@ class QueryManager:
                 client_polars_version=request.polars_version,
             )
         )
+        # The destination a query shows is where its plan writes, not a free label.
+        written = info.output.path if info.output is not None else None
+        if request.destination is not None and written not in (None, request.destination):
+            raise InvalidInput(
+                f"options.destination is {request.destination!r}, but the plan writes "
+                f"to {written!r}; send the sink's own path as destination"
+            )
         timeout = request.timeout_s or self.settings.query_timeout_s
         if timeout > self.settings.query_timeout_max_s:
             raise InvalidInput(
@@ -117,6 +139,7 @@ class QueryManager:
                 plan_bytes=len(data),
                 timeout_s=timeout,
                 actor=principal.actor,
+                distributed=distributed.model_dump() if distributed is not None else None,
             )
 
         try:
