@@ -12,6 +12,10 @@ import click
 
 from pclease_service.config import ConfigError, Settings, load_settings
 
+#: How ``pclease serve`` runs uvicorn (``bench/ceiling.py`` serves its ceiling the same way).
+#: log_config=None: uvicorn's loggers propagate to the handler ``logs.configure`` set up.
+UVICORN_OPTIONS: dict[str, Any] = {"access_log": False, "log_config": None}
+
 config_option = click.option(
     "--config",
     "config_file",
@@ -118,8 +122,7 @@ def serve(
         _engine(settings).dispose()
     _keep_running_on_sighup(settings)
     app = create_app(Service(settings, migrate=not no_migrate, config_file=config_file))
-    # log_config=None: uvicorn's loggers propagate to the handler configured above.
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, log_config=None)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **UVICORN_OPTIONS)
 
 
 def _keep_running_on_sighup(settings: Settings) -> None:

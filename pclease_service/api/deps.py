@@ -22,7 +22,11 @@ from pclease_service.text import Text
 _HOW_TO = "create one with `pclease token create NAME --scope lease`"
 
 
-def get_service(request: Request) -> Service:
+# Every dependency here is ``async def``: FastAPI runs a plain ``def`` dependency in its
+# thread pool, a thread hop per dependency per request for what is a dictionary lookup.
+
+
+async def get_service(request: Request) -> Service:
     service: Service = request.app.state.service
     return service
 
@@ -56,7 +60,7 @@ async def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def require_admin(principal: PrincipalDep) -> Principal:
+async def require_admin(principal: PrincipalDep) -> Principal:
     if not principal.is_admin:
         raise Forbidden("this needs a token with the admin scope")
     return principal
@@ -80,19 +84,19 @@ def _shown(item_id: str) -> str:
     return item_id if len(item_id) <= _ID_MAX else item_id[:_ID_MAX] + "..."
 
 
-def _lease_id(lease_id: Annotated[str, Path()]) -> str:
+async def _lease_id(lease_id: Annotated[str, Path()]) -> str:
     if not _could_exist(lease_id):
         raise LeaseNotFound(_shown(lease_id))
     return lease_id
 
 
-def _context_id(context_id: Annotated[str, Path()]) -> str:
+async def _context_id(context_id: Annotated[str, Path()]) -> str:
     if not _could_exist(context_id):
         raise ContextNotFound(_shown(context_id))
     return context_id
 
 
-def _query_id(query_id: Annotated[str, Path()]) -> str:
+async def _query_id(query_id: Annotated[str, Path()]) -> str:
     if not _could_exist(query_id):
         raise QueryNotFound(_shown(query_id))
     return query_id

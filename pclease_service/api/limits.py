@@ -35,7 +35,13 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         limit = self._limit(scope)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if b"transfer-encoding" not in headers and declared in (None, b"0"):
+            # No body (a request without either header has none in HTTP/1.1): nothing to
+            # count or buffer; most lease requests (heartbeat, GET, release) are these.
+            await self.app(scope, receive, send)
+            return
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await self._refuse(scope, receive, send, limit)
             return

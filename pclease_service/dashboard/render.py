@@ -224,7 +224,7 @@ class Dashboard:
         return self.service.settings.profiles.get(name)
 
 
-def dash_of(request: Request) -> Dashboard:
+async def dash_of(request: Request) -> Dashboard:
     dashboard: Dashboard = request.app.state.dashboard
     return dashboard
 

@@ -35,7 +35,7 @@ from pclease_service.plans.header import HEADER_LEN, PlanHeader, read_header
 from pclease_service.plans.messagepack import (
     Blob,
     Map,
-    byte_run,
+    byte_run_values,
     decode,
     encode_path_sources,
     encode_ref,
@@ -221,7 +221,6 @@ def inspect(
 _DATA_KEYS = frozenset({"Literal", "Buffers"})
 # GLOBAL, INST, STACK_GLOBAL, EXT1, EXT2, EXT4: the opcodes that import (and so can call).
 _PICKLE_CALL_OPCODES = re.compile(rb"[\x63\x69\x93\x82\x83\x84]")
-_BYTE_PAIR = re.compile(rb"\xcc([\x80-\xff])", re.DOTALL)
 
 
 def _refuse_pickles(tree: Map, payload: bytes, python_version: tuple[int, int]) -> None:
@@ -251,10 +250,8 @@ def _refuse_pickles(tree: Map, payload: bytes, python_version: tuple[int, int]) 
 
 def _blob_bytes(blob: Blob, payload: bytes) -> bytes:
     if blob.binary:
-        return payload[blob.start : blob.start + blob.size]
-    run = byte_run(blob.size).match(payload, blob.start)
-    assert run is not None  # the decoder matched this very run
-    return _BYTE_PAIR.sub(rb"\1", run.group())
+        return payload[blob.start : blob.stop]
+    return byte_run_values(payload, blob.start, blob.stop)
 
 
 def _may_be_pickle(data: bytes, python_version: tuple[int, int]) -> bool:

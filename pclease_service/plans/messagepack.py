@@ -28,12 +28,14 @@ class Blob:
     """Binary data (``binary``: MessagePack bin) or an array of at least 16 small integers
     (how serde writes a ``Vec<u8>``): kept as its size and where it starts."""
 
-    __slots__ = ("binary", "size", "start")
+    __slots__ = ("binary", "size", "start", "stop")
 
-    def __init__(self, size: int, start: int, *, binary: bool) -> None:
+    def __init__(self, size: int, start: int, *, binary: bool, stop: int | None = None) -> None:
         self.size = size
         self.start = start
         self.binary = binary
+        #: Where its bytes end in the buffer.
+        self.stop = start + size if stop is None else stop
 
     def __repr__(self) -> str:
         return f"Blob({self.size}, binary={self.binary})"
@@ -60,17 +62,62 @@ _LEN_STR = {0xD9: 1, 0xDA: 2, 0xDB: 4}
 _LEN_BIN = {0xC4: 1, 0xC5: 2, 0xC6: 4}
 _LEN_EXT = frozenset({0xC7, 0xC8, 0xC9})
 _FIXEXT = frozenset({0xD4, 0xD5, 0xD6, 0xD7, 0xD8})
-_BYTE_RUNS: dict[int, re.Pattern[bytes]] = {}
+# How serde writes a ``Vec<u8>``: each integer 0..255 in MessagePack's shortest form, a
+# positive fixint (one byte below 0x80) or uint8 (0xcc and a byte from 0x80). An embedded
+# DataFrame is one such run of millions, so a run is recognised by C loops over the buffer
+# (bytes.translate, a literal regex substitution and the UTF-8 decoder, each reading a GB/s
+# or more) instead of a per-integer regex or Python loop (tens of MB/s). Each byte is mapped
+# to a stand-in that makes a valid run valid UTF-8 with one character per integer: a byte
+# below 0x80 to ``A``, 0xcc to 0xc3 (a UTF-8 lead byte) and any other byte from 0x80 to 0x80
+# (a continuation byte). A byte below 0x80 never follows 0xcc in a valid run, so a run of
+# 0xcc bytes always starts an integer and pairs up from its left: the substitution (left to
+# right, without overlap, like the decoder) turns each 0xcc 0xcc (the integer 204) into
+# ``B``. What is left decodes exactly as far as the bytes are a run of small integers: a
+# continuation byte where an integer starts, or 0xcc followed by a byte below 0x80, stops
+# the decoder there.
+_RUN_STANDIN = bytes(0x41 if b < 0x80 else 0xC3 if b == 0xCC else 0x80 for b in range(256))
+_INTEGER_204 = re.compile(rb"\xc3\xc3")
+_RUN_WINDOW = 1 << 20  # bytes; at least 2 (one integer)
 
 
-def byte_run(count: int) -> re.Pattern[bytes]:
-    # ``count`` integers 0..255 in MessagePack's shortest form: how serde writes a Vec<u8>.
-    pattern = _BYTE_RUNS.get(count)
-    if pattern is None:
-        pattern = re.compile(rb"(?:[\x00-\x7f]|\xcc[\x80-\xff]){%d}" % count, re.DOTALL)
-        if len(_BYTE_RUNS) < 256:
-            _BYTE_RUNS[count] = pattern
-    return pattern
+def run_standin(buf: bytes) -> bytes:
+    """``buf`` in the stand-in bytes :func:`byte_run_end` reads (one translate for a whole
+    plan is cheaper than one per run or window)."""
+    return buf.translate(_RUN_STANDIN)
+
+
+def byte_run_end(buf: bytes, pos: int, count: int, standin: bytes | None = None) -> int | None:
+    """Where a run of ``count`` small integers (a ``Vec<u8>``) starting at ``buf[pos]`` ends,
+    or None when the bytes there are not such a run. ``standin``: ``run_standin(buf)``."""
+    end = len(buf)
+    view = memoryview(buf.translate(_RUN_STANDIN) if standin is None else standin)
+    while True:
+        stop = min(end, pos + min(2 * count, _RUN_WINDOW))
+        window = _INTEGER_204.sub(b"B", view[pos:stop])
+        try:
+            tokens = window.decode("utf-8")
+            broken = False
+        except UnicodeDecodeError as exc:
+            tokens = str(memoryview(window)[: exc.start], "utf-8")
+            # A window may end between 0xcc and its byte: the next window starts at 0xcc.
+            cut = stop < end and exc.start == len(window) - 1 and window[-1] == 0xC3
+            broken = not cut
+        n = len(tokens)
+        if n >= count:
+            # "A": one byte; "B" (0xcc 0xcc) and U+00C0 (0xcc and another byte): two.
+            return pos + 2 * count - tokens.count("A", 0, count)
+        if broken or n == 0:
+            return None
+        pos += 2 * n - tokens.count("A")
+        count -= n
+
+
+def byte_run_values(buf: bytes, start: int, stop: int) -> bytes:
+    """The integers of the run ``buf[start:stop]`` (found by :func:`byte_run_end`) as bytes."""
+    return _BYTE_PAIR.sub(rb"\1", buf[start:stop])
+
+
+_BYTE_PAIR = re.compile(rb"\xcc([\x80-\xff])", re.DOTALL)
 
 
 class _Frame:
@@ -91,6 +138,7 @@ def decode(buf: bytes, start: int = 0) -> Any:
     """
     pos = start
     end = len(buf)
+    standin: bytes | None = None
     stack: list[_Frame] = []
     result: Any = None
     done = False
@@ -143,10 +191,14 @@ def decode(buf: bytes, start: int = 0) -> Any:
                 pos += width
             else:
                 count = c & 0x0F
-            run = byte_run(count).match(buf, pos) if count >= 16 else None
-            if run is not None:
-                value = Blob(count, pos, binary=False)
-                pos = run.end()
+            run_end = None
+            if count >= 16:
+                if standin is None:
+                    standin = run_standin(buf)
+                run_end = byte_run_end(buf, pos, count, standin)
+            if run_end is not None:
+                value = Blob(count, pos, binary=False, stop=run_end)
+                pos = run_end
                 count = 0
             else:
                 container = []
