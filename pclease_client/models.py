@@ -106,7 +106,8 @@ class QueryErrorInfo(Model):
 @dataclasses.dataclass(frozen=True)
 class QueryInfo(Model):
     """A query run through a lease. ``output`` is the sink's location, or the result's URL
-    for a collect."""
+    for a collect. ``inputs`` and ``outputs`` are its lineage: the paths and URIs its plan
+    scans and writes, as the service read them off the plan (a collect has no outputs)."""
 
     noun: ClassVar[str] = "query"
 
@@ -127,6 +128,8 @@ class QueryInfo(Model):
     rows: int | None
     result_bytes: int | None
     output: str | None
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
     error: QueryErrorInfo | None
 
 
@@ -210,6 +213,11 @@ def _read(tp: Any, value: object, where: str) -> Any:
             if _is(option, value):
                 return value
         raise ValueError(f"{where}: expected one of {_names(options)}, got {_kind(value)}")
+    if origin is tuple:
+        (item_type, _) = get_args(tp)  # only tuple[X, ...] is used
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {_kind(value)}")
+        return tuple(_read(item_type, item, f"{where}[{i}]") for i, item in enumerate(value))
     if origin in (Mapping, dict):
         key_type, value_type = get_args(tp)
         if not isinstance(value, dict):
@@ -273,4 +281,6 @@ def _write(value: object) -> Any:
         return value.isoformat()
     if isinstance(value, Mapping):
         return {k: _write(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_write(v) for v in value]
     return value

@@ -383,6 +383,12 @@ class QueryOut(BaseModel):
     rows: int | None
     result_bytes: int | None
     output: str | None = Field(description="Sink location, or the result URL of a collect.")
+    inputs: list[str] = Field(
+        description="Lineage: the paths and URIs the plan scans, as the client named them."
+    )
+    outputs: list[str] = Field(
+        description="Lineage: the paths and URIs the plan writes (none for a collect)."
+    )
     error: QueryError | None
 
     @classmethod
@@ -411,6 +417,8 @@ class QueryOut(BaseModel):
             rows=q.rows,
             result_bytes=q.result_bytes,
             output=q.output,
+            inputs=list(q.inputs),
+            outputs=list(q.outputs),
             error=error,
         )
 

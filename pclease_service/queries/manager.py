@@ -23,6 +23,7 @@ from pclease_service.errors import (
     QueryNotFound,
 )
 from pclease_service.notify import Notifier, long_poll
+from pclease_service.plans.access import lineage
 from pclease_service.plans.check import Reader, check_plan
 from pclease_service.plans.targets import QueryTarget
 from pclease_service.principals import Principal
@@ -79,7 +80,7 @@ class QueryManager:
         # The whole pipeline, once, in a thread: decoding a plan of up to max_plan_bytes is
         # pure Python and takes time. A plan refused now is refused with a 422 before it is
         # queued; the backend checks again where the plan runs.
-        await anyio.to_thread.run_sync(
+        checked = await anyio.to_thread.run_sync(
             lambda: check_plan(
                 data,
                 reader=self.reader(),
@@ -95,6 +96,7 @@ class QueryManager:
             raise InvalidInput(
                 f"timeout_s may be at most {self.settings.query_timeout_max_s:g} seconds"
             )
+        inputs, outputs = lineage(checked)
         query_id = str(uuid.uuid4())
         await anyio.to_thread.run_sync(self.spool.write_plan, query_id, data)
 
@@ -117,6 +119,8 @@ class QueryManager:
                 plan_bytes=len(data),
                 timeout_s=timeout,
                 actor=principal.actor,
+                inputs=inputs,
+                outputs=outputs,
             )
 
         try:

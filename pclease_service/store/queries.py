@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -37,6 +37,10 @@ class QueryRecord:
     rows: int | None
     result_bytes: int | None
     output: str | None
+    #: Lineage: the paths the plan scans and the sinks it writes (empty on rows from
+    #: before revision 0006).
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
     error_type: str | None
     error_message: str | None
 
@@ -44,6 +48,8 @@ class QueryRecord:
     def from_row(cls, row: Row[Any]) -> QueryRecord:
         m = dict(row._mapping)
         m["state"] = QueryState(m["state"])
+        m["inputs"] = tuple(str(path) for path in m["inputs"] or ())
+        m["outputs"] = tuple(str(path) for path in m["outputs"] or ())
         return cls(**m)
 
 
@@ -62,6 +68,8 @@ def insert_query(
     plan_bytes: int,
     timeout_s: float,
     actor: str,
+    inputs: Sequence[str] = (),
+    outputs: Sequence[str] = (),
 ) -> QueryRecord:
     row = tx.conn.execute(
         insert(queries)
@@ -80,6 +88,8 @@ def insert_query(
             timeout_s=timeout_s,
             cancel_requested=0,
             created_at=tx.now,
+            inputs=list(inputs),
+            outputs=list(outputs),
         )
         .returning(*queries.c)
     ).one()
