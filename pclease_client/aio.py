@@ -366,8 +366,10 @@ class AsyncLease(LeaseHandle):
                     self.id, LeaseState.PENDING, f"context not running after {timeout_s:g} s"
                 )
             self._say(f"lease {self.id}: waiting for context {self.context_id} to start")
+            # Bounded by the heartbeat interval: the wait must not outlast the TTL.
+            wait_s = min(WATCH_S, left, self.info.heartbeat_interval_s)
             self.info = await self.client.get_lease(
-                self.id, wait_s=min(WATCH_S, left), while_state=LeaseState.PENDING
+                self.id, wait_s=wait_s, while_state=LeaseState.PENDING
             )
             # A long wait counts against the TTL: keep the lease alive meanwhile.
             if self.info.state is LeaseState.PENDING:
@@ -480,8 +482,10 @@ class AsyncLease(LeaseHandle):
         """Follow a query of this lease until it ends; a query cancelled because the lease
         ended raises :class:`LeaseLost` (or :class:`LeaseClosed`) saying so."""
         try:
-            return await self.client.wait_query(
-                query_id, on_progress=on_progress or self._report, check=self.check
+            return self._succeeded(
+                await self.client.wait_query(
+                    query_id, on_progress=on_progress or self._report, check=self.check
+                )
             )
         except QueryFailed as exc:
             if exc.state is QueryState.CANCELLED:

@@ -155,6 +155,10 @@ class LeaseHandle:
         self._closed_by = ""
         #: Set once the lease ended underneath its holder.
         self.lost: LeaseLost | None = None
+        #: Every query that succeeded through this handle, in order (their lineage too).
+        self.queries: list[QueryInfo] = []
+        #: Called with each query that succeeds through this handle (lineage reporting).
+        self.on_query: Callable[[QueryInfo], None] | None = None
         if info.state is LeaseState.ACTIVE:
             self._handle = HandleState.HELD
         elif info.state.is_terminal:
@@ -241,6 +245,12 @@ class LeaseHandle:
             raise LeaseClosed(self.id, doing, self._closed_by) from exc
         if self.lost is not None:
             raise self.lost from exc
+
+    def _succeeded(self, query: QueryInfo) -> QueryInfo:
+        self.queries.append(query)
+        if self.on_query is not None:
+            self.on_query(query)
+        return query
 
     def _report(self, query: QueryInfo) -> None:
         extra = ""
@@ -455,8 +465,10 @@ class Lease(LeaseHandle):
             raise
         self._say(f"query {query.id} submitted ({submission.options['target']})")
         try:
-            return self.client.wait_query(
-                query.id, on_progress=on_progress or self._report, check=self.check
+            return self._succeeded(
+                self.client.wait_query(
+                    query.id, on_progress=on_progress or self._report, check=self.check
+                )
             )
         except QueryFailed as exc:
             # The service cancels the queries of a lease that ends: say why it ended.
