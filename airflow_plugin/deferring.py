@@ -17,9 +17,20 @@ from airflow_plugin.hooks import PcleaseHook, PcleaseLeaseLostError, holder_labe
 from airflow_plugin.links import persist_lease_link
 from pclease_client import LeaseInfo, LeaseLost, LeaseRef, LeaseState, PcleaseClient
 
-#: A query that ends within this long is waited for in the task; a longer one is deferred
-#: (handing it to the triggerer and back costs a few seconds of scheduling).
-SHORT_QUERY_S = 2.0
+#: The TTL of a deferrable task's lease unless the task sets one: the lease passes from the
+#: task to the triggerer and back, and each handover waits for Airflow to schedule it (tens
+#: of seconds on a busy deployment; a triggerer that dies is replaced after its health
+#: check threshold, 30 s by default).
+DEFERRED_TTL_S = 300.0
+#: A context that runs, or a query that ends, within this long is waited for in the task;
+#: a longer wait is deferred (handing it to the triggerer and back costs seconds of
+#: scheduling).
+SHORT_WAIT_S = 2.0
+#: The trigger fires no earlier than this long after the task deferred. Airflow 3.3's
+#: scheduler fails a task that was resumed (and runs again) before it processed the end of
+#: the process that deferred it, which takes seconds on a busy machine (the LocalExecutor
+#: reports both under one key): a trigger that fired at once would lose the task.
+SETTLE_S = 10.0
 
 
 def default_deferrable() -> bool:
@@ -40,10 +51,13 @@ def lease_for_deferral(
     holder: Mapping[str, Any] | None = None,
 ) -> tuple[LeaseInfo, LeaseRef]:
     """Lease ``profile`` for the running task (no watchdog: the task process is meant to
-    end while the lease lives on in the triggerer); store its dashboard link."""
+    end while the lease lives on in the triggerer); store its dashboard link. Without a
+    ``ttl_s``, the lease gets :data:`DEFERRED_TTL_S`."""
     who = {**task_holder(context), **dict(holder or {})}
     client: PcleaseClient = hook.get_conn()
-    info = client.create_lease(profile, holder=who, ttl_s=ttl_s)
+    info = client.create_lease(
+        profile, holder=who, ttl_s=DEFERRED_TTL_S if ttl_s is None else ttl_s
+    )
     hook.log.info(
         "leased pclease profile %r: lease %s on context %s (%s); dashboard: %s",
         profile,
@@ -59,6 +73,19 @@ def lease_for_deferral(
 def deadline(start_timeout_s: float) -> float:
     """When a context must run by, on the wall clock (the trigger may run elsewhere)."""
     return time.time() + start_timeout_s
+
+
+def settled() -> float:
+    """When a trigger deferred to now may fire (see :data:`SETTLE_S`), on the wall clock."""
+    return time.time() + SETTLE_S
+
+
+def wait_briefly(hook: PcleaseHook, info: LeaseInfo) -> LeaseInfo:
+    """The lease once its context runs, or after :data:`SHORT_WAIT_S` (a warm or quick
+    context is not worth deferring for)."""
+    if info.state is not LeaseState.PENDING:
+        return info
+    return hook.get_conn().get_lease(info.id, wait_s=SHORT_WAIT_S, while_state=LeaseState.PENDING)
 
 
 def lease_from_event(event: Mapping[str, Any] | None, start_timeout_s: float) -> LeaseRef:

@@ -7,6 +7,7 @@ which only the service holds.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping
@@ -202,7 +203,9 @@ class PcleaseHook(BaseHook):
                 f"connection {self.pclease_conn_id!r} has no password: put a pclease "
                 "token there (make one with `pclease token create NAME --scope lease`)"
             )
-        return AsyncPcleaseClient(
+        # In a thread: building the client loads the TLS trust store, which blocks.
+        return await asyncio.to_thread(
+            AsyncPcleaseClient,
             settings.base_url,
             conn.password,
             timeout_s=self._timeout_s or settings.timeout_s,

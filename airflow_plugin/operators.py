@@ -12,12 +12,14 @@ from airflow.sdk import BaseOperator
 
 from airflow_plugin import lineage
 from airflow_plugin.deferring import (
-    SHORT_QUERY_S,
+    SHORT_WAIT_S,
     deadline,
     default_deferrable,
     lease_for_deferral,
     lease_from_event,
     release_quietly,
+    settled,
+    wait_briefly,
 )
 from airflow_plugin.hooks import PcleaseHook, PcleaseLeaseLostError, TaskLease, task_holder
 from airflow_plugin.links import PcleaseLeaseLink, persist_lease_link
@@ -226,6 +228,7 @@ class PcleaseOperator(ReportsLineage, SerializesConnId, BaseOperator):
     def _execute_deferring(self, context: Any) -> dict[str, Any]:
         with closing(PcleaseHook(self.pclease_conn_id)) as hook:
             info, ref = lease_for_deferral(hook, context, self.profile, ttl_s=self.ttl_s)
+            info = wait_briefly(hook, info)
             if info.state is LeaseState.PENDING:
                 self.log.info(
                     "context %s is starting: deferring until it runs (the worker slot is "
@@ -237,6 +240,7 @@ class PcleaseOperator(ReportsLineage, SerializesConnId, BaseOperator):
                         lease=ref.to_json(),
                         pclease_conn_id=self.pclease_conn_id,
                         deadline_at=deadline(self.start_timeout_s),
+                        not_before=settled(),
                     ),
                     method_name="execute_running",
                 )
@@ -268,7 +272,7 @@ class PcleaseOperator(ReportsLineage, SerializesConnId, BaseOperator):
             )
             query = client.submit(lease.id, submission)
             self.log.info("query %s submitted on lease %s", query.id, lease.id)
-            query = client.get_query(query.id, wait_s=SHORT_QUERY_S)
+            query = client.get_query(query.id, wait_s=SHORT_WAIT_S)
         except BaseException:
             lease.close("the task failed")
             raise
@@ -279,7 +283,10 @@ class PcleaseOperator(ReportsLineage, SerializesConnId, BaseOperator):
             self.log.info("query %s is %s: deferring until it ends", query.id, query.state.value)
             self.defer(
                 trigger=PcleaseLeaseTrigger(
-                    lease=ref.to_json(), pclease_conn_id=self.pclease_conn_id, query_id=query.id
+                    lease=ref.to_json(),
+                    pclease_conn_id=self.pclease_conn_id,
+                    query_id=query.id,
+                    not_before=settled(),
                 ),
                 method_name="execute_complete",
             )
@@ -398,6 +405,9 @@ class PcleaseAcquireLeaseOperator(SerializesConnId, BaseOperator):
             info, ref = lease_for_deferral(
                 hook, context, self.profile, ttl_s=self.ttl_s, holder={"purpose": "warm"}
             )
+            info = wait_briefly(hook, info)
+        if info.state.is_terminal:
+            raise PcleaseLeaseLostError.from_lost(LeaseLost.of(info))
         if info.state is LeaseState.PENDING:
             self.log.info("context %s is starting: deferring until it runs", info.context_id)
             self.defer(
@@ -405,6 +415,7 @@ class PcleaseAcquireLeaseOperator(SerializesConnId, BaseOperator):
                     lease=ref.to_json(),
                     pclease_conn_id=self.pclease_conn_id,
                     deadline_at=deadline(self.start_timeout_s),
+                    not_before=settled(),
                 ),
                 method_name="execute_running",
             )

@@ -32,7 +32,14 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_plugin.hooks import PcleaseHook
-from pclease_client import AsyncLease, AsyncPcleaseClient, LeaseLost, LeaseRef, QueryFailed
+from pclease_client import (
+    AsyncLease,
+    AsyncPcleaseClient,
+    HandleState,
+    LeaseLost,
+    LeaseRef,
+    QueryFailed,
+)
 
 #: How long on_kill's calls may take (Airflow bounds on_kill too).
 KILL_TIMEOUT_S = 10.0
@@ -47,6 +54,8 @@ class PcleaseLeaseTrigger(BaseTrigger):
     :param query_id: the query to wait for (none: wait for the context to run)
     :param deadline_at: when the context must run by (seconds since the epoch; a wall
         clock, so that a trigger restarted elsewhere keeps the task's deadline)
+    :param not_before: fire no earlier than this (seconds since the epoch; see
+        :data:`airflow_plugin.deferring.SETTLE_S`), holding the lease meanwhile
     """
 
     def __init__(
@@ -56,12 +65,14 @@ class PcleaseLeaseTrigger(BaseTrigger):
         pclease_conn_id: str = PcleaseHook.default_conn_name,
         query_id: str | None = None,
         deadline_at: float | None = None,
+        not_before: float | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.lease = LeaseRef.from_json(lease).to_json()
         self.pclease_conn_id = pclease_conn_id
         self.query_id = query_id
         self.deadline_at = deadline_at
+        self.not_before = not_before
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -71,6 +82,7 @@ class PcleaseLeaseTrigger(BaseTrigger):
                 "pclease_conn_id": self.pclease_conn_id,
                 "query_id": self.query_id,
                 "deadline_at": self.deadline_at,
+                "not_before": self.not_before,
             },
         )
 
@@ -87,6 +99,7 @@ class PcleaseLeaseTrigger(BaseTrigger):
         try:
             lease = await client.resume(LeaseRef.from_json(self.lease), on_progress=self.log.info)
             event = await self._wait(lease)
+            await self._settle(lease)
         finally:
             # Stop heartbeating without releasing: the task (or the next trigger) goes on
             # holding the lease. Shielded: this runs when the triggerer cancels the run.
@@ -124,6 +137,15 @@ class PcleaseLeaseTrigger(BaseTrigger):
                 "state": lost.state.value if lost.state is not None else None,
                 "reason": lost.reason,
             }
+
+    async def _settle(self, lease: AsyncLease) -> None:
+        """Wait until ``not_before``, heartbeating a held lease meanwhile."""
+        left = (self.not_before or 0.0) - time.time()
+        if left <= 0:
+            return
+        if lease.handle_state is HandleState.HELD and not lease.beating:
+            lease.start_heartbeats()
+        await asyncio.sleep(left)
 
     def _timeout(self) -> dict[str, Any]:
         return {"status": "timeout", "lease_id": self.lease_id}

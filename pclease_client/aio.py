@@ -354,6 +354,11 @@ class AsyncLease(LeaseHandle):
             info, owned=owned, labels=labels, polars_errors=polars_errors, on_progress=on_progress
         )
 
+    @property
+    def beating(self) -> bool:
+        """Whether the heartbeat task runs."""
+        return self._beating is not None and not self._beating.done()
+
     async def wait_active(self, timeout_s: float) -> None:
         """Wait until the lease's context runs, heartbeating meanwhile; raise
         :class:`LeaseLost` if it ends instead or ``timeout_s`` passes (then it is released)."""

@@ -17,7 +17,7 @@ import polars as pl
 import pytest
 from polars.exceptions import ColumnNotFoundError
 
-from airflow_plugin import lineage
+from airflow_plugin import deferring, lineage
 from airflow_plugin.deferring import default_deferrable
 from airflow_plugin.hooks import PcleaseLeaseLostError
 from airflow_plugin.operators import PcleaseAcquireLeaseOperator, PcleaseOperator
@@ -55,6 +55,12 @@ def deferral(caught: pytest.ExceptionInfo[Any]) -> tuple[PcleaseLeaseTrigger, st
     return revived(deferred.trigger), str(deferred.method_name)
 
 
+@pytest.fixture(autouse=True)
+def fire_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deferred tasks' triggers may fire at once here (no scheduler to race with)."""
+    monkeypatch.setattr(deferring, "SETTLE_S", 0.0)
+
+
 # -- the trigger -------------------------------------------------------------------------
 
 
@@ -73,6 +79,7 @@ def test_the_trigger_serializes_the_lease_reference_never_the_token(pclease: Pcl
         "pclease_conn_id": "pclease_x",
         "query_id": "q-1",
         "deadline_at": 12.5,
+        "not_before": None,
     }
     assert pclease.fake.token not in json.dumps(kwargs)
     assert revived(trigger).serialize() == (classpath, kwargs)
@@ -139,6 +146,22 @@ async def test_a_lease_revoked_while_deferred_wakes_the_task_with_the_reason(
         "reason": "ops needed the context",
     }
     assert fake.query(query.id).state is QueryState.CANCELLED
+
+
+async def test_the_trigger_fires_no_earlier_than_it_was_told(pclease: Pclease) -> None:
+    """A deferred task resumed before Airflow saw its process end would be failed by the
+    scheduler: the operators tell the trigger when it may fire (deferring.SETTLE_S)."""
+    fake = pclease.fake
+    with fake.client() as client:
+        info = client.create_lease("small", ttl_s=1.5)
+    not_before = time.time() + 1.0
+    trigger = PcleaseLeaseTrigger(lease=LeaseRef(info.id).to_json(), not_before=not_before)
+    event = await asyncio.wait_for(first_event(trigger), 30)
+    assert event["status"] == "running"
+    assert time.time() >= not_before
+    beat = f"POST /v1/leases/{info.id}/heartbeat"
+    assert fake.requests.count(beat) >= 1  # held while it waited
+    assert fake.lease(info.id).state is LeaseState.ACTIVE
 
 
 async def test_a_context_not_running_by_the_deadline_releases_the_lease(pclease: Pclease) -> None:
