@@ -35,16 +35,27 @@ from pclease_client.aio import AsyncLease, AsyncPcleaseClient, AsyncRemoteQuery
 from pclease_client.client import PcleaseClient
 from pclease_client.errors import (
     ApiError,
+    BudgetExhausted,
     CapacityExhausted,
     LeaseClosed,
     LeaseEnded,
     LeaseLost,
     PcleaseClientError,
     QueryFailed,
+    QuotaExceeded,
+    QuotaName,
+    QuotaUse,
     RequestFailed,
 )
 from pclease_client.lease import HandleState, Lease, LeaseRef, RemoteQuery
-from pclease_client.models import ContextInfo, EventInfo, LeaseInfo, ProfileInfo, QueryInfo
+from pclease_client.models import (
+    ContextInfo,
+    DistributedInfo,
+    EventInfo,
+    LeaseInfo,
+    ProfileInfo,
+    QueryInfo,
+)
 from pclease_client.plans import Submission, build_submission
 from pclease_client.states import ContextState, LeaseState, QueryState, StopKind
 
@@ -53,9 +64,11 @@ __all__ = [
     "AsyncLease",
     "AsyncPcleaseClient",
     "AsyncRemoteQuery",
+    "BudgetExhausted",
     "CapacityExhausted",
     "ContextInfo",
     "ContextState",
+    "DistributedInfo",
     "EventInfo",
     "HandleState",
     "Lease",
@@ -71,6 +84,9 @@ __all__ = [
     "QueryFailed",
     "QueryInfo",
     "QueryState",
+    "QuotaExceeded",
+    "QuotaName",
+    "QuotaUse",
     "RemoteQuery",
     "RequestFailed",
     "StopKind",

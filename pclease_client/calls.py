@@ -141,12 +141,14 @@ def _transient(error: Exception) -> bool:
 def error_of(response: httpx.Response) -> PcleaseClientError:
     """The exception for an error answer (``{"error": {"code", "message"}}``, or whatever
     a proxy in front of the service sent)."""
+    error: Any = None
     try:
         error = response.json()["error"]
         code, message = str(error["code"]), str(error["message"])
     except (ValueError, KeyError, TypeError):
         code, message = "http_error", response.text[:500]
-    return api_error(response.status_code, code, message, response.headers)
+    details = error if isinstance(error, dict) else None
+    return api_error(response.status_code, code, message, response.headers, details)
 
 
 # -- reading answers ---------------------------------------------------------------------

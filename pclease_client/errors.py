@@ -7,6 +7,7 @@
     │   ├── BadRequest                400 bad_request
     │   ├── Unauthorized              401 unauthorized
     │   ├── Forbidden                 403 forbidden
+    │   │   └── BudgetExhausted       403 budget_exhausted (quota: a QuotaUse)
     │   ├── NotFound                  404 not_found
     │   │   ├── LeaseNotFound         404 lease_not_found
     │   │   ├── ContextNotFound       404 context_not_found
@@ -21,6 +22,7 @@
     │   │   └── PlanRefused           422 PlanRefusal: plan_invalid | plan_version_mismatch |
     │   │                                 python_udf_refused | plan_refused
     │   ├── CapacityExhausted         429 capacity_exhausted (retry_after_s)
+    │   ├── QuotaExceeded             429 quota_exceeded (retry_after_s; quota: a QuotaUse)
     │   ├── InternalError             500 internal_error (the message names an incident id)
     │   └── ServiceUnavailable        503, or 502/504 from a proxy in front of the service
     │       ├── BackendUnavailable    503 backend_unavailable
@@ -41,8 +43,10 @@ Transient answers (502, 503, 504) and lost connections are retried before they a
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pclease_client.states import LeaseState, QueryState
 
@@ -77,6 +81,69 @@ class Unauthorized(ApiError):
 
 class Forbidden(ApiError):
     status, code = 403, "forbidden"
+
+
+class QuotaName(StrEnum):
+    """Which of the token's limits refused a request."""
+
+    LIVE_LEASES = "live_leases"
+    LIVE_CONTEXTS = "live_contexts"
+    INSTANCE_HOURS_PER_DAY = "instance_hours_per_day"
+    MONTHLY_BUDGET = "monthly_budget"
+
+
+@dataclass(frozen=True)
+class QuotaUse:
+    """The limit that refused a request: what the token uses, the limit, and when the
+    window restarts (``frees_at``; None when it frees as the token's leases or contexts
+    end, see ``retry_after_s``). ``profile`` is None for the token-wide limits."""
+
+    name: QuotaName
+    used: float
+    limit: float
+    profile: str | None = None
+    frees_at: datetime | None = None
+
+    @classmethod
+    def from_json(cls, data: Any) -> QuotaUse | None:
+        """The ``quota`` of an error body; None when there is none or it cannot be read
+        (the error is still raised, by its code)."""
+        if not isinstance(data, Mapping):
+            return None
+        try:
+            frees_at = data.get("frees_at")
+            return cls(
+                name=QuotaName(data["name"]),
+                used=float(data["used"]),
+                limit=float(data["limit"]),
+                profile=data.get("profile"),
+                frees_at=datetime.fromisoformat(frees_at) if frees_at else None,
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name.value,
+            "profile": self.profile,
+            "used": self.used,
+            "limit": self.limit,
+            "frees_at": self.frees_at.isoformat() if self.frees_at else None,
+        }
+
+
+class BudgetExhausted(Forbidden):
+    """The token spent its hard monthly budget on the profile: no new context of it
+    until :attr:`quota` ``.frees_at`` (joining a running one still works). Retrying sooner
+    does not help."""
+
+    code = "budget_exhausted"
+
+    def __init__(
+        self, status: int, code: str, message: str, *, quota: QuotaUse | None = None
+    ) -> None:
+        super().__init__(status, code, message)
+        self.quota = quota
 
 
 class NotFound(ApiError):
@@ -155,6 +222,27 @@ class CapacityExhausted(ApiError):
     ) -> None:
         super().__init__(status, code, message)
         self.retry_after_s = retry_after_s
+
+
+class QuotaExceeded(ApiError):
+    """The token is at one of its quotas (:attr:`quota` says which, what it uses and the
+    limit); nothing it holds was touched. Retry after :attr:`retry_after_s`, or release
+    something first."""
+
+    status, code = 429, "quota_exceeded"
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        quota: QuotaUse | None = None,
+    ) -> None:
+        super().__init__(status, code, message)
+        self.retry_after_s = retry_after_s
+        self.quota = quota
 
 
 class InternalError(ApiError):
@@ -294,6 +382,8 @@ _BY_CODE: dict[str, type[ApiError]] = {
         InvalidInput,
         UnknownProfile,
         CapacityExhausted,
+        QuotaExceeded,
+        BudgetExhausted,
         InternalError,
         BackendUnavailable,
         DatabaseBusy,
@@ -320,14 +410,23 @@ ERROR_CODES: Mapping[str, type[ApiError]] = _BY_CODE
 
 
 def api_error(
-    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    status: int,
+    code: str,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    error: Mapping[str, Any] | None = None,
 ) -> ApiError:
-    """The exception for an error answer: by its code, else by its status."""
+    """The exception for an error answer: by its code, else by its status. ``error`` is
+    the body's ``error`` object, for the fields some codes carry beside the message."""
     cls = _BY_CODE.get(code) or _BY_STATUS.get(status) or ApiError
+    retry_after = _retry_after((headers or {}).get("retry-after"))
+    quota = QuotaUse.from_json((error or {}).get("quota"))
     if cls is CapacityExhausted:
-        return CapacityExhausted(
-            status, code, message, retry_after_s=_retry_after((headers or {}).get("retry-after"))
-        )
+        return CapacityExhausted(status, code, message, retry_after_s=retry_after)
+    if cls is QuotaExceeded:
+        return QuotaExceeded(status, code, message, retry_after_s=retry_after, quota=quota)
+    if cls is BudgetExhausted:
+        return BudgetExhausted(status, code, message, quota=quota)
     return cls(status, code, message)
 
 

@@ -1,8 +1,9 @@
 """A held lease: heartbeats in the background, watches for its end, runs queries.
 
 ``lease.remote(lf)`` mirrors Polars Cloud's ``lf.remote(ctx)``: choose a sink
-(``sink_parquet``, ``sink_csv``, ``sink_ipc``, ``sink_ndjson``) or ``collect``. Only the
-plan travels; the query runs on the leased context.
+(``sink_parquet``, ``sink_csv``, ``sink_ipc``, ``sink_ndjson``) or ``collect``, after
+``.distributed(...)`` or ``.single_node()`` if the profile's default does not suit. Only
+the plan travels; the query runs on the leased context.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pclease_client.errors import LeaseClosed, LeaseEnded, LeaseLost, QueryFailed
 from pclease_client.models import LeaseInfo, QueryInfo
-from pclease_client.plans import Engine, Submission, Target, build_submission
+from pclease_client.plans import (
+    Engine,
+    ShuffleCompression,
+    ShuffleFormat,
+    SingleWorkerOps,
+    Submission,
+    Target,
+    build_submission,
+)
 from pclease_client.states import LeaseState, QueryState
 
 if TYPE_CHECKING:
@@ -489,7 +498,9 @@ class Lease(LeaseHandle):
 
 
 class RemoteQuery:
-    """One LazyFrame on its way to a lease's context: say where its result goes."""
+    """One LazyFrame on its way to a lease's context: say where its result goes, and
+    optionally how it runs (``.distributed(...)`` or ``.single_node()``, as on Polars
+    Cloud; without either the lease's profile decides)."""
 
     def __init__(
         self,
@@ -499,12 +510,61 @@ class RemoteQuery:
         engine: Engine,
         labels: Mapping[str, str],
         timeout_s: float | None,
+        distributed: bool | Mapping[str, Any] | None = None,
     ) -> None:
         self._lease = lease
         self._lf = lf
         self._engine: Engine = engine
         self._labels = dict(labels)
         self._timeout_s = timeout_s
+        self._distributed = distributed
+
+    def _with(self, distributed: bool | Mapping[str, Any]) -> RemoteQuery:
+        return RemoteQuery(
+            self._lease,
+            self._lf,
+            engine=self._engine,
+            labels=self._labels,
+            timeout_s=self._timeout_s,
+            distributed=distributed,
+        )
+
+    def distributed(
+        self,
+        *,
+        shuffle_compression: ShuffleCompression | None = None,
+        shuffle_format: ShuffleFormat | None = None,
+        shuffle_compression_level: int | None = None,
+        equi_join_broadcast_limit: int | None = None,
+        partitions_per_worker: int | None = None,
+        single_worker_ops: SingleWorkerOps | None = None,
+        expression_lowering: bool | None = None,
+        min_workers: int | None = None,
+        max_workers: int | None = None,
+    ) -> RemoteQuery:
+        """Run on Polars Cloud's distributed engine, like ``lf.remote(ctx).distributed()``
+        (same keywords). What is left out comes from the profile's defaults, then from
+        Polars Cloud's. The service answers 422 (``InvalidInput``) when the lease's backend
+        or profile cannot run distributed queries (the local backend; cluster_size 1)."""
+        if self._engine == "in-memory":
+            raise ValueError("engine 'in-memory' not supported for distributed queries")
+        given = {
+            "shuffle_compression": shuffle_compression,
+            "shuffle_format": shuffle_format,
+            "shuffle_compression_level": shuffle_compression_level,
+            "equi_join_broadcast_limit": equi_join_broadcast_limit,
+            "partitions_per_worker": partitions_per_worker,
+            "single_worker_ops": single_worker_ops,
+            "expression_lowering": expression_lowering,
+            "min_workers": min_workers,
+            "max_workers": max_workers,
+        }
+        settings = {key: value for key, value in given.items() if value is not None}
+        return self._with(settings or True)
+
+    def single_node(self) -> RemoteQuery:
+        """Run on one node, even on a profile whose queries run distributed by default."""
+        return self._with(False)
 
     def _run(
         self,
@@ -522,6 +582,7 @@ class RemoteQuery:
             labels=self._labels,
             timeout_s=self._timeout_s,
             sink_options=sink_options,
+            distributed=self._distributed,
         )
         try:
             return self._lease.run(submission)

@@ -104,6 +104,24 @@ class QueryErrorInfo(Model):
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedInfo(Model):
+    """The settings a query runs with on Polars Cloud's distributed engine (those of
+    ``polars_cloud``'s ``lf.remote(ctx).distributed(...)``)."""
+
+    noun: ClassVar[str] = "distributed settings"
+
+    min_workers: int | None
+    max_workers: int | None
+    shuffle_compression: str
+    shuffle_format: str
+    shuffle_compression_level: int | None
+    equi_join_broadcast_limit: int
+    partitions_per_worker: int | None
+    single_worker_ops: str
+    expression_lowering: bool | None
+
+
+@dataclasses.dataclass(frozen=True)
 class QueryInfo(Model):
     """A query run through a lease. ``output`` is the sink's location, or the result's URL
     for a collect. ``inputs`` and ``outputs`` are its lineage: the paths and URIs its plan
@@ -131,6 +149,12 @@ class QueryInfo(Model):
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     error: QueryErrorInfo | None
+    #: None: the query runs on one node.
+    distributed: DistributedInfo | None
+    #: While queued: 1 for the next query its context runs, 2 for the one after, ...
+    queue_position: int | None
+    #: From submission until it started (so far, while it waits).
+    queued_s: float | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +193,8 @@ class ProfileInfo(Model):
     max_contexts: int
     max_lifetime_s: float | None
     hourly_cost: float
+    #: Queries one context runs at once; more wait in its queue.
+    concurrent_queries: int
 
 
 def read_list(model: type[Model], key: str, data: object) -> list[Any]:

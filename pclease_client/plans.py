@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 
 Target = Literal["collect", "parquet", "csv", "ipc", "ndjson"]
 Engine = Literal["auto", "streaming", "in-memory"]
+ShuffleCompression = Literal["auto", "uncompressed", "lz4", "zstd"]
+ShuffleFormat = Literal["auto", "ipc", "parquet"]
+SingleWorkerOps = Literal["auto", "allow", "forbid"]
 IN_MEMORY_SINK = "<in-memory>"
 
 
@@ -35,13 +38,20 @@ def build_submission(
     labels: Mapping[str, str] | None = None,
     timeout_s: float | None = None,
     sink_options: Mapping[str, Any] | None = None,
+    distributed: bool | Mapping[str, Any] | None = None,
 ) -> Submission:
     """Attach the sink for ``target`` to ``lf`` and serialize it for the service.
 
     ``storage_options`` (object-store credentials) travel inside the plan, as they do to
     Polars Cloud, and are never part of the options the service records. Scans that take
     ``storage_options`` need ``credential_provider=None`` too, for the same reason.
+
+    ``distributed``: None lets the lease's profile decide, False runs on one node, True or
+    settings (``min_workers``, ``shuffle_format``, ...) on Polars Cloud's distributed
+    engine.
     """
+    if distributed is not None and distributed is not False and engine == "in-memory":
+        raise ValueError("engine 'in-memory' cannot run distributed queries")
     import polars as pl
     from polars._utils.cloud import prepare_cloud_plan
 
@@ -79,4 +89,6 @@ def build_submission(
         options["destination"] = destination
     if timeout_s is not None:
         options["timeout_s"] = timeout_s
+    if distributed is not None:
+        options["distributed"] = distributed if isinstance(distributed, bool) else dict(distributed)
     return Submission(plan=plan, options=options)

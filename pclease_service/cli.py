@@ -117,23 +117,22 @@ def serve(
     if no_migrate:
         _engine(settings).dispose()
     _keep_running_on_sighup(settings)
-    app = create_app(Service(settings, migrate=not no_migrate))
+    app = create_app(Service(settings, migrate=not no_migrate, config_file=config_file))
     # log_config=None: uvicorn's loggers propagate to the handler configured above.
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, log_config=None)
 
 
 def _keep_running_on_sighup(settings: Settings) -> None:
-    """SIGHUP is the reload signal (``systemctl reload``, ``kill -HUP``). The service
-    replaces this handler with one that re-reads the Polars Cloud credentials when it has
-    any; without credentials there is nothing to re-read, but the signal's default action
-    would end the process."""
+    """SIGHUP is the reload signal (``systemctl reload``, ``kill -HUP``). Once started, the
+    service replaces this handler with one that re-reads the quotas and the Polars Cloud
+    credentials; until then the signal's default action would end the process."""
     import logging
     import signal
 
     log = logging.getLogger("pclease")
 
     def on_sighup(signum: int, frame: object) -> None:
-        log.info("SIGHUP: the %s backend has no credentials to re-read", settings.backend.value)
+        log.info("SIGHUP before the service started: nothing re-read (%s)", settings.backend.value)
 
     signal.signal(signal.SIGHUP, on_sighup)
 

@@ -23,7 +23,7 @@ import os
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -69,6 +69,80 @@ class LocalProfileOptions(BaseModel):
     boot_delay_s: float = Field(0.0, ge=0, le=600, description="Simulated boot time.")
 
 
+ShuffleCompression = Literal["auto", "uncompressed", "lz4", "zstd"]
+ShuffleFormat = Literal["auto", "ipc", "parquet"]
+SingleWorkerOps = Literal["auto", "allow", "forbid"]
+ScalingMode = Literal["auto", "distributed", "single-node"]
+
+
+class DistributedSettings(BaseModel):
+    """How a distributed query runs on Polars Cloud: the options of polars-cloud's
+    ``lf.remote(ctx).distributed(...)`` (0.12), with its defaults. A query's settings and a
+    profile's defaults have this shape; the query's win field by field."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    min_workers: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="Workers that must be available before the query starts (at most the "
+        "profile's cluster_size).",
+    )
+    max_workers: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="Most workers the query uses and is planned for (at most cluster_size).",
+    )
+    shuffle_compression: ShuffleCompression = "auto"
+    shuffle_format: ShuffleFormat = "auto"
+    shuffle_compression_level: int | None = Field(
+        None, ge=1, le=22, description="zstd level; only with shuffle_compression = 'zstd'."
+    )
+    equi_join_broadcast_limit: int = Field(
+        256 * 1024**2,
+        ge=0,
+        description="Largest side (bytes) an equi join may broadcast; 0 never broadcasts.",
+    )
+    partitions_per_worker: int | None = Field(None, ge=1, le=100_000)
+    single_worker_ops: SingleWorkerOps = "auto"
+    expression_lowering: bool | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if (
+            self.min_workers is not None
+            and self.max_workers is not None
+            and self.min_workers > self.max_workers
+        ):
+            raise ValueError(
+                f"min_workers ({self.min_workers}) must not exceed max_workers ({self.max_workers})"
+            )
+        if self.shuffle_compression_level is not None and self.shuffle_compression != "zstd":
+            raise ValueError(
+                "shuffle_compression_level only applies to shuffle_compression = 'zstd'; "
+                "set that too, or leave the level out"
+            )
+        return self
+
+    def over(self, defaults: DistributedSettings) -> DistributedSettings:
+        """These settings where they were given, ``defaults`` everywhere else."""
+        given = self.model_dump(include=self.model_fields_set)
+        return DistributedSettings.model_validate({**defaults.model_dump(), **given})
+
+    def workers_problem(self, cluster_size: int) -> str | None:
+        """Why these settings cannot run on ``cluster_size`` nodes, or None."""
+        for name in ("min_workers", "max_workers"):
+            value = getattr(self, name)
+            if value is not None and value > cluster_size:
+                return (
+                    f"{name} = {value} is more than the profile's cluster_size of "
+                    f"{cluster_size}; ask for at most {cluster_size} workers"
+                )
+        return None
+
+
 class PolarsCloudProfileOptions(BaseModel):
     """Settings only the Polars Cloud backend reads."""
 
@@ -78,6 +152,15 @@ class PolarsCloudProfileOptions(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     idle_timeout_mins: int = Field(
         30, ge=10, description="Polars Cloud's own idle stop, kept as a backstop."
+    )
+    scaling_mode: ScalingMode = Field(
+        "auto",
+        description="How queries that do not say run: auto is distributed when cluster_size "
+        "> 1 and single-node otherwise.",
+    )
+    distributed: DistributedSettings = Field(
+        default_factory=DistributedSettings,
+        description="Defaults for the distributed queries of this profile.",
     )
 
 
@@ -107,6 +190,14 @@ class Profile(BaseModel):
     allow_python_udfs: bool = Field(
         False, description="Run plans that contain pickled Python functions (trusted users only)."
     )
+    concurrent_queries: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Queries one context runs at once; more wait in a queue per context, in "
+        "submission order. Local backend: that many executor processes, each with an equal "
+        "share of memory_gb.",
+    )
     local: LocalProfileOptions = Field(default_factory=LocalProfileOptions)
     polars_cloud: PolarsCloudProfileOptions = Field(default_factory=PolarsCloudProfileOptions)
 
@@ -125,6 +216,117 @@ class Profile(BaseModel):
         if self.instance_type is None and (self.cpus is None or self.memory_gb is None):
             raise ValueError("set both cpus and memory_gb, or an instance_type")
         return self
+
+    @model_validator(mode="after")
+    def _distribution_fits(self) -> Self:
+        cloud = self.polars_cloud
+        if self.cluster_size == 1 and cloud.scaling_mode == "distributed":
+            raise ValueError(
+                "polars_cloud.scaling_mode = 'distributed' needs cluster_size > 1 (a "
+                "single-node context cannot run distributed queries)"
+            )
+        if self.cluster_size == 1 and cloud.distributed.model_fields_set:
+            raise ValueError(
+                "polars_cloud.distributed only applies to profiles with cluster_size > 1; "
+                "remove it or raise cluster_size"
+            )
+        problem = cloud.distributed.workers_problem(self.cluster_size)
+        if problem is not None:
+            raise ValueError(f"polars_cloud.distributed: {problem}")
+        return self
+
+    def runs_distributed_by_default(self) -> bool:
+        """Whether a query that does not say runs distributed on this profile."""
+        mode = self.polars_cloud.scaling_mode
+        return mode == "distributed" or (mode == "auto" and self.cluster_size > 1)
+
+
+class ProfileQuota(BaseModel):
+    """What one token may hold and spend on one profile."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_live_contexts: int | None = Field(
+        None,
+        ge=0,
+        description="Live contexts of this profile the token's leases may have started. "
+        "Joining a context that runs already never counts against it.",
+    )
+    monthly_budget: float | None = Field(
+        None,
+        gt=0,
+        description="What the contexts the token started on this profile may cost per UTC "
+        "calendar month: their up time times the profile's hourly_cost.",
+    )
+    monthly_budget_hard: bool = Field(
+        True,
+        description="true: once spent, refuse new contexts with 403 until the month ends; "
+        "false: only report (metrics, dashboard, log).",
+    )
+
+
+class Quota(BaseModel):
+    """What one token (one team) may hold and spend; an unset limit is no limit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_live_leases: int | None = Field(
+        None, ge=0, description="Pending and active leases at once, over all profiles."
+    )
+    max_instance_hours_per_day: float | None = Field(
+        None,
+        gt=0,
+        description="Hours the contexts the token started were up in the current UTC day, "
+        "over all profiles.",
+    )
+    profiles: dict[str, ProfileQuota] = Field(default_factory=dict)
+
+    @property
+    def unlimited(self) -> bool:
+        return (
+            self.max_live_leases is None
+            and self.max_instance_hours_per_day is None
+            and not self.profiles
+        )
+
+
+class QuotaSettings(BaseModel):
+    """Per-token quotas, by token name (the name given to ``pclease token create``).
+
+    A token with an entry in ``tokens`` uses that entry only; every other token uses
+    ``default``. Re-read on ``SIGHUP``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    default: Quota = Field(default_factory=Quota)
+    tokens: dict[str, Quota] = Field(default_factory=dict)
+
+    def for_token(self, name: str) -> Quota:
+        return self.tokens.get(name, self.default)
+
+    def problems(self, profiles: dict[str, Profile]) -> list[str]:
+        """What does not fit the configured ``profiles``, one line per problem."""
+        problems: list[str] = []
+        entries = [("quotas.default", self.default)] + [
+            (f"quotas.tokens.{name}", quota) for name, quota in self.tokens.items()
+        ]
+        configured = ", ".join(sorted(profiles)) or "(none)"
+        for where, quota in entries:
+            for name, limits in quota.profiles.items():
+                profile = profiles.get(name)
+                if profile is None:
+                    problems.append(
+                        f"{where}.profiles.{name}: no profile {name!r} is configured "
+                        f"(configured profiles: {configured})"
+                    )
+                elif limits.monthly_budget is not None and profile.hourly_cost == 0:
+                    problems.append(
+                        f"{where}.profiles.{name}.monthly_budget: profile {name!r} has "
+                        "hourly_cost = 0, so it never spends anything: set "
+                        f"profiles.{name}.hourly_cost, or remove the budget"
+                    )
+        return problems
 
 
 class CredentialSourceKind(StrEnum):
@@ -295,6 +497,10 @@ class Settings(BaseSettings):
     )
 
     profiles: dict[str, Profile] = Field(default_factory=dict)
+    quotas: QuotaSettings = Field(
+        default_factory=QuotaSettings,
+        description="Per-token limits and budgets (docs/quotas.md); re-read on SIGHUP.",
+    )
     polars_cloud: PolarsCloudSettings = Field(default_factory=PolarsCloudSettings)
 
     @classmethod
@@ -347,6 +553,8 @@ class Settings(BaseSettings):
                     f"profiles.{name}: the {self.backend.value} backend needs cpus and "
                     "memory_gb (instance_type alone only works with polars_cloud)"
                 )
+            problems += [f"profiles.{name}: {p}" for p in _unused_by(self.backend, profile)]
+        problems.extend(self.quotas.problems(self.profiles))
         if problems:
             raise ValueError("; ".join(problems))
         named = {name: p.model_copy(update={"name": name}) for name, p in self.profiles.items()}
@@ -389,6 +597,35 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'pclease.db').resolve()}"
+
+
+def _unused_by(backend: BackendKind, profile: Profile) -> list[str]:
+    """Profile settings ``backend`` would accept and then ignore: refused instead. (The
+    memory backend runs nothing, so nothing is ignored more there than anywhere.)"""
+    problems: list[str] = []
+    if backend is BackendKind.LOCAL:
+        if profile.cluster_size > 1:
+            problems.append(
+                "cluster_size > 1 needs backend = 'polars_cloud' (a local context is one "
+                "worker process); use concurrent_queries to run queries side by side"
+            )
+        for key in ("instance_type", "storage_gb", "workspace"):
+            if getattr(profile, key) is not None:
+                problems.append(
+                    f"{key} only applies to backend = 'polars_cloud'; the local backend "
+                    "would ignore it, so remove it"
+                )
+        if profile.polars_cloud.model_fields_set:
+            problems.append(
+                "polars_cloud options only apply to backend = 'polars_cloud'; the local "
+                "backend would ignore them, so remove them"
+            )
+    if backend is BackendKind.POLARS_CLOUD and profile.local.model_fields_set:
+        problems.append(
+            "local options only apply to backend = 'local'; Polars Cloud would ignore them, "
+            "so remove them"
+        )
+    return problems
 
 
 class ConfigError(Exception):

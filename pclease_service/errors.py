@@ -38,7 +38,10 @@ page errors become HTML pages in the dashboard's. A refused plan says why as a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 
 class PcleaseException(Exception):
@@ -54,6 +57,12 @@ class PcleaseError(PcleaseException):
 
     status = 500
     code = "internal_error"
+    #: Seconds after which a retry may succeed: the ``Retry-After`` header when set.
+    retry_after_s: int | None = None
+
+    def details(self) -> dict[str, Any]:
+        """Structured fields the error body carries beside ``code`` and ``message``."""
+        return {}
 
 
 class BadRequest(PcleaseError):
@@ -124,6 +133,20 @@ class Forbidden(PcleaseError):
     code = "forbidden"
 
 
+class BudgetExhausted(Forbidden):
+    """A token spent its hard monthly budget on a profile: no new context of it until the
+    month ends (joining a running one still works)."""
+
+    code = "budget_exhausted"
+
+    def __init__(self, message: str, use: QuotaUse) -> None:
+        super().__init__(message)
+        self.use = use
+
+    def details(self) -> dict[str, Any]:
+        return {"quota": self.use.as_json()}
+
+
 class NotFound(PcleaseError):
     status = 404
     code = "not_found"
@@ -191,6 +214,52 @@ class CapacityExhausted(PcleaseError):
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class QuotaName(StrEnum):
+    """Which of a token's limits refused a request (the ``quota.name`` of the body)."""
+
+    LIVE_LEASES = "live_leases"
+    LIVE_CONTEXTS = "live_contexts"
+    INSTANCE_HOURS_PER_DAY = "instance_hours_per_day"
+    MONTHLY_BUDGET = "monthly_budget"
+
+
+@dataclass(frozen=True)
+class QuotaUse:
+    """One limit as a refusal reports it: what is used, the limit, when it frees."""
+
+    name: QuotaName
+    used: float
+    limit: float
+    #: None for token-wide limits.
+    profile: str | None = None
+    #: When the window restarts (a day, a month); None when it frees as things end.
+    frees_at: datetime | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name.value,
+            "profile": self.profile,
+            "used": round(self.used, 4),
+            "limit": self.limit,
+            "frees_at": None if self.frees_at is None else self.frees_at.isoformat(),
+        }
+
+
+class QuotaExceeded(PcleaseError):
+    """A token is at one of its limits; nothing it holds was touched."""
+
+    status = 429
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, use: QuotaUse, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.use = use
+        self.retry_after_s = retry_after_s
+
+    def details(self) -> dict[str, Any]:
+        return {"quota": self.use.as_json()}
 
 
 class BackendUnavailable(PcleaseError):

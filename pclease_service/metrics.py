@@ -16,6 +16,12 @@ Two kinds of numbers:
 The instance-seconds families are the point of pclease: ``state="idle"`` is compute that
 runs for nobody (the waste the grace period trades against start latency), and the sum
 over states is what the backend bills.
+
+Usage per token (``pclease_token_*``) is labelled by the token's *name*, the one given to
+``pclease token create``: operators choose names and there are few of them, so the label's
+cardinality stays bounded by the number of tokens (and profiles); a token's value or id
+never appears. ``pclease_token_quota_limit`` gives each configured limit beside it, so
+``used / limit`` is one PromQL division.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from prometheus_client.registry import Collector
 from pclease_service.db.session import Database
 from pclease_service.db.tx import Tx
 from pclease_service.ledger import UP_STATES, InstanceLedger
+from pclease_service.quotas import QuotaBook, TokenUsage, usage_by_name
 from pclease_service.states import LeaseState
 from pclease_service.store import reads
 
@@ -105,18 +112,21 @@ class DatabaseCollector(Collector):
         now: Callable[[], datetime],
         profiles: Mapping[str, object],
         ledger: InstanceLedger,
+        quotas: QuotaBook | None = None,
     ) -> None:
         self.db = db
         self.now = now
         self.configured = profiles
         self.ledger = ledger
+        self.quotas = quotas
 
     def collect(self) -> Iterator[Metric]:
-        def read(tx: Tx) -> reads.MetricsSnapshot:
+        def read(tx: Tx) -> tuple[reads.MetricsSnapshot, dict[str, TokenUsage]]:
             self.ledger.catch_up(tx)
-            return reads.metrics_snapshot(tx)
+            return reads.metrics_snapshot(tx), usage_by_name(tx)
 
-        snapshot = self.db.read_sync(read)
+        snapshot, usage = self.db.read_sync(read)
+        yield from _token_families(usage, self.quotas)
         now = self.now()
         profiles = sorted(set(self.configured) | snapshot.profiles())
 
@@ -194,6 +204,58 @@ class DatabaseCollector(Collector):
         yield cost_family
 
 
+def _token_families(usage: Mapping[str, TokenUsage], book: QuotaBook | None) -> Iterator[Metric]:
+    leases = GaugeMetricFamily(
+        "pclease_token_live_leases", "Pending and active leases, by token.", labels=["token"]
+    )
+    contexts = GaugeMetricFamily(
+        "pclease_token_live_contexts",
+        "Live contexts a token's lease requests started, by token and profile.",
+        labels=["token", "profile"],
+    )
+    hours = GaugeMetricFamily(
+        "pclease_token_instance_hours_today",
+        "Hours the contexts a token started were up in the current UTC day.",
+        labels=["token"],
+    )
+    cost = GaugeMetricFamily(
+        "pclease_token_cost_this_month",
+        "Cost of the contexts a token started, in the current UTC month, by profile.",
+        labels=["token", "profile"],
+    )
+    for name, used in sorted(usage.items()):
+        leases.add_metric([name], used.live_leases)
+        for profile, count in sorted(used.live_contexts.items()):
+            contexts.add_metric([name, profile], count)
+        hours.add_metric([name], used.instance_hours_today)
+        for profile, spent in sorted(used.cost_this_month.items()):
+            cost.add_metric([name, profile], spent)
+    yield from (leases, contexts, hours, cost)
+
+    limits = GaugeMetricFamily(
+        "pclease_token_quota_limit",
+        "Each token's configured limits (quota: live_leases, live_contexts, "
+        "instance_hours_per_day, monthly_budget; profile empty for token-wide ones), for "
+        "the tokens that use something or have an entry of their own.",
+        labels=["token", "quota", "profile"],
+    )
+    if book is not None:
+        for name in sorted(set(usage) | set(book.settings.tokens)):
+            quota = book.for_token(name)
+            if quota.max_live_leases is not None:
+                limits.add_metric([name, "live_leases", ""], quota.max_live_leases)
+            if quota.max_instance_hours_per_day is not None:
+                limits.add_metric(
+                    [name, "instance_hours_per_day", ""], quota.max_instance_hours_per_day
+                )
+            for profile, per in sorted(quota.profiles.items()):
+                if per.max_live_contexts is not None:
+                    limits.add_metric([name, "live_contexts", profile], per.max_live_contexts)
+                if per.monthly_budget is not None:
+                    limits.add_metric([name, "monthly_budget", profile], per.monthly_budget)
+    yield limits
+
+
 def build_registry(collector: DatabaseCollector) -> CollectorRegistry:
     from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
 
@@ -219,14 +281,15 @@ def install(
     now: Callable[[], datetime],
     profiles: Mapping[str, object],
     ledger: InstanceLedger,
+    quotas: QuotaBook | None = None,
 ) -> None:
-    """Serve ``/metrics`` (unauthenticated, like most Prometheus targets: it holds counts
-    and profile names, never ids, holders or secrets)."""
+    """Serve ``/metrics`` (unauthenticated, like most Prometheus targets: it holds counts,
+    profile names and token names, never ids, holders or secrets)."""
     import anyio.to_thread
     from fastapi import Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    registry = build_registry(DatabaseCollector(db, now, profiles, ledger))
+    registry = build_registry(DatabaseCollector(db, now, profiles, ledger, quotas))
 
     # response_model=None: the return annotation is a string here (fastapi is imported
     # lazily), which FastAPI cannot resolve when it builds the OpenAPI document.

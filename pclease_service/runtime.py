@@ -15,7 +15,7 @@ from sqlalchemy import make_url
 from pclease_service.backends import create_backend
 from pclease_service.backends.base import Backend, Credentials
 from pclease_service.clock import Clock, SystemClock
-from pclease_service.config import Settings
+from pclease_service.config import ConfigError, Settings, load_settings
 from pclease_service.contexts.manager import ContextManager
 from pclease_service.credentials import install_sighup
 from pclease_service.db.engine import create_db_engine, redacted
@@ -31,6 +31,7 @@ from pclease_service.principals import Principals
 from pclease_service.queries.manager import QueryManager
 from pclease_service.queries.runner import QueryRunner
 from pclease_service.queries.spool import Spool
+from pclease_service.quotas import QuotaBook
 from pclease_service.reconciler.loop import Reconciler
 from pclease_service.store import profiles
 
@@ -57,8 +58,12 @@ class Service:
         backend: Backend | None = None,
         run_reconciler: bool = True,
         migrate: bool = True,
+        config_file: Path | None = None,
     ) -> None:
         self.settings = settings
+        # Re-read on SIGHUP for what may change without a restart (the quotas).
+        self.config_file = config_file
+        self.quotas = QuotaBook(settings.quotas)
         self.clock = clock or SystemClock()
         self.backend = backend or create_backend(settings, self.clock)
         self.engine = create_db_engine(settings.resolved_database_url)
@@ -74,6 +79,7 @@ class Service:
             self.backend.kind,
             ready_check=self.credentials_problem if self.credentials else None,
             instruments=instruments,
+            quotas=self.quotas,
         )
         self.contexts = ContextManager(settings, self.db)
         self.history = History(self.db)
@@ -90,6 +96,8 @@ class Service:
             self.spool,
             reader=_local_reader,
             denied_paths=denied,
+            backend=self.backend.kind,
+            backend_distributes=self.backend.capabilities.distributed_queries,
         )
         self.runner = QueryRunner(
             settings,
@@ -142,8 +150,8 @@ class Service:
             self._check_task = asyncio.create_task(
                 self._watch_credentials(credentials), name="credentials-check"
             )
-            if threading.current_thread() is threading.main_thread():
-                self._uninstall_sighup = install_sighup(credentials)
+        if threading.current_thread() is threading.main_thread():
+            self._uninstall_sighup = install_sighup(self)
         log.info(
             "pclease ready: backend=%s database=%s profiles=%s",
             self.backend.kind,
@@ -155,6 +163,47 @@ class Service:
             self._loop_task.add_done_callback(self._loop_died)
             self._runner_task = asyncio.create_task(self.runner.run(), name="query-runner")
             self._runner_task.add_done_callback(self._loop_died)
+
+    def reload(self) -> None:
+        """What ``SIGHUP`` does (in a thread): re-read the quotas from the config file,
+        then the Polars Cloud credentials. A credentials failure raises
+        :class:`~pclease_service.errors.CredentialsError`; a bad config file is logged and
+        the quotas in force stay."""
+        try:
+            self.reload_quotas()
+        except Exception:
+            # Whatever went wrong there, the credentials are still re-read.
+            log.exception("SIGHUP: re-reading the quotas failed; the quotas in force stay")
+        if self.credentials is not None:
+            self.credentials.reload()
+
+    def reload_quotas(self) -> bool:
+        """Apply the config file's ``[quotas]`` now; True when they changed. Only the
+        quotas: any other change is logged as needing a restart."""
+        if self.config_file is None:
+            log.info("SIGHUP: the service was started without a config file; quotas unchanged")
+            return False
+        try:
+            fresh = load_settings(self.config_file)
+        except ConfigError as exc:
+            log.error("SIGHUP: %s; the quotas in force stay", exc)
+            return False
+        changed = self.quotas.replace(fresh.quotas)
+        others = [
+            name
+            for name in type(fresh).model_fields
+            if name not in ("quotas", "log_format")
+            and getattr(fresh, name) != getattr(self.settings, name)
+        ]
+        if others:
+            log.warning(
+                "SIGHUP: %s changed in %s as well; only [quotas] (and the Polars Cloud "
+                "credentials) are re-read, restart the service for the rest",
+                ", ".join(others),
+                self.config_file,
+            )
+        log.info("SIGHUP: quotas %s", "replaced" if changed else "unchanged")
+        return changed
 
     def _loop_died(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():

@@ -33,7 +33,10 @@ underneath its holder), a profile's ``max_contexts`` and ``max_leases_per_contex
 (capacity exhausted: 429), :meth:`~FakeService.answer_queries` /
 :meth:`~FakeService.fail_queries` (a query that succeeds with a result, fails with a
 Polars error, or keeps running), :meth:`~FakeService.fail_requests` (503s, for retries),
-:meth:`~FakeService.end_idle_grace`. State: :meth:`~FakeService.leases`,
+:meth:`~FakeService.end_idle_grace`, :meth:`~FakeService.set_quota` (the token's
+``max_live_leases`` and ``max_live_contexts``: 429 ``quota_exceeded``) and
+:meth:`~FakeService.exhaust` (a spent day of instance-hours, or a spent monthly budget:
+403 ``budget_exhausted``). State: :meth:`~FakeService.leases`,
 :meth:`~FakeService.contexts`, :meth:`~FakeService.queries`,
 :meth:`~FakeService.submitted` (a query's options and plan), :meth:`~FakeService.events`
 and :attr:`~FakeService.requests`.

@@ -168,8 +168,12 @@ class Records:
             if x.context_id == context_id and not x.state.is_terminal
         ]
 
-    def _room(self, shape: ProfileInfo) -> ContextInfo | None:
-        """A context of the profile a new lease may join, made if need be; None if full."""
+    def _room(
+        self, shape: ProfileInfo, may_start: Callable[[int], None] | None = None
+    ) -> ContextInfo | None:
+        """A context of the profile a new lease may join, made if need be; None if full.
+        ``may_start(live)`` raises when no context may be made (a quota), told how many
+        of the profile live."""
         live = [
             c
             for c in self._contexts.values()
@@ -178,6 +182,8 @@ class Records:
         for context in live:
             if context.state in _JOINABLE and context.refcount < shape.max_leases_per_context:
                 return context
+        if may_start is not None:
+            may_start(len(live))
         if len(live) >= shape.max_contexts:
             return None
         context = ContextInfo(
@@ -355,6 +361,8 @@ class Records:
             started_at=started,
             finished_at=now,
             duration_s=round((now - started).total_seconds(), 6),
+            queue_position=None,
+            queued_s=round((started - query.created_at).total_seconds(), 6),
             **changes,
         )
         self._queries[query.id] = ended

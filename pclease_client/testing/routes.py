@@ -16,7 +16,13 @@ from typing import Any, TypeVar
 
 import httpx
 
-from pclease_client.errors import ApiError, CapacityExhausted, InvalidInput
+from pclease_client.errors import (
+    ApiError,
+    BudgetExhausted,
+    CapacityExhausted,
+    InvalidInput,
+    QuotaExceeded,
+)
 from pclease_client.models import Model
 from pclease_client.states import ContextState, LeaseState
 from pclease_client.testing.service import FakeService
@@ -60,11 +66,12 @@ def handle(service: FakeService, request: httpx.Request) -> httpx.Response:
 
 def _error(exc: ApiError, headers: dict[str, str] | None = None) -> httpx.Response:
     headers = dict(headers or {})
-    if isinstance(exc, CapacityExhausted) and exc.retry_after_s is not None:
+    body: dict[str, Any] = {"code": exc.code, "message": exc.message}
+    if isinstance(exc, CapacityExhausted | QuotaExceeded) and exc.retry_after_s is not None:
         headers["Retry-After"] = f"{exc.retry_after_s:g}"
-    return httpx.Response(
-        exc.status, json={"error": {"code": exc.code, "message": exc.message}}, headers=headers
-    )
+    if isinstance(exc, QuotaExceeded | BudgetExhausted) and exc.quota is not None:
+        body["quota"] = exc.quota.to_json()
+    return httpx.Response(exc.status, json={"error": body}, headers=headers)
 
 
 def _json(

@@ -15,16 +15,27 @@ from typing import Any, Literal
 
 from pclease_client.errors import (
     ApiError,
+    BudgetExhausted,
     CapacityExhausted,
     Conflict,
     IdempotencyConflict,
     IllegalTransition,
     InvalidInput,
     PlanRefused,
+    QuotaExceeded,
+    QuotaName,
+    QuotaUse,
     UnknownProfile,
     api_error,
 )
-from pclease_client.models import ContextInfo, EventInfo, LeaseInfo, ProfileInfo, QueryInfo
+from pclease_client.models import (
+    ContextInfo,
+    DistributedInfo,
+    EventInfo,
+    LeaseInfo,
+    ProfileInfo,
+    QueryInfo,
+)
 from pclease_client.states import ContextState, LeaseState, QueryState, StopKind
 from pclease_client.testing.records import (
     QueryHandler,
@@ -57,6 +68,7 @@ def fake_profile(name: str, **overrides: Any) -> ProfileInfo:
         "max_contexts": 1,
         "max_lifetime_s": None,
         "hourly_cost": 0.0,
+        "concurrent_queries": 1,
     }
     unknown = set(overrides) - set(shape)
     if unknown:
@@ -97,6 +109,10 @@ class FakeService(Records):
         self._failures: list[_Failure] = []
         self._handler: QueryHandler = lambda query: QueryOutcome()
         self._scans: Callable[[SubmittedQuery], Iterable[str]] = lambda query: ()
+        self._max_live_leases: int | None = None
+        self._max_live_contexts: dict[str, int] = {}
+        #: What :meth:`exhaust` used up, by profile (None: every profile).
+        self._exhausted: dict[str | None, QuotaUse] = {}
 
     # -- inspection ------------------------------------------------------------------------
 
@@ -243,6 +259,86 @@ class FakeService(Records):
                 for c in idle
             ]
 
+    def set_quota(
+        self,
+        *,
+        max_live_leases: int | None = None,
+        max_live_contexts: Mapping[str, int] | None = None,
+    ) -> None:
+        """The fake token's quota, as ``[quotas]`` sets it (None: no limit): a lease past
+        ``max_live_leases``, or one that would start a context of a profile past its
+        ``max_live_contexts``, is refused with 429 ``quota_exceeded``. Joining a context
+        with room is never refused by ``max_live_contexts``, as in the service."""
+        with self._changed:
+            self._max_live_leases = max_live_leases
+            self._max_live_contexts = dict(max_live_contexts or {})
+
+    def exhaust(
+        self,
+        quota: QuotaName,
+        *,
+        used: float,
+        limit: float,
+        profile: str | None = None,
+        frees_at: datetime | None = None,
+    ) -> None:
+        """From now on, a lease that would start a context (of ``profile``, or of any
+        profile) is refused as if the fake token had used up ``quota``: 403
+        ``budget_exhausted`` for ``MONTHLY_BUDGET``, else 429 ``quota_exceeded``. The
+        fake has no clock, so a spent day or month is this knob; :meth:`set_quota` clears
+        nothing here, :meth:`restore` does."""
+        if quota in (QuotaName.LIVE_LEASES, QuotaName.LIVE_CONTEXTS):
+            raise ValueError(f"{quota.value} follows from the fake's leases: use set_quota")
+        with self._changed:
+            self._exhausted[profile] = QuotaUse(quota, used, limit, profile, frees_at)
+
+    def restore(self) -> None:
+        """Forget what :meth:`exhaust` used up."""
+        with self._changed:
+            self._exhausted.clear()
+
+    def _admit_lease(self) -> None:
+        limit = self._max_live_leases
+        if limit is None:
+            return
+        used = sum(not lease.state.is_terminal for lease in self._leases.values())
+        if used >= limit:
+            raise QuotaExceeded(
+                429,
+                "quota_exceeded",
+                f"token 'fake' holds {used} live lease(s) and its quota max_live_leases is "
+                f"{limit}; release one of them (or let one end) and retry after 30 s",
+                retry_after_s=30,
+                quota=QuotaUse(QuotaName.LIVE_LEASES, used, limit),
+            )
+
+    def _admit_start(self, profile: str, live: int) -> None:
+        limit = self._max_live_contexts.get(profile)
+        if limit is not None and live >= limit:
+            raise QuotaExceeded(
+                429,
+                "quota_exceeded",
+                f"token 'fake' started {live} live context(s) of profile {profile!r} and "
+                f"its quota max_live_contexts for it is {limit}; none of them has room for "
+                "another lease. Retry after 30 s",
+                retry_after_s=30,
+                quota=QuotaUse(QuotaName.LIVE_CONTEXTS, live, limit, profile),
+            )
+        use = self._exhausted.get(profile) or self._exhausted.get(None)
+        if use is None:
+            return
+        message = (
+            f"token 'fake' used {use.used:g} of its {use.name.value} of {use.limit:g}"
+            + (f" on profile {profile!r}" if use.profile else "")
+            + "; leases that join a running context still work"
+        )
+        if use.name is QuotaName.MONTHLY_BUDGET:
+            raise BudgetExhausted(403, "budget_exhausted", message, quota=use)
+        retry = 30
+        if use.frees_at is not None:
+            retry = max(1, int((use.frees_at - self._now()).total_seconds()))
+        raise QuotaExceeded(429, "quota_exceeded", message, retry_after_s=retry, quota=use)
+
     # -- the API (what the routes call) ----------------------------------------------------
 
     def take_failure(self) -> ApiError | None:
@@ -283,7 +379,11 @@ class FakeService(Records):
                         "this Idempotency-Key came with a different request; use a new key",
                     )
                 return self._leases[lease_id], False
-            context = self._wait(lambda: self._room(shape), wait_s or 0.0)
+            self._admit_lease()
+            context = self._wait(
+                lambda: self._room(shape, lambda live: self._admit_start(profile, live)),
+                wait_s or 0.0,
+            )
             if context is None:
                 raise CapacityExhausted(
                     429,
@@ -446,6 +546,10 @@ class FakeService(Records):
                 inputs=tuple(str(path) for path in self._scans(draft)),
                 outputs=(str(destination),) if destination and target != "collect" else (),
                 error=None,
+                distributed=_distributed(options.get("distributed")),
+                # The fake runs every query at once: it is next in line, and starts now.
+                queue_position=1,
+                queued_s=0.0,
             )
             self._queries[query.id] = query
             submitted = SubmittedQuery(query.id, lease.id, lease.context_id, dict(options), plan)
@@ -457,7 +561,11 @@ class FakeService(Records):
             if not current.state.is_terminal:
                 if outcome is None:
                     self._queries[query.id] = replace(
-                        current, state=QueryState.RUNNING, started_at=now
+                        current,
+                        state=QueryState.RUNNING,
+                        started_at=now,
+                        queue_position=None,
+                        queued_s=0.0,
                     )
                 else:
                     self._finish(current, outcome)
@@ -501,3 +609,28 @@ class FakeService(Records):
             self.fail_context(context_id, "the fake was told to fail starts")
         else:
             self.start_context(context_id)
+
+
+_DISTRIBUTED_DEFAULTS: dict[str, Any] = {
+    "min_workers": None,
+    "max_workers": None,
+    "shuffle_compression": "auto",
+    "shuffle_format": "auto",
+    "shuffle_compression_level": None,
+    "equi_join_broadcast_limit": 256 * 1024**2,
+    "partitions_per_worker": None,
+    "single_worker_ops": "auto",
+    "expression_lowering": None,
+}
+
+
+def _distributed(asked: object) -> DistributedInfo | None:
+    """What the service records for a submission's ``distributed`` option, on a profile
+    without distributed defaults that can run it (the fake refuses nothing here)."""
+    if asked is None or asked is False:
+        return None
+    given = asked if isinstance(asked, Mapping) else {}
+    unknown = set(given) - set(_DISTRIBUTED_DEFAULTS)
+    if unknown:
+        raise refusal(InvalidInput, f"options.distributed: unknown option(s) {sorted(unknown)}")
+    return DistributedInfo.from_json({**_DISTRIBUTED_DEFAULTS, **given})

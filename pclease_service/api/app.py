@@ -54,7 +54,9 @@ def create_app(service: Service) -> FastAPI:
     # One ledger per app: it folds the event log from the start, so a restarted service
     # rebuilds the same numbers.
     ledger = InstanceLedger()
-    metrics.install(app, service.db, service.clock.now, service.settings.profiles, ledger)
+    metrics.install(
+        app, service.db, service.clock.now, service.settings.profiles, ledger, service.quotas
+    )
     dashboard.install(app, service, ledger)
     if service.settings.log_format is LogFormat.JSON:
         app.add_middleware(logs.RequestLog)

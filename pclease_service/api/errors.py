@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pclease_service.errors import CapacityExhausted, PcleaseError
+from pclease_service.errors import PcleaseError
 from pclease_service.text import message_of, shown
 from pclease_service.web import allowed_methods
 
@@ -33,12 +35,20 @@ _HTTP_CODES = {
 }
 
 
-def error_response(status: int, code: str, message: str, **headers: str) -> JSONResponse:
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    details: Mapping[str, Any] | None = None,
+    **headers: str,
+) -> JSONResponse:
     # A message may quote what the caller sent; a lone surrogate in it would make the
     # answer itself fail to encode.
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse(
-        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+        {"error": {"code": code, "message": message, **(details or {})}},
+        status_code=status,
+        headers=headers,
     )
 
 
@@ -71,11 +81,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(PcleaseError)
     async def _domain_error(request: Request, exc: PcleaseError) -> JSONResponse:
         headers = {}
-        if isinstance(exc, CapacityExhausted):
+        if exc.retry_after_s is not None:
             headers["Retry-After"] = str(exc.retry_after_s)
         if exc.status == 401:
             headers["WWW-Authenticate"] = "Bearer"
-        return error_response(exc.status, exc.code, exc.message, **headers)
+        return error_response(exc.status, exc.code, exc.message, exc.details(), **headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -96,7 +106,7 @@ def install(app: FastAPI) -> None:
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             headers["Allow"] = allowed_methods(request)
-        return error_response(exc.status_code, code, message, **headers)
+        return error_response(exc.status_code, code, message, None, **headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -9,18 +9,21 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PlainValidator,
     StrictBool,
     StrictFloat,
     StrictInt,
+    Tag,
     TypeAdapter,
     WithJsonSchema,
     model_validator,
 )
 
-from pclease_service.config import Profile
+from pclease_service.config import DistributedSettings, Profile
 from pclease_service.contexts.rules import planned_stop
+from pclease_service.errors import QuotaName
 from pclease_service.plans.targets import QueryTarget
 from pclease_service.states import ContextState, LeaseState, QueryState, StopKind
 from pclease_service.store.contexts import ContextRecord
@@ -254,15 +257,34 @@ class ProfileOut(BaseModel):
     max_contexts: int
     max_lifetime_s: float | None
     hourly_cost: float
+    concurrent_queries: int = Field(description="Queries one context runs at once.")
 
     @classmethod
     def of(cls, p: Profile) -> ProfileOut:
         # Only the shape: backend-specific options (env vars, requirements) may hold secrets.
-        return cls(**p.model_dump(exclude={"local", "polars_cloud"}))
+        return cls(**p.model_dump(include=set(cls.model_fields)))
 
 
 class ProfileList(BaseModel):
     profiles: list[ProfileOut]
+
+
+class QuotaOut(BaseModel):
+    """The limit that refused a request (``quota_exceeded``, ``budget_exhausted``)."""
+
+    name: QuotaName
+    profile: str | None = Field(
+        description="The profile the limit is about; null for the token-wide ones."
+    )
+    used: float = Field(
+        description="What the token uses now: leases, contexts, hours today or cost this "
+        "month (in the unit of the profiles' hourly_cost)."
+    )
+    limit: float
+    frees_at: datetime | None = Field(
+        description="When the window restarts (next UTC day or month); null when it frees "
+        "as the token's leases or contexts end (see Retry-After)."
+    )
 
 
 class ErrorBody(BaseModel):
@@ -271,6 +293,11 @@ class ErrorBody(BaseModel):
         examples=["lease_not_found"],
     )
     message: str = Field(description="For people: what went wrong and what to do next.")
+    quota: QuotaOut | None = Field(
+        None,
+        description="Only on quota_exceeded (429) and budget_exhausted (403): the token's "
+        "limit that refused the request. Nothing the token holds was touched.",
+    )
 
 
 class ErrorOut(BaseModel):
@@ -289,13 +316,15 @@ class Readiness(BaseModel):
 _ERRORS_WHEN = {
     400: "The body could not be read (not UTF-8, or not parseable at all).",
     401: "No bearer token, or an unknown or revoked one.",
-    403: "The token's scope does not allow this, or the lease belongs to another token.",
+    403: "The token's scope does not allow this, or the lease belongs to another token, or "
+    "(budget_exhausted) the token spent its hard monthly budget on the profile.",
     404: "No such lease, context or query (or not visible to this token).",
     409: "The request conflicts with the current state (see the message).",
     410: "The lease has ended; request a new one.",
     413: "The body is larger than the service accepts.",
     422: "Invalid input; the message names each field and what is wrong with it.",
-    429: "The profile is at capacity; retry after Retry-After seconds.",
+    429: "The profile is at capacity (capacity_exhausted), or the token is at one of its "
+    "quotas (quota_exceeded, with the quota in the body); retry after Retry-After seconds.",
     503: "The service cannot do this now (backend credentials failing, or the database "
     "too busy); retry later.",
 }
@@ -310,11 +339,32 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         if status == 429:
             responses[status]["headers"] = {
                 "Retry-After": {
-                    "description": "Seconds until capacity is likely to free up.",
+                    "description": "Seconds until capacity or the quota is likely to free up.",
                     "schema": {"type": "integer"},
                 }
             }
     return responses
+
+
+def _distributed_kind(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "flag"
+    if isinstance(value, dict | DistributedSettings):
+        return "settings"
+    return None
+
+
+#: ``true``/``false`` or settings; the tags name the branch in error locations, where the
+#: route drops them (``options.distributed.min_workers``).
+DistributedOption = Annotated[
+    Annotated[StrictBool, Tag("flag")] | Annotated[DistributedSettings, Tag("settings")],
+    Discriminator(
+        _distributed_kind,
+        custom_error_type="distributed",
+        custom_error_message="must be true, false or an object of distributed settings",
+    ),
+]
+DISTRIBUTED_TAGS = ("flag", "settings")
 
 
 class QueryOptions(BaseModel):
@@ -338,11 +388,17 @@ class QueryOptions(BaseModel):
 
     target: QueryTarget = Field(description="collect, or the sink format: parquet/csv/ipc/ndjson.")
     destination: Annotated[str, Text(2048)] | None = Field(
-        None, description="The sink's path or URI as the client wrote it (informational)."
+        None,
+        description="The sink's path or URI, as the plan's sink writes it (422 otherwise).",
     )
     engine: Literal["auto", "streaming", "in-memory"] = "auto"
     streaming: StrictBool | None = Field(None, description="Legacy: true means engine=streaming.")
-    distributed: StrictBool = False
+    distributed: DistributedOption | None = Field(
+        None,
+        description="Polars Cloud's distributed engine: true (with the profile's defaults), "
+        "settings (over those defaults), false (one node); left out, the profile decides "
+        "(distributed when its cluster_size > 1). 422 on a backend or profile that cannot.",
+    )
     labels: dict[Key, Name] = Field(default_factory=dict, max_length=20)
     polars_version: Annotated[str, Text(32, min_length=1)] = Field(
         description="The client's Polars version; the plan must come from the same one."
@@ -390,12 +446,27 @@ class QueryOut(BaseModel):
         description="Lineage: the paths and URIs the plan writes (none for a collect)."
     )
     error: QueryError | None
+    distributed: DistributedSettings | None = Field(
+        description="The distributed settings it runs with; null: on one node."
+    )
+    queue_position: int | None = Field(
+        description="While queued: 1 for the next query its context runs, 2 for the one "
+        "after, ... (a context runs its profile's concurrent_queries at once)."
+    )
+    queued_s: float | None = Field(
+        description="Time from submission until it started (so far, while it waits); "
+        "duration_s counts from its start."
+    )
 
     @classmethod
-    def of(cls, q: QueryRecord) -> QueryOut:
+    def of(cls, q: QueryRecord, now: datetime | None = None) -> QueryOut:
         duration = None
         if q.started_at is not None and q.finished_at is not None:
             duration = round((q.finished_at - q.started_at).total_seconds(), 6)
+        waited_until = q.started_at or q.finished_at or now
+        queued = None
+        if waited_until is not None:
+            queued = round(max(0.0, (waited_until - q.created_at).total_seconds()), 6)
         error = None
         if q.error_type is not None:
             error = QueryError(type=q.error_type, message=q.error_message or "")
@@ -420,6 +491,11 @@ class QueryOut(BaseModel):
             inputs=list(q.inputs),
             outputs=list(q.outputs),
             error=error,
+            distributed=DistributedSettings.model_validate(q.distributed)
+            if q.distributed is not None
+            else None,
+            queue_position=q.queue_position,
+            queued_s=queued,
         )
 
 

@@ -41,6 +41,8 @@ and declares what the service may rely on, instead of being probed:
     compute that leases may still hold). ``list_is_cheap``: whether ``list()`` only reads
     local state, so that a readiness probe may call it (false for a remote API:
     ``/readyz`` then reports the reconciler's last sweeps instead).
+    ``distributed_queries``: whether ``execute`` runs ``QuerySpec.distributed`` on a
+    distributed engine (the service refuses such queries with 422 otherwise).
 
 ``context_options(profile) -> Mapping``
     The profile's options this backend reads (``ContextSpec.options``); none by default.
@@ -61,6 +63,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from pclease_service.config import DistributedSettings
 from pclease_service.errors import BackendError
 from pclease_service.plans.targets import QueryTarget
 
@@ -136,6 +139,9 @@ class QuerySpec:
     #: Paths that are refused even inside a data root (the service's own files).
     denied_paths: tuple[str, ...] = ()
     labels: Mapping[str, str] = field(default_factory=dict)
+    #: Run on Polars Cloud's distributed engine with these settings; None: on one node.
+    #: Only backends whose capabilities say ``distributed_queries`` ever get one.
+    distributed: DistributedSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,7 @@ class Capabilities:
 
     stop_on_shutdown: bool = False
     list_is_cheap: bool = True
+    distributed_queries: bool = False
 
 
 class Credentials(Protocol):

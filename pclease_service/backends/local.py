@@ -8,7 +8,8 @@ from the profile and a PYTHONPATH that points at this code. Service secrets
 
 Everything about a worker lives in ``state_dir/workers/<context_id>/`` (mode 0700)::
 
-    meta.json      what was asked for: context_id, profile, labels, cpus, memory_gb
+    meta.json      what was asked for: context_id, profile, labels, cpus, memory_gb,
+                   concurrent_queries (the worker's executors)
     authkey        32 random bytes (0600), the only credential for the socket; never logged
     process.json   the handle, written as soon as the worker is launched
     worker.log     the worker's and its executor's stdout and stderr
@@ -306,7 +307,7 @@ class LocalBackend(Backend):
 
     # -- Backend ----------------------------------------------------------------------------
     def context_options(self, profile: Profile) -> Mapping[str, Any]:
-        return profile.local.model_dump()
+        return {**profile.local.model_dump(), "concurrent_queries": profile.concurrent_queries}
 
     async def start(self, spec: ContextSpec) -> Handle:
         return await asyncio.to_thread(self._start, spec)
@@ -328,9 +329,17 @@ class LocalBackend(Backend):
 
     async def execute(self, handle: Handle, query: QuerySpec) -> QueryOutcome:
         """Run ``query`` on the context's worker (see the module docstring of
-        ``local_worker`` for the checks and how each target runs). Queries on one context
-        run one at a time (not necessarily in arrival order); time spent waiting counts
-        against ``timeout_s``. Raises BackendError only if the worker cannot be reached."""
+        ``local_worker`` for the checks and how each target runs). A context runs as many
+        queries at once as its profile's ``concurrent_queries`` (one executor each); time a
+        query spends waiting for a free executor counts against ``timeout_s``. Raises
+        BackendError only if the worker cannot be reached."""
+        if query.distributed is not None:  # the service refuses these at submission
+            return QueryOutcome(
+                ok=False,
+                error_type="InvalidQuery",
+                error_message="the local backend runs every query on one node; submit it "
+                "without distributed",
+            )
         ref = self._ref(handle)
         request = {
             "op": "query",
@@ -432,6 +441,8 @@ class LocalBackend(Backend):
             "labels": dict(spec.labels),
             "cpus": spec.cpus,
             "memory_gb": spec.memory_gb,
+            # One executor per query the context runs at once.
+            "concurrent_queries": int(spec.options.get("concurrent_queries") or 1),
         }
         _write_json_atomically(directory / META_NAME, meta)
         argv = [

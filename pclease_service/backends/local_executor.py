@@ -1,4 +1,4 @@
-"""The executor: the child of a local worker that runs queries, one at a time.
+"""An executor: a child of a local worker that runs queries, one at a time.
 
 ``python -m pclease_service.backends.local_worker --executor-fd FD`` imports Polars, warms
 up, caps its own address space at ``RLIMIT_AS = baseline + memory_gb`` and then answers
@@ -51,8 +51,14 @@ _OOM_MARKERS = (
 log = logging.getLogger("pclease.local_worker")
 
 
-def memory_error_message(memory_gb: float | None) -> str:
+def memory_error_message(memory_gb: float | None, shared_by: int = 1) -> str:
     limit = f"{memory_gb:g} GB" if memory_gb else "the machine's memory"
+    if memory_gb and shared_by > 1:
+        return (
+            f"query exceeded its memory limit of {limit} (the profile's memory_gb shared by "
+            f"its {shared_by} concurrent_queries); use a larger profile, fewer "
+            "concurrent_queries, or sink instead of collect"
+        )
     return (
         f"query exceeded the profile's memory limit of {limit} (memory_gb); "
         "use a larger profile or sink instead of collect"
@@ -204,9 +210,15 @@ def _run_query(pl: ModuleType, reader: Reader, request: Json, plan: bytes) -> Js
 
 
 def _answer(
-    pl: ModuleType, reader: Reader, request: Json, plan: bytes, memory_gb: float | None
+    pl: ModuleType,
+    reader: Reader,
+    request: Json,
+    plan: bytes,
+    memory_gb: float | None,
+    shared_by: int = 1,
 ) -> Json:
-    oom = {**error_reply("MemoryLimitExceeded", memory_error_message(memory_gb)), "recycle": True}
+    message = memory_error_message(memory_gb, shared_by)
+    oom = {**error_reply("MemoryLimitExceeded", message), "recycle": True}
     try:
         return _run_query(pl, reader, request, plan)
     except PlanRefused as exc:
@@ -259,7 +271,7 @@ def _own_header(pl: ModuleType) -> PlanHeader:
     return read_header(pl.LazyFrame().serialize())
 
 
-def executor_main(fd: int, memory_gb: float | None) -> int:
+def executor_main(fd: int, memory_gb: float | None, shared_by: int = 1) -> int:
     conn = Connection(fd)
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
     import resource
@@ -284,7 +296,7 @@ def executor_main(fd: int, memory_gb: float | None) -> int:
             plan = conn.recv_bytes()
         except EOFError:
             return 0
-        reply = _answer(pl, reader, request, plan, memory_gb)
+        reply = _answer(pl, reader, request, plan, memory_gb, shared_by)
         send_json(conn, reply)
         if reply.get("recycle"):
             return 0

@@ -5,13 +5,16 @@ Two roles live in this module, one per process:
 worker (``--dir DIR``)
     Listens on an abstract Unix socket named after DIR (``multiprocessing.connection``, HMAC
     challenge with the key in ``DIR/authkey``), answers the ops below with a thread per
-    connection, and keeps one warm *executor*. It exits by itself after
-    ``--orphan-timeout-s`` without any message, so a dead service never leaves it running.
+    connection, and keeps a pool of warm *executors*, one per query it runs at once
+    (``concurrent_queries`` in ``DIR/meta.json``, the profile's setting). It exits by itself
+    after ``--orphan-timeout-s`` without any message, so a dead service never leaves it
+    running.
 
 executor (``--executor-fd FD``, :mod:`~pclease_service.backends.local_executor`)
-    A child of the worker that imports Polars and runs queries one at a time. Plans are
-    only ever read there. It is started with ``subprocess`` (fork+exec), never a bare fork
-    of a process whose Polars thread pool is running.
+    A child of the worker that imports Polars and runs queries one at a time, within its
+    share of the profile's memory (``memory_gb / concurrent_queries``). Plans are only ever
+    read there. It is started with ``subprocess`` (fork+exec), never a bare fork of a
+    process whose Polars thread pool is running.
 
 Wire protocol (both hops, :mod:`~pclease_service.backends.local_wire`): every message is
 one ``send_bytes`` frame; nothing is pickled.
@@ -21,7 +24,7 @@ op        request                                     reply
 ========  ==========================================  =====================================
 ping      ``{"op": "ping"}``                          ``{"ok": true, "pid", "polars_version",
                                                       "threads", "memory_gb", "uptime_s",
-                                                      "executor_pid"}``
+                                                      "executor_pid", "executor_pids"}``
 stop      ``{"op": "stop"}``                          ``{"ok": true}``, then the worker exits 0
 query     ``{"op": "query", "query_id", "target",     ``{"ok": true, "rows", "result_bytes",
           "result_path", "engine", "timeout_s",       "output"}`` or ``{"ok": false,
@@ -33,10 +36,12 @@ query     ``{"op": "query", "query_id", "target",     ``{"ok": true, "rows", "re
 The worker checks a query request's fields; the executor runs the plan pipeline
 (:mod:`pclease_service.plans`) on the plan before Polars deserializes it.
 
-The worker serializes queries per context (one executor, one query at a time). While a
-query runs, the worker watches the client's connection as well as the executor: if the
-client goes away (the service cancelled the query, or died), the executor is killed and
-replaced, exactly as when ``timeout_s`` runs out.
+The worker runs as many queries at once as it has executors; a query beyond that waits
+for the first executor to come free (the service's runner keeps its own queue, in
+submission order, and sends no more than that). While a query runs, the worker watches
+the client's connection as well as the executor: if the client goes away (the service
+cancelled the query, or died), the executor is killed and replaced, exactly as when
+``timeout_s`` runs out.
 
 Error types are Polars exception class names, plus ``PlanRefused``, ``PlanInvalid``,
 ``PlanVersionMismatch``, ``ResultTooLarge``, ``InvalidQuery``, ``MemoryLimitExceeded``,
@@ -102,7 +107,12 @@ log = logging.getLogger("pclease.local_worker")
 
 
 class _ExecutorProcess:
-    def __init__(self, memory_gb: float | None, on_exit: Callable[[_ExecutorProcess], None]):
+    def __init__(
+        self,
+        memory_gb: float | None,
+        on_exit: Callable[[_ExecutorProcess], None],
+        shared_by: int = 1,
+    ):
         parent_end, child_end = socket.socketpair()
         argv = [
             sys.executable,
@@ -112,7 +122,7 @@ class _ExecutorProcess:
             str(child_end.fileno()),
         ]
         if memory_gb:
-            argv += ["--memory-gb", repr(memory_gb)]
+            argv += ["--memory-gb", repr(memory_gb), "--shared-by", str(shared_by)]
         try:
             self.proc = subprocess.Popen(
                 argv,
@@ -165,10 +175,12 @@ class _ExecutorProcess:
 
 
 class Executor:
-    """The worker's single warm executor: one query at a time, replaced when it dies."""
+    """One warm executor of the worker: one query at a time, replaced when it dies.
+    ``memory_gb`` is its own limit, a share of the profile's (``shared_by`` executors)."""
 
-    def __init__(self, memory_gb: float | None) -> None:
+    def __init__(self, memory_gb: float | None, shared_by: int = 1) -> None:
         self.memory_gb = memory_gb
+        self.shared_by = shared_by
         self._lock = threading.Lock()
         self._current: _ExecutorProcess | None = None
         self._closed = False
@@ -180,7 +192,7 @@ class Executor:
 
     def spawn(self) -> None:
         if not self._closed:
-            self._current = _ExecutorProcess(self.memory_gb, self._exited)
+            self._current = _ExecutorProcess(self.memory_gb, self._exited, self.shared_by)
 
     def _exited(self, proc: _ExecutorProcess) -> None:
         # An executor that dies while idle is replaced now, so the next query finds a warm
@@ -209,22 +221,15 @@ class Executor:
         if current is not None:
             current.kill()
 
-    def query(self, request: Json, plan: bytes, client: Connection) -> Json:
-        """Run one query; ``client`` is the connection it came on, whose end (EOF) cancels
-        the query."""
-        timeout_s = float(request["timeout_s"])
-        deadline = time.monotonic() + timeout_s
-        while not self._lock.acquire(timeout=LOCK_POLL_S):
-            if client.poll(0):
-                return _cancelled()
-            if time.monotonic() >= deadline:
-                return error_reply(
-                    "QueryTimeout",
-                    f"another query kept this context busy for the whole timeout of "
-                    f"{timeout_s:g} s; retry later or raise timeout_s",
-                )
+    def try_query(
+        self, request: Json, plan: bytes, client: Connection, deadline: float
+    ) -> Json | None:
+        """Run one query if this executor is free (None if it is busy); ``client`` is the
+        connection it came on, whose end (EOF) cancels the query."""
+        if not self._lock.acquire(blocking=False):
+            return None
         try:
-            return self._query_locked(request, plan, client, timeout_s, deadline)
+            return self._query_locked(request, plan, client, float(request["timeout_s"]), deadline)
         finally:
             self._lock.release()
 
@@ -289,7 +294,9 @@ class Executor:
             log.warning("executor died during a query with %s", describe_exit(code))
             # SIGKILL without a word is how the kernel's OOM killer ends a process.
             if self.memory_gb and (looks_like_oom(tail) or code == -signal.SIGKILL):
-                return error_reply("MemoryLimitExceeded", memory_error_message(self.memory_gb))
+                return error_reply(
+                    "MemoryLimitExceeded", memory_error_message(self.memory_gb, self.shared_by)
+                )
             last = tail.splitlines()[-1] if tail else "no output"
             return error_reply(
                 "ExecutorCrashed",
@@ -298,6 +305,45 @@ class Executor:
         if reply.pop("recycle", False):
             self._replace(proc)
         return reply
+
+
+class ExecutorPool:
+    """The worker's executors: ``size`` queries run at once, each in an executor of its
+    own with ``memory_gb / size`` of memory; a query beyond that waits for one to free."""
+
+    def __init__(self, size: int, memory_gb: float | None) -> None:
+        share = memory_gb / size if memory_gb else None
+        self.executors = [Executor(share, size) for _ in range(size)]
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [executor.pid for executor in self.executors]
+
+    def spawn(self) -> None:
+        for executor in self.executors:
+            executor.spawn()
+
+    def close(self) -> None:
+        for executor in self.executors:
+            executor.close()
+
+    def query(self, request: Json, plan: bytes, client: Connection) -> Json:
+        """Run one query on the first free executor; see :meth:`Executor.try_query`."""
+        timeout_s = float(request["timeout_s"])
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for executor in self.executors:
+                reply = executor.try_query(request, plan, client, deadline)
+                if reply is not None:
+                    return reply
+            if client.poll(LOCK_POLL_S):
+                return _cancelled()
+            if time.monotonic() >= deadline:
+                return error_reply(
+                    "QueryTimeout",
+                    f"other queries kept this context's {len(self.executors)} executor(s) busy "
+                    f"for the whole timeout of {timeout_s:g} s; retry later or raise timeout_s",
+                )
 
 
 def _cancelled() -> Json:
@@ -358,7 +404,7 @@ class Worker:
         self.memory_gb: float | None = meta.get("memory_gb")
         self.context_id: str = meta.get("context_id", "?")
         self.started = time.monotonic()
-        self.executor = Executor(self.memory_gb)
+        self.executors = ExecutorPool(int(meta.get("concurrent_queries") or 1), self.memory_gb)
         self._state = threading.Lock()
         self._last_contact = time.monotonic()
         self._active = 0
@@ -370,7 +416,7 @@ class Worker:
 
         self.polars_version = pl.__version__
         self._pl = pl
-        self.executor.spawn()
+        self.executors.spawn()
         listener = Listener(socket_address(self.directory), family="AF_UNIX", backlog=32)
         self._touch()
         threading.Thread(target=self._watch_orphan, daemon=True).start()
@@ -404,7 +450,7 @@ class Worker:
 
     def exit(self, code: int) -> None:
         with self._exiting:
-            self.executor.close()
+            self.executors.close()
             logging.shutdown()
             sys.stderr.flush()
             os._exit(code)
@@ -412,7 +458,7 @@ class Worker:
     def terminate(self, signum: int, _frame: object) -> None:
         # Clean up the executor, then die by the signal so the exit status stays honest.
         with self._exiting:
-            self.executor.close()
+            self.executors.close()
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
 
@@ -454,7 +500,8 @@ class Worker:
                     "threads": self._pl.thread_pool_size(),
                     "memory_gb": self.memory_gb,
                     "uptime_s": round(time.monotonic() - self.started, 3),
-                    "executor_pid": self.executor.pid,
+                    "executor_pid": self.executors.pids[0],
+                    "executor_pids": self.executors.pids,
                 },
             )
         elif op == "stop":
@@ -474,7 +521,7 @@ class Worker:
         except QueryError as exc:
             log.info("query %s refused: %s", request.get("query_id"), exc.type)
             return error_reply(exc.type, exc.message)
-        reply = self.executor.query(query, plan, conn)
+        reply = self.executors.query(query, plan, conn)
         error = reply.get("error") or {}
         log.info("query %s: %s", query["query_id"], error.get("type") or "ok")
         return reply
@@ -502,9 +549,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--boot-delay-s", type=float, default=0.0)
     parser.add_argument("--executor-fd", type=int, help="socket fd to the worker (executor role)")
     parser.add_argument("--memory-gb", type=float, default=None)
+    parser.add_argument("--shared-by", type=int, default=1, help="executors sharing memory")
     args = parser.parse_args(argv)
     if args.executor_fd is not None:
-        return executor_main(args.executor_fd, args.memory_gb)
+        return executor_main(args.executor_fd, args.memory_gb, args.shared_by)
     if args.dir is None:
         parser.error("--dir or --executor-fd is required")
     return worker_main(args.dir, args.orphan_timeout_s, args.boot_delay_s)

@@ -8,6 +8,7 @@ in the browser from timestamps, so nothing needs a request every second.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -24,6 +25,7 @@ from pclease_service.dashboard.render import (
 )
 from pclease_service.db.tx import Tx
 from pclease_service.errors import PageError
+from pclease_service.quotas import QuotaBook, TokenUsage, usage_by_name
 from pclease_service.states import LIVE_CONTEXT_STATES, ContextState
 from pclease_service.store import contexts, leases, queries, reads, tokens
 from pclease_service.store.contexts import ContextRecord
@@ -310,4 +312,82 @@ async def events_page(
         before=before,
         older=found[-1].id if len(found) == 100 else None,
         nav="events",
+    )
+
+
+# -- usage per token ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Use:
+    """One number of a token's usage beside its limit (None: no limit)."""
+
+    used: float
+    limit: float | None = None
+
+    @property
+    def over(self) -> bool:
+        return self.limit is not None and self.used >= self.limit
+
+
+@dataclass(frozen=True)
+class ProfileUse:
+    profile: str
+    contexts: Use
+    cost: Use
+    hard_budget: bool
+
+
+@dataclass(frozen=True)
+class TokenUse:
+    token: str
+    leases: Use
+    hours: Use
+    profiles: list[ProfileUse]
+
+
+def token_uses(usage: dict[str, TokenUsage], book: QuotaBook) -> list[TokenUse]:
+    """A row per token that uses something or has quota entry, with its limits."""
+    rows = []
+    for name in sorted(set(usage) | set(book.settings.tokens)):
+        used = usage.get(name, TokenUsage())
+        quota = book.for_token(name)
+        names = sorted(set(used.live_contexts) | set(used.cost_this_month) | set(quota.profiles))
+        profiles = []
+        for profile in names:
+            limits = quota.profiles.get(profile)
+            profiles.append(
+                ProfileUse(
+                    profile,
+                    Use(
+                        used.live_contexts.get(profile, 0),
+                        limits.max_live_contexts if limits else None,
+                    ),
+                    Use(
+                        used.cost_this_month.get(profile, 0.0),
+                        limits.monthly_budget if limits else None,
+                    ),
+                    limits.monthly_budget_hard if limits else True,
+                )
+            )
+        rows.append(
+            TokenUse(
+                name,
+                Use(used.live_leases, quota.max_live_leases),
+                Use(used.instance_hours_today, quota.max_instance_hours_per_day),
+                profiles,
+            )
+        )
+    return rows
+
+
+@router.get("/usage")
+async def usage(request: Request, dash: DashDep, viewer: ViewerDep) -> Response:
+    found = await dash.service.db.read(usage_by_name)
+    return dash.render(
+        request,
+        "usage.html",
+        viewer=viewer,
+        tokens=token_uses(found, dash.service.quotas),
+        nav="usage",
     )

@@ -120,6 +120,16 @@ contexts = Table(
     Index(None, "state"),
 )
 
+# Which token's lease request created a context: the contexts a token's quotas count
+# (live contexts, instance-hours, spend). A lease that joins a context adds no row here.
+context_starters = Table(
+    "context_starters",
+    metadata,
+    Column("context_id", ID, ForeignKey("contexts.id"), primary_key=True),
+    Column("token_id", ID, ForeignKey("tokens.id"), nullable=False),
+    Index(None, "token_id"),
+)
+
 leases = Table(
     "leases",
     metadata,
@@ -143,6 +153,8 @@ leases = Table(
     Column("request_fingerprint", String(64)),
     UniqueConstraint("token_id", "idempotency_key"),
     Index(None, "context_id", "state"),
+    # A token's live leases, counted by its quota on every grant.
+    Index(None, "token_id", "state"),
     Index(None, "state", "expires_at"),
     Index(None, "dag_id", "run_id"),
 )
@@ -197,6 +209,8 @@ queries = Table(
     Column("outputs", ClientJSON),
     Column("error_type", String(100)),
     Column("error_message", Text),
+    # The distributed settings it runs with (what the service sends); null: one node.
+    Column("distributed", JSON),
     Index(None, "lease_id", "state"),
     Index(None, "state"),
     Index(None, "context_id", "created_at"),

@@ -14,7 +14,9 @@ before (a different request under the same key is refused):
    when a slot may free up.
 
 Either inserts the lease: ``active`` on a running or idle context, ``pending`` on a
-starting one.
+starting one. Both first ask the token's quota (:mod:`pclease_service.quotas`: every lease
+counts, and only a request that would create a context is checked against the limits on
+starting one); a refusal raises and changes nothing.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from pclease_service.config import Profile
+from pclease_service import quotas
+from pclease_service.config import Profile, Quota
 from pclease_service.contexts.rules import joinable_created_after
 from pclease_service.db.tx import Tx
 from pclease_service.errors import IdempotencyConflict
@@ -44,6 +47,8 @@ class LeaseAsk:
     holder: Mapping[str, Any]
     ttl_s: float
     idempotency_key: str | None
+    #: The token's quota in force when the request came in.
+    quota: Quota = field(default_factory=Quota)
 
     @property
     def fingerprint(self) -> str:
@@ -116,6 +121,7 @@ def join(tx: Tx, ask: LeaseAsk) -> Grant | None:
     none."""
     if (replayed := _replayed(tx, ask)) is not None:
         return replayed
+    quotas.admit_lease(tx, ask.principal, ask.quota)
     context = _join(tx, ask, wait=False)
     return None if context is None else _lease_on(tx, ask, context)
 
@@ -128,9 +134,11 @@ def allocate(tx: Tx, ask: LeaseAsk, *, backend: str, cannot_start: str | None) -
     if (replayed := _replayed(tx, ask)) is not None:
         return replayed
     profile = ask.profile
+    quotas.admit_lease(tx, ask.principal, ask.quota, may_start=profile)
     profiles.lock_profile(tx, profile.name)
     context = _join(tx, ask, wait=True)
     if context is None:
+        quotas.admit_start(tx, ask.principal, ask.quota, profile)
         if contexts.count_live_contexts(tx, profile.name) >= profile.max_contexts:
             earliest = leases.earliest_expiry(tx, profile.name)
             retry = 1
@@ -146,4 +154,5 @@ def allocate(tx: Tx, ask: LeaseAsk, *, backend: str, cannot_start: str | None) -
             actor=ask.principal.actor,
             reason=f"no context of {profile.name!r} had room for {ask.describe_holder()}",
         )
+        quotas.record_start(tx, ask.principal, context.id)
     return _lease_on(tx, ask, context)

@@ -32,6 +32,7 @@ from pclease_service.leases.grant import Grant, LeaseAsk, allocate, join, replay
 from pclease_service.leases.waiting import wait_in_line
 from pclease_service.notify import Notifier, long_poll
 from pclease_service.principals import Principal
+from pclease_service.quotas import QuotaBook
 from pclease_service.states import LIVE_LEASE_STATES, LeaseState
 from pclease_service.store import leases
 from pclease_service.store.leases import LeaseRecord
@@ -48,6 +49,7 @@ class LeaseManager:
         *,
         ready_check: Callable[[], Awaitable[str | None]] | None = None,
         instruments: Instruments | None = None,
+        quotas: QuotaBook | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -57,6 +59,7 @@ class LeaseManager:
         # Says why the backend cannot start contexts now (bad credentials), or None.
         self.ready_check = ready_check
         self.instruments = instruments or NoInstruments()
+        self.quotas = quotas or QuotaBook(settings.quotas)
 
     # -- acquire --------------------------------------------------------------------------
 
@@ -129,6 +132,7 @@ class LeaseManager:
             holder,
             self._check_ttl(ttl_s),
             idempotency_key,
+            self.quotas.for_token(principal.name),
         )
         wait = self._check_wait(wait_s)
         if idempotency_key is not None:

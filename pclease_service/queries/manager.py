@@ -27,6 +27,7 @@ from pclease_service.plans.access import lineage
 from pclease_service.plans.check import Reader, check_plan
 from pclease_service.plans.targets import QueryTarget
 from pclease_service.principals import Principal
+from pclease_service.queries.distribution import Requested, resolve
 from pclease_service.queries.spool import Spool
 from pclease_service.states import QueryState
 from pclease_service.store import leases, queries
@@ -43,6 +44,8 @@ class QueryRequest:
     labels: Mapping[str, str]
     polars_version: str
     timeout_s: float | None
+    #: None: the profile decides; see :func:`pclease_service.queries.distribution.resolve`.
+    distributed: Requested = None
 
 
 class QueryManager:
@@ -56,6 +59,8 @@ class QueryManager:
         *,
         reader: Callable[[], Reader],
         denied_paths: tuple[str, ...] = (),
+        backend: str = "memory",
+        backend_distributes: bool = False,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -65,6 +70,9 @@ class QueryManager:
         #: The Polars the service's contexts run (what the version rule checks against).
         self.reader = reader
         self.denied_paths = denied_paths
+        #: The backend's kind and whether it runs distributed queries (its capabilities).
+        self.backend = backend
+        self.backend_distributes = backend_distributes
 
     async def submit(
         self, principal: Principal, lease_id: str, data: bytes, request: QueryRequest
@@ -77,10 +85,17 @@ class QueryManager:
         if lease.state.is_terminal:
             raise LeaseEnded(lease_id, lease.state.value, lease.end_reason)
         profile = self.settings.profiles.get(lease.profile)
+        distributed = resolve(
+            request.distributed,
+            profile,
+            backend=self.backend,
+            backend_distributes=self.backend_distributes,
+            engine=request.engine,
+        )
         # The whole pipeline, once, in a thread: decoding a plan of up to max_plan_bytes is
         # pure Python and takes time. A plan refused now is refused with a 422 before it is
         # queued; the backend checks again where the plan runs.
-        checked = await anyio.to_thread.run_sync(
+        info = await anyio.to_thread.run_sync(
             lambda: check_plan(
                 data,
                 reader=self.reader(),
@@ -91,12 +106,19 @@ class QueryManager:
                 client_polars_version=request.polars_version,
             )
         )
+        # The destination a query shows is where its plan writes, not a free label.
+        written = info.output.path if info.output is not None else None
+        if request.destination is not None and written not in (None, request.destination):
+            raise InvalidInput(
+                f"options.destination is {request.destination!r}, but the plan writes "
+                f"to {written!r}; send the sink's own path as destination"
+            )
         timeout = request.timeout_s or self.settings.query_timeout_s
         if timeout > self.settings.query_timeout_max_s:
             raise InvalidInput(
                 f"timeout_s may be at most {self.settings.query_timeout_max_s:g} seconds"
             )
-        inputs, outputs = lineage(checked)
+        inputs, outputs = lineage(info)
         query_id = str(uuid.uuid4())
         await anyio.to_thread.run_sync(self.spool.write_plan, query_id, data)
 
@@ -119,6 +141,7 @@ class QueryManager:
                 plan_bytes=len(data),
                 timeout_s=timeout,
                 actor=principal.actor,
+                distributed=distributed.model_dump() if distributed is not None else None,
                 inputs=inputs,
                 outputs=outputs,
             )

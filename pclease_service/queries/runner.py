@@ -14,7 +14,7 @@ import anyio.to_thread
 
 from pclease_service.backends.base import Backend, QueryOutcome, QuerySpec
 from pclease_service.clock import Clock, within
-from pclease_service.config import Settings
+from pclease_service.config import DistributedSettings, Settings
 from pclease_service.db.session import Database
 from pclease_service.db.tx import Tx
 from pclease_service.errors import BackendError
@@ -43,6 +43,7 @@ class _Where:
     lease: LeaseState
     context: ContextState
     handle: Mapping[str, object] | None
+    profile: str
 
     @property
     def ready(self) -> bool:
@@ -122,10 +123,18 @@ class QueryRunner:
                 lease = leases.get_lease(tx, query.lease_id)
                 context = contexts.get_context(tx, query.context_id)
                 if lease is not None and context is not None:
-                    where[query.id] = _Where(lease.state, context.state, context.backend_handle)
+                    where[query.id] = _Where(
+                        lease.state, context.state, context.backend_handle, lease.profile
+                    )
             return live, where
 
         live, where = await self.db.read(snapshot)
+        # Each context runs its profile's concurrent_queries at once; the rest wait in
+        # submission order (start_query holds the limit in SQL as well).
+        busy: dict[str, int] = {}
+        for query in live:
+            if query.state is QueryState.RUNNING:
+                busy[query.context_id] = busy.get(query.context_id, 0) + 1
         for query in reversed(live):  # oldest first
             task = self._tasks.get(query.id)
             if query.state is QueryState.RUNNING:
@@ -135,8 +144,12 @@ class QueryRunner:
             place = where.get(query.id)
             if place is None or not place.ready or place.handle is None:
                 continue
-            started = await self.db.write(self._start_unit(query.id))
+            limit = self._slots(place.profile)
+            if busy.get(query.context_id, 0) >= limit:
+                continue
+            started = await self.db.write(self._start_unit(query.id, limit))
             if started is not None:
+                busy[query.context_id] = busy.get(query.context_id, 0) + 1
                 self._tasks[started.id] = asyncio.create_task(
                     self._execute(started, place.handle), name=f"query-{started.id}"
                 )
@@ -146,18 +159,14 @@ class QueryRunner:
             self._housekept_at = now
             await self.housekeeping()
 
+    def _slots(self, profile_name: str) -> int:
+        profile = self.settings.profiles.get(profile_name)
+        return profile.concurrent_queries if profile is not None else 1
+
     @staticmethod
-    def _start_unit(query_id: str) -> Callable[[Tx], QueryRecord | None]:
+    def _start_unit(query_id: str, limit: int) -> Callable[[Tx], QueryRecord | None]:
         def unit(tx: Tx) -> QueryRecord | None:
-            return queries.transition_query(
-                tx,
-                query_id,
-                QueryState.RUNNING,
-                actor=ACTOR,
-                reason="sent to its context",
-                sources=[QueryState.QUEUED],
-                values={"started_at": tx.now},
-            )
+            return queries.start_query(tx, query_id, limit=limit, actor=ACTOR)
 
         return unit
 
@@ -186,6 +195,9 @@ class QueryRunner:
             data_roots=profile_roots,
             denied_paths=self.denied_paths,
             labels=dict(query.labels),
+            distributed=DistributedSettings.model_validate(query.distributed)
+            if query.distributed is not None
+            else None,
         )
 
     async def _execute(self, query: QueryRecord, handle: Mapping[str, object]) -> None:

@@ -11,6 +11,8 @@
     leases.py       lease rows: insertion, heartbeats, expiry, ending (gives the slot back)
     queries.py      query rows: submission, runner transitions, cancellation
     tokens.py       API token rows (hashes only)
+    usage.py        what each token holds and started: the rows its quotas count, and the
+                    token lock that serialises its grants
     reads.py        the read model the dashboard and /metrics share
 
 Functions take a :class:`~pclease_service.db.tx.Tx` and never commit: the caller owns the
@@ -28,6 +30,7 @@ from pclease_service.store import (
     reads,
     tokens,
     transitions,
+    usage,
 )
 
 __all__ = [
@@ -39,4 +42,5 @@ __all__ = [
     "reads",
     "tokens",
     "transitions",
+    "usage",
 ]

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, insert, select, update
+from sqlalchemy import Row, and_, case, func, insert, or_, select, update
 
-from pclease_service.db.schema import queries
+from pclease_service.db.schema import contexts, queries
 from pclease_service.db.tx import Tx
 from pclease_service.states import LIVE_QUERY_STATES, QueryState, query_sources
 from pclease_service.store.events import record_event
@@ -43,6 +43,10 @@ class QueryRecord:
     outputs: tuple[str, ...]
     error_type: str | None
     error_message: str | None
+    #: The distributed settings it runs with (``DistributedSettings`` as JSON); None: one node.
+    distributed: Mapping[str, Any] | None = None
+    #: While queued: 1 for the next query its context runs, 2 for the one after, ...
+    queue_position: int | None = None
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> QueryRecord:
@@ -68,12 +72,12 @@ def insert_query(
     plan_bytes: int,
     timeout_s: float,
     actor: str,
+    distributed: Mapping[str, Any] | None = None,
     inputs: Sequence[str] = (),
     outputs: Sequence[str] = (),
 ) -> QueryRecord:
-    row = tx.conn.execute(
-        insert(queries)
-        .values(
+    tx.conn.execute(
+        insert(queries).values(
             id=query_id,
             lease_id=lease_id,
             context_id=context_id,
@@ -88,11 +92,11 @@ def insert_query(
             timeout_s=timeout_s,
             cancel_requested=0,
             created_at=tx.now,
+            distributed=dict(distributed) if distributed is not None else None,
             inputs=list(inputs),
             outputs=list(outputs),
         )
-        .returning(*queries.c)
-    ).one()
+    )
     record_event(
         tx,
         kind="query",
@@ -104,11 +108,39 @@ def insert_query(
         reason=f"{target} query submitted ({plan_bytes} plan bytes)",
     )
     tx.queries_changed.add(query_id)
-    return QueryRecord.from_row(row)
+    inserted = get_query(tx, query_id)
+    assert inserted is not None
+    return inserted
+
+
+def _queue_position() -> Any:
+    """A query's place in its context's queue (1 = next), computed where it is read: the
+    queued queries of the same context submitted before it, plus one. Ties on
+    ``created_at`` are broken by id, as the runner breaks them."""
+    ahead = queries.alias("ahead")
+    count = (
+        select(func.count())
+        .where(
+            ahead.c.context_id == queries.c.context_id,
+            ahead.c.state == QueryState.QUEUED.value,
+            or_(
+                ahead.c.created_at < queries.c.created_at,
+                and_(ahead.c.created_at == queries.c.created_at, ahead.c.id <= queries.c.id),
+            ),
+        )
+        .scalar_subquery()
+    )
+    return case((queries.c.state == QueryState.QUEUED.value, count), else_=None).label(
+        "queue_position"
+    )
+
+
+def _read() -> Any:
+    return select(queries, _queue_position())
 
 
 def get_query(tx: Tx, query_id: str) -> QueryRecord | None:
-    row = tx.conn.execute(select(queries).where(queries.c.id == query_id)).one_or_none()
+    row = tx.conn.execute(_read().where(queries.c.id == query_id)).one_or_none()
     return None if row is None else QueryRecord.from_row(row)
 
 
@@ -120,7 +152,7 @@ def list_queries(
     states: Iterable[QueryState] | None = None,
     limit: int = 500,
 ) -> list[QueryRecord]:
-    stmt = select(queries).order_by(queries.c.created_at.desc()).limit(limit)
+    stmt = _read().order_by(queries.c.created_at.desc(), queries.c.id.desc()).limit(limit)
     if lease_id is not None:
         stmt = stmt.where(queries.c.lease_id == lease_id)
     if context_id is not None:
@@ -150,6 +182,42 @@ def transition_query(
         reason=reason,
         only_from=sources,
         values=values,
+    )
+    return None if row is None else QueryRecord.from_row(row)
+
+
+def start_query(tx: Tx, query_id: str, *, limit: int, actor: str) -> QueryRecord | None:
+    """Move a queued query to ``running`` if its context runs fewer than ``limit`` queries
+    (its profile's ``concurrent_queries``); None if it is not queued or the context is full.
+
+    The context's row is locked first, so two runners (replicas) counting at once cannot
+    both take its last slot."""
+    context_id = tx.conn.execute(
+        select(queries.c.context_id).where(queries.c.id == query_id)
+    ).scalar()
+    if context_id is None:
+        return None
+    tx.conn.execute(select(contexts.c.id).where(contexts.c.id == context_id).with_for_update())
+    running = queries.alias("running")
+    busy = (
+        select(func.count())
+        .where(
+            running.c.context_id == context_id,
+            running.c.state == QueryState.RUNNING.value,
+        )
+        .scalar_subquery()
+    )
+    row = guarded_transition(
+        tx,
+        queries,
+        query_id,
+        query_sources(QueryState.RUNNING),
+        QueryState.RUNNING,
+        actor=actor,
+        reason="sent to its context",
+        only_from=[QueryState.QUEUED],
+        where=[busy < limit],
+        values={"started_at": tx.now},
     )
     return None if row is None else QueryRecord.from_row(row)
 

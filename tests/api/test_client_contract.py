@@ -24,6 +24,7 @@ from pclease_client import (
     ApiError,
     ContextInfo,
     ContextState,
+    DistributedInfo,
     EventInfo,
     LeaseInfo,
     LeaseState,
@@ -40,6 +41,7 @@ from pclease_client.models import Model, QueryErrorInfo
 from pclease_client.testing import FAKE_URL, FakePclease, fake_profile
 from pclease_service.api import schemas
 from pclease_service.api.errors import _HTTP_CODES
+from pclease_service.config import DistributedSettings
 from tests.harness import PROFILES, Harness
 
 # -- the same vocabulary ---------------------------------------------------------------------
@@ -55,6 +57,12 @@ def test_the_client_knows_every_state_of_the_service(name: str) -> None:
             assert member.is_terminal == theirs(member.value).is_terminal
 
 
+def test_the_client_knows_every_quota_name() -> None:
+    assert {m.name: m.value for m in client_errors.QuotaName} == {
+        m.name: m.value for m in service_errors.QuotaName
+    }
+
+
 def test_the_client_knows_every_plan_refusal() -> None:
     assert {m.name: m.value for m in client_errors.PlanRefusal} == {
         m.name: m.value for m in service_errors.PlanRefusal
@@ -68,6 +76,7 @@ def test_the_client_knows_every_plan_refusal() -> None:
         (ContextInfo, schemas.ContextOut),
         (QueryInfo, schemas.QueryOut),
         (QueryErrorInfo, schemas.QueryError),
+        (DistributedInfo, DistributedSettings),
         (EventInfo, schemas.EventOut),
         (ProfileInfo, schemas.ProfileOut),
     ],
@@ -246,3 +255,61 @@ def _limits(shape: dict[str, Any]) -> dict[str, Any]:
     found = {key: shape[key] for key in keys if key in shape}
     found.setdefault("max_contexts", 1)
     return found
+
+
+async def test_the_client_reads_the_service_s_quota_refusals(make_harness: Any) -> None:
+    """The quota of a real refusal lands on the client's error, and the fake's refusal has
+    the same body."""
+    from pclease_client import BudgetExhausted, QuotaExceeded, QuotaName, QuotaUse
+
+    h: Harness = await make_harness(
+        quotas={
+            "tokens": {
+                "team-a": {
+                    "max_live_leases": 1,
+                    "profiles": {"large": {"monthly_budget": 0.01}},
+                }
+            }
+        }
+    )
+    team = h.token("team-a", "lease")
+    first = await h.client.post("/v1/leases", json={"profile": "large"}, headers=team)
+    assert first.status_code == 201, first.text
+    refused = await h.client.post("/v1/leases", json={"profile": "small"}, headers=team)
+    assert refused.status_code == 429, refused.text
+    error = calls.error_of(refused)
+    assert isinstance(error, QuotaExceeded)
+    assert error.quota == QuotaUse(QuotaName.LIVE_LEASES, 1, 1)
+    assert error.retry_after_s == 30
+
+    with FakePclease(["small"]) as fake:
+        fake.set_quota(max_live_leases=1)
+        fake.create_lease("small", {})
+        faked = fake.handle(
+            httpx.Request(
+                "POST",
+                f"{FAKE_URL}/v1/leases",
+                json={"profile": "small"},
+                headers={"Authorization": f"Bearer {fake.token}"},
+            )
+        )
+        assert faked.status_code == 429
+        assert faked.json()["error"]["quota"] == refused.json()["error"]["quota"]
+        assert faked.headers["Retry-After"] == refused.headers["Retry-After"]
+
+    # A spent budget: the large context ran for an hour (2.0) against a budget of 0.01.
+    await h.settle()
+    released = await h.client.delete(f"/v1/leases/{first.json()['id']}", headers=team)
+    assert released.status_code == 200, released.text
+    stopped = await h.client.post(
+        f"/v1/contexts/{first.json()['context_id']}/stop", headers=h.headers
+    )
+    assert stopped.status_code == 200, stopped.text
+    await h.tick(3600)
+    await h.settle()
+    spent = await h.client.post("/v1/leases", json={"profile": "large"}, headers=team)
+    assert spent.status_code == 403, spent.text
+    budget = calls.error_of(spent)
+    assert isinstance(budget, BudgetExhausted) and budget.quota is not None
+    assert budget.quota.name is QuotaName.MONTHLY_BUDGET and budget.quota.profile == "large"
+    assert budget.quota.frees_at is not None and budget.quota.frees_at.month == 2

@@ -415,6 +415,7 @@ async def test_no_secret_on_any_page(make_harness: Any) -> None:
         "/ui/runs",
         f"/ui/runs?dag_id=etl&run_id={HOLDER['run_id']}",
         "/ui/events",
+        "/ui/usage",
         "/ui/api/version",
         "/ui/login",
         "/metrics",
@@ -586,4 +587,49 @@ async def test_queries_show_on_the_pages_and_in_metrics(h: Harness) -> None:
     assert '<td class="num">1</td>' in row
     scraped = await h.client.get("/metrics")
     assert 'pclease_queries_total{outcome="succeeded"} 1.0' in scraped.text
+    await client.aclose()
+
+
+async def test_usage_page_shows_each_token_against_its_limits(make_harness: Any) -> None:
+    h: Harness = await make_harness(
+        quotas={
+            "tokens": {
+                "team-a": {
+                    "max_live_leases": 2,
+                    "profiles": {"large": {"max_live_contexts": 1, "monthly_budget": 0.5}},
+                },
+                "team-c": {"max_instance_hours_per_day": 4},
+            }
+        }
+    )
+    team = {"Authorization": f"Bearer {new_token(h, 'team-a', 'lease')}"}
+    await h.lease("large", headers=team, ttl_s=3600)
+    await h.lease("large", headers=team, ttl_s=3600)
+    await h.settle()
+    await h.tick(900)  # large costs 2.0 an hour: 0.50 spent, the whole budget
+    client = await signed_in(h, "read", name="viewer")
+    page = await client.get("/ui/usage")
+    assert_page(page, 200, "Usage per token", "team-a", "team-c", "budget spent")
+    row = re.search(r'<tr data-token="team-a" data-profile="large">(.*?)</tr>', page.text, re.S)
+    assert row is not None, page.text
+    cells = re.sub(r"<[^>]+>|\s+", " ", row.group(1)).split()
+    # Live leases 2 / 2, hours today 0.25, live contexts 1 / 1, cost $0.5000 / $0.5000.
+    assert cells[:12] == [
+        "team-a",
+        "2",
+        "/",
+        "2",
+        "0.25",
+        "large",
+        "1",
+        "/",
+        "1",
+        "$0.5000",
+        "/",
+        "$0.5000",
+    ]
+    # team-c has an entry and no usage; its limit shows.
+    assert re.search(r'data-token="team-c".*?0\.00 <span class="muted">/ 4\.00', page.text, re.S)
+    # The viewer itself holds nothing and has no entry: no row.
+    assert 'data-token="viewer"' not in page.text
     await client.aclose()

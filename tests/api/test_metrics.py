@@ -211,3 +211,54 @@ async def test_request_log_names_the_lease_it_created(h: Harness) -> None:
     assert lines[1]["lease_id"] == lease["id"]
     assert "duration_ms" in lines[1]
     assert h.headers["Authorization"] not in stream.getvalue()
+
+
+async def test_usage_per_token_with_its_limits(make_harness: Any) -> None:
+    h: Harness = await make_harness(
+        quotas={
+            "default": {"max_live_leases": 10},
+            "tokens": {
+                "team-a": {
+                    "max_live_leases": 3,
+                    "max_instance_hours_per_day": 8,
+                    "profiles": {"large": {"max_live_contexts": 1, "monthly_budget": 100}},
+                },
+                "idle-team": {},
+            },
+        }
+    )
+    team = h.token("team-a", "lease")
+    other = h.token("team-b", "lease")
+    first = await h.lease("large", headers=team, ttl_s=3600)
+    await h.lease("large", headers=team, ttl_s=3600)  # joins: starts nothing
+    await h.lease("small", headers=other, ttl_s=3600)
+    await h.settle()
+    await h.tick(1800)
+
+    samples = await scrape(h.client)
+    assert value(samples, "pclease_token_live_leases", token="team-a") == 2
+    assert value(samples, "pclease_token_live_leases", token="team-b") == 1
+    assert value(samples, "pclease_token_live_contexts", token="team-a", profile="large") == 1
+    assert value(samples, "pclease_token_live_contexts", token="team-b", profile="small") == 1
+    assert value(samples, "pclease_token_instance_hours_today", token="team-a") == 0.5
+    # large costs 2.0 an hour, small 0.5.
+    assert value(samples, "pclease_token_cost_this_month", token="team-a", profile="large") == 1.0
+    assert value(samples, "pclease_token_cost_this_month", token="team-b", profile="small") == 0.25
+    limits = {
+        (labels["token"], labels["quota"], labels["profile"]): v
+        for (name, label_items), v in samples.items()
+        if name == "pclease_token_quota_limit"
+        for labels in [dict(label_items)]
+    }
+    assert limits == {
+        ("team-a", "live_leases", ""): 3,
+        ("team-a", "instance_hours_per_day", ""): 8,
+        ("team-a", "live_contexts", "large"): 1,
+        ("team-a", "monthly_budget", "large"): 100,
+        ("team-b", "live_leases", ""): 10,  # the default
+    }
+    # Labels carry names only: no token id or secret.
+    response = await h.client.get("/metrics")
+    assert response.status_code == 200
+    assert team["Authorization"].split()[1] not in response.text
+    assert first["id"] not in response.text

@@ -371,6 +371,71 @@ def test_queries_sink_and_execute_for_real(fake: FakePolarsCloud, tmp_path: Path
     assert all(c.bearer and c.status == 200 for c in grpc_calls)
 
 
+def test_the_query_settings_of_the_real_client_are_read_and_recorded(
+    fake: FakePolarsCloud, tmp_path: Path
+) -> None:
+    """What ``lf.remote(ctx).single_node()`` and ``.distributed(...)`` send, as the fake
+    reads it; the distributed query still writes its real output."""
+    single, spread = tmp_path / "single.parquet", tmp_path / "spread.parquet"
+    run_client(
+        fake,
+        tmp_path,
+        f"""
+        ctx = context(cluster_size=3)
+        ctx.start(wait=True)
+        lf = pl.LazyFrame({{"a": [1, 2, 3]}})
+        streaming = lf.remote(ctx, engine="streaming").single_node()
+        streaming.sink_parquet({str(single)!r}).await_result()
+        lf.remote(ctx).distributed(
+            shuffle_compression="zstd", shuffle_format="ipc", shuffle_compression_level=7,
+            equi_join_broadcast_limit=1000, partitions_per_worker=5, single_worker_ops="forbid",
+            expression_lowering=True, min_workers=2, max_workers=3,
+        ).sink_parquet({str(spread)!r}, sink_to_single_file=True).await_result()
+        lf.remote(ctx).distributed(
+            shuffle_compression="lz4", shuffle_format="parquet", single_worker_ops="allow",
+            expression_lowering=False,
+        ).sink_parquet({str(spread)!r}, sink_to_single_file=True).await_result()
+        """,
+    )
+    first, second, third = (q["settings"] for q in fake.queries())
+    assert first == {
+        "engine": "streaming",
+        "mode": "single-node",
+        "min_workers": None,
+        "max_workers": None,
+    }
+    assert second == {
+        "engine": "auto",
+        "mode": "distributed",
+        "min_workers": 2,
+        "max_workers": 3,
+        "shuffle_format": "ipc",
+        "shuffle_compression": "zstd",
+        "shuffle_compression_level": 7,
+        "sort_partitioned": True,
+        "pre_aggregation": True,
+        "equi_join_broadcast_limit": 1000,
+        "partitions_per_worker": 5,
+        "single_worker_ops": "forbid",
+        "expression_lowering": True,
+        "planner": "auto",
+    }
+    assert third | {"min_workers": None} == {
+        **second,
+        "min_workers": None,
+        "max_workers": None,
+        "shuffle_format": "parquet",
+        "shuffle_compression": "lz4",
+        "shuffle_compression_level": None,
+        "equi_join_broadcast_limit": 256 * 1024**2,
+        "partitions_per_worker": None,
+        "single_worker_ops": "allow",
+        "expression_lowering": False,
+    }
+    assert [q["status"] for q in fake.queries()] == ["Success"] * 3
+    assert pl.read_parquet(spread).to_dict(as_series=False) == {"a": [1, 2, 3]}
+
+
 def test_failing_queries_raise_the_polars_error_class(
     fake: FakePolarsCloud, tmp_path: Path
 ) -> None:

@@ -36,7 +36,7 @@ from pclease_service.backends.base import (
 from pclease_service.backends.memory import MemoryBackend
 from pclease_service.backends.polars_cloud import PolarsCloudBackend
 from pclease_service.backends.polars_cloud.host import ClientHost, client_environment
-from pclease_service.config import ConfigError, Settings, load_settings
+from pclease_service.config import ConfigError, DistributedSettings, Settings, load_settings
 from pclease_service.credentials import ServiceAccount, TokenProvider, create_source
 from pclease_service.errors import BackendError
 from pclease_service.plans.targets import QueryTarget
@@ -245,6 +245,56 @@ async def test_query_sink_collect_and_errors(cloud: FakePolarsCloud, tmp_path: P
     # Checked again before forwarding: a write outside the data roots.
     outcome = await backend.execute(handle, query(tmp_path, lf, "parquet", "/elsewhere/x.pq"))
     assert not outcome.ok and outcome.error_type == "PlanRefused"
+
+
+async def test_distributed_settings_reach_polars_cloud_and_the_output_is_right(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    handle = await running(backend, spec())
+    lf = pl.LazyFrame({"a": [1, 2, 3, 4], "b": ["x", "y", "x", "y"]})
+    totals = lf.group_by("b").agg(pl.col("a").sum()).sort("b")
+    out = tmp_path / "totals.parquet"
+    settings = DistributedSettings(
+        min_workers=2, max_workers=3, shuffle_format="ipc", shuffle_compression="zstd",
+        shuffle_compression_level=5, partitions_per_worker=4, single_worker_ops="forbid",
+    )  # fmt: skip
+    sink = query(tmp_path, totals, "parquet", str(out), distributed=settings)
+    outcome = await backend.execute(handle, sink)
+    assert outcome.ok, outcome
+    assert pl.read_parquet(out).equals(totals.collect())
+
+    one = query(tmp_path, totals, "collect")
+    outcome = await backend.execute(handle, one)
+    assert outcome.ok, outcome
+    assert one.result_path is not None and pl.read_ipc(one.result_path).equals(totals.collect())
+
+    distributed, single = (
+        next(q for q in cloud.queries() if f"pclease.query-id={s.query_id}" in q["labels"])
+        for s in (sink, one)
+    )
+    assert distributed["settings"] == {
+        "engine": "auto",
+        "mode": "distributed",
+        "min_workers": 2,
+        "max_workers": 3,
+        "shuffle_format": "ipc",
+        "shuffle_compression": "zstd",
+        "shuffle_compression_level": 5,
+        "sort_partitioned": True,
+        "pre_aggregation": True,
+        "equi_join_broadcast_limit": 256 * 1024**2,
+        "partitions_per_worker": 4,
+        "single_worker_ops": "forbid",
+        "expression_lowering": None,
+        "planner": "auto",
+    }
+    assert single["settings"] == {
+        "engine": "auto",
+        "mode": "single-node",
+        "min_workers": None,
+        "max_workers": None,
+    }
 
 
 async def test_cancelling_the_task_cancels_the_query(

@@ -57,6 +57,23 @@ PROFILES: dict[str, dict[str, Any]] = {
     "gpu": {"cpus": 8, "memory_gb": 32, "idle_grace_s": 600, "hourly_cost": 9.5},
 }
 
+QUOTAS = """
+[quotas.tokens.airflow]
+max_live_leases = 20
+max_instance_hours_per_day = 48
+
+[quotas.tokens.airflow.profiles.large]
+max_live_contexts = 2
+monthly_budget = 2000.0
+
+[quotas.tokens.airflow.profiles.gpu]
+max_live_contexts = 1
+monthly_budget = 5000.0
+
+[quotas.tokens.data-science]
+max_live_leases = 5
+"""
+
 
 class Env:
     def __init__(self, tmp_path: Path) -> None:
@@ -75,6 +92,7 @@ class Env:
             },
             PROFILES,
         )
+        self.config.write_text(self.config.read_text() + QUOTAS)
         run_cli(self.config, "db", "upgrade")
         self.admin = self.token("ops-admin", "admin")
         self.reader = self.token("ops-viewer", "read")
@@ -291,6 +309,10 @@ def test_watch_a_context_live_then_force_stop_as_admin(chromium: Any, env: Env) 
     shot(admin, "run")
     admin.goto(f"{env.server.url}/ui/events")
     shot(admin, "events")
+    admin.goto(f"{env.server.url}/ui/usage")
+    expect(admin.locator('tr[data-token="airflow"][data-profile="gpu"]')).to_contain_text("1 / 1")
+    expect(admin.locator('tr[data-token="data-science"]')).to_contain_text("0 / 5")
+    shot(admin, "usage")
     admin.goto(f"{env.server.url}/ui/")
     expect(admin.locator("[data-testid=instances-up]")).to_have_text("1")
     admin.context.close()

@@ -55,6 +55,12 @@ Wire facts verified by driving the real client (beyond the shared reference):
 - ``compute_plane_version`` must be semver or null.
 - SubmitQuery field 4 (query labels, from ``lf.remote(ctx).labels([...])``) is
   ``{1: repeated {1: label}}``, an empty message without labels; ``queries()[i]["labels"]``.
+- SubmitQuery field 2 (query settings) carries the engine, single-node or distributed
+  with the shuffle options, planner switches and worker bounds of
+  ``lf.remote(ctx).distributed(...)``; :func:`tests.fakepc.grpc_api.query_settings` reads
+  it (field numbers and enum values there) and ``queries()[i]["settings"]`` has it, e.g.
+  ``{"mode": "distributed", "engine": "auto", "min_workers": 2, "shuffle_format": "ipc",
+  ...}``. The fake records the settings and runs every plan on one node, for real.
 - ``.remote(ctx).sink_parquet(path)`` returns a ``ProxyQuery`` without waiting; call
   ``.await_result()``. ``.collect()`` is refused client-side for proxy contexts; use
   ``.execute()`` (sinks to ``<in-memory>``) then ``.lazy()``.

@@ -105,6 +105,7 @@ class Query:
     file_type: str | None = None  # plan spelling, see plans.FILE_TYPES
     n_rows: int | None = None
     error: str | None = None  # "PolarsErrorClass: message"
+    settings: dict[str, Any] = field(default_factory=dict)  # grpc_api.query_settings
     cancel: threading.Event = field(default_factory=threading.Event)
     handle: Any = None  # polars InProcessQuery while executing
 
@@ -440,7 +441,14 @@ class ControlPlane:
 
     # queries --------------------------------------------------------------------------
 
-    def submit_query(self, user_id: str, compute_id: str, plan: bytes, labels: list[str]) -> Query:
+    def submit_query(
+        self,
+        user_id: str,
+        compute_id: str,
+        plan: bytes,
+        labels: list[str],
+        settings: dict[str, Any] | None = None,
+    ) -> Query:
         with self._lock:
             c = self._computes.get(compute_id)
             if c is None:
@@ -456,6 +464,7 @@ class ControlPlane:
                 plan=plan,
                 labels=labels,
                 request_time=_now(),
+                settings=dict(settings or {}),
             )
             self._set_status(q, "InProgress")
             q.started_at = q.status_time
@@ -582,7 +591,14 @@ class ControlPlane:
         """A snapshot copy of the query (for the gRPC GetQueryResult reply)."""
         with self._lock:
             q = self._query(query_id)
-            return Query(**{**q.__dict__, "labels": list(q.labels), "uris": list(q.uris)})
+            return Query(
+                **{
+                    **q.__dict__,
+                    "labels": list(q.labels),
+                    "uris": list(q.uris),
+                    "settings": dict(q.settings),
+                }
+            )
 
     def result_errors(self, q: Query) -> list[str]:
         return self._errors(q)
@@ -601,6 +617,9 @@ class ControlPlane:
                     "error": q.error,
                     "n_rows": q.n_rows,
                     "labels": list(q.labels),
+                    "settings": dict(q.settings),
+                    "started_at": q.started_at,
+                    "ended_at": q.ended_at,
                 }
                 for q in self._queries.values()
             ]

@@ -76,8 +76,9 @@ class ClientService(grpc.GenericRpcHandler):  # type: ignore[misc]
         if compute_id is None or plan is None:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "compute id and plan are required")
         labels = _labels(protowire.first_bytes(fields, 4))
+        settings = query_settings(protowire.first_bytes(fields, 2) or b"")
         try:
-            q = self._plane.submit_query(user_id, compute_id, plan, labels)
+            q = self._plane.submit_query(user_id, compute_id, plan, labels, settings)
         except NotFound as exc:
             raise _Abort(grpc.StatusCode.NOT_FOUND, str(exc)) from None
         except Unavailable as exc:
@@ -117,6 +118,57 @@ def _labels(raw: bytes | None) -> list[str]:
         if isinstance(entry, bytes) and (label := protowire.first_str(protowire.decode(entry), 1)):
             labels.append(label)
     return labels
+
+
+_ENGINES = {1: "auto", 2: "streaming", 3: "in-memory"}
+_SHUFFLE_FORMATS = {1: "auto", 2: "ipc", 3: "parquet"}
+_SHUFFLE_COMPRESSIONS = {1: "auto", 2: "lz4", 3: "zstd", 4: "uncompressed"}
+_SINGLE_WORKER_OPS = {1: "auto", 2: "allow", 3: "forbid"}
+_PLANNERS = {1: "auto", 2: "naive", 3: "miso"}
+
+
+def _int(fields: dict[int, list[int | bytes]], number: int) -> int | None:
+    values = fields.get(number)
+    return values[0] if values and isinstance(values[0], int) else None
+
+
+def query_settings(raw: bytes) -> dict[str, Any]:
+    """SubmitQuery field 2, the query settings, read the way they were observed with
+    polars-cloud 0.12.0 (``serialize_query_settings``): 1 engine enum; one of 2 (empty:
+    single node) or 4 (distributed: 1 shuffle {1 format, 2 compression, 3 level},
+    2 sort_partitioned, 3 pre_aggregation, 4 equi_join_broadcast_limit,
+    5 partitions_per_worker, 8 single_worker_ops, 9 expression_lowering, 10 planner);
+    9 workers {1 min, 2 max}. Unknown enum values come back as ``"?N"``."""
+    fields = protowire.decode(raw)
+    settings: dict[str, Any] = {
+        "engine": _ENGINES.get(_int(fields, 1) or 0, f"?{_int(fields, 1)}"),
+        "mode": "single-node",
+    }
+    workers = protowire.decode(protowire.first_bytes(fields, 9) or b"")
+    settings["min_workers"] = _int(workers, 1)
+    settings["max_workers"] = _int(workers, 2)
+    distributed = protowire.first_bytes(fields, 4)
+    if distributed is None:
+        return settings
+    d = protowire.decode(distributed)
+    shuffle = protowire.decode(protowire.first_bytes(d, 1) or b"")
+    lowering = _int(d, 9)
+    settings |= {
+        "mode": "distributed",
+        "shuffle_format": _SHUFFLE_FORMATS.get(_int(shuffle, 1) or 0, f"?{_int(shuffle, 1)}"),
+        "shuffle_compression": _SHUFFLE_COMPRESSIONS.get(
+            _int(shuffle, 2) or 0, f"?{_int(shuffle, 2)}"
+        ),
+        "shuffle_compression_level": _int(shuffle, 3),
+        "sort_partitioned": bool(_int(d, 2)),
+        "pre_aggregation": bool(_int(d, 3)),
+        "equi_join_broadcast_limit": _int(d, 4) or 0,
+        "partitions_per_worker": _int(d, 5),
+        "single_worker_ops": _SINGLE_WORKER_OPS.get(_int(d, 8) or 0, f"?{_int(d, 8)}"),
+        "expression_lowering": None if lowering is None else bool(lowering),
+        "planner": _PLANNERS.get(_int(d, 10) or 0, f"?{_int(d, 10)}"),
+    }
+    return settings
 
 
 def serve(plane: ControlPlane) -> tuple[grpc.Server, int]:

@@ -77,6 +77,13 @@ def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             "large": {"cpus": 2, "memory_gb": 2},
         },
     )
+    # The admin token soon meets its quotas, so their refusals are checked against the
+    # document too.
+    config.write_text(
+        config.read_text()
+        + "\n[quotas.tokens.fuzz-admin]\nmax_live_leases = 3\n"
+        + "\n[quotas.tokens.fuzz-admin.profiles.small]\nmax_live_contexts = 1\n"
+    )
     run_cli(config, "db", "upgrade")
     tokens = {
         scope: run_cli(config, "token", "create", f"fuzz-{scope}", "--scope", scope).strip()
@@ -142,6 +149,14 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(
     log = api.server.log()
     assert "Traceback" not in log, log[-10000:]
     assert "unexpected error" not in log, log[-10000:]
+    if token == "admin":
+        # Its quota refused some of its lease requests: those answers were checked too.
+        scraped = httpx.get(f"{api.server.url}/metrics")
+        assert scraped.status_code == 200
+        refused = re.search(
+            r'pclease_lease_request_seconds_count\{outcome="quota_exceeded"\} (\S+)', scraped.text
+        )
+        assert refused is not None and float(refused.group(1)) > 0, scraped.text[-3000:]
 
 
 def readme_commands() -> list[list[str]]:

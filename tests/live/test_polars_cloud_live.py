@@ -70,6 +70,7 @@ class Env:
         credentials: dict[str, Any] | None = None,
         secret: str = SECRET,
         cloud_options: dict[str, Any] | None = None,
+        profiles: dict[str, dict[str, Any]] | None = None,
         **settings: Any,
     ) -> None:
         self.tmp_path = tmp_path
@@ -105,7 +106,8 @@ class Env:
                     "idle_grace_s": 1,
                     "data_roots": [str(self.lake)],
                     "polars_cloud": {"idle_timeout_mins": 20},
-                }
+                },
+                **(profiles or {}),
             },
         )
         # Only what the service needs: no Polars Cloud variables of this test process.

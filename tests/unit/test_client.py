@@ -462,3 +462,44 @@ def test_the_handle_transitions_end_in_closed() -> None:
     for state, targets in HANDLE_TRANSITIONS.items():
         if state is not HandleState.CLOSED:
             assert HandleState.CLOSED in targets
+
+
+def test_quota_errors_carry_the_quota(fake: FakePclease, client: PcleaseClient) -> None:
+    from datetime import UTC, datetime
+
+    from pclease_client import BudgetExhausted, QuotaExceeded, QuotaName, QuotaUse
+    from pclease_client.errors import Forbidden
+
+    fake.set_quota(max_live_leases=2, max_live_contexts={"tiny": 1})
+    held = client.create_lease("tiny")
+    # tiny takes one lease per context, and the token may have started one of them.
+    with pytest.raises(QuotaExceeded) as caught:
+        client.create_lease("tiny")
+    assert (caught.value.status, caught.value.code) == (429, "quota_exceeded")
+    assert caught.value.retry_after_s == 30
+    assert caught.value.quota == QuotaUse(QuotaName.LIVE_CONTEXTS, 1, 1, "tiny")
+    client.create_lease("small")
+    with pytest.raises(QuotaExceeded) as caught:
+        client.create_lease("small")  # would join, but the token holds 2 leases
+    assert caught.value.quota == QuotaUse(QuotaName.LIVE_LEASES, 2, 2)
+    assert not fake.lease(held.id).state.is_terminal  # untouched
+
+    client.release(held.id)
+    fake.stop_context(held.context_id)  # the next lease on tiny must start one
+    month = datetime(2027, 1, 1, tzinfo=UTC)
+    fake.exhaust(QuotaName.MONTHLY_BUDGET, used=101.5, limit=100, profile="tiny", frees_at=month)
+    with pytest.raises(BudgetExhausted) as spent:
+        client.create_lease("tiny")
+    assert isinstance(spent.value, Forbidden) and spent.value.code == "budget_exhausted"
+    assert spent.value.quota == QuotaUse(QuotaName.MONTHLY_BUDGET, 101.5, 100, "tiny", month)
+    with pytest.raises(ValueError, match="set_quota"):
+        fake.exhaust(QuotaName.LIVE_LEASES, used=1, limit=1)
+    fake.restore()
+    assert client.create_lease("tiny").state in (LeaseState.PENDING, LeaseState.ACTIVE)
+
+
+def test_a_quota_body_the_client_cannot_read_still_raises_by_code() -> None:
+    from pclease_client import QuotaExceeded
+
+    odd = api_error(429, "quota_exceeded", "over", {"retry-after": "9"}, {"quota": {"x": 1}})
+    assert isinstance(odd, QuotaExceeded) and odd.quota is None and odd.retry_after_s == 9

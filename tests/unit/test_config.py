@@ -112,3 +112,89 @@ def test_passwords_in_urls_are_not_echoed(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(secret)
     assert "hunter2" not in str(caught.value)
+
+
+def test_quotas_are_read_per_token_with_a_default(tmp_path: Path) -> None:
+    config = write(
+        tmp_path,
+        """
+[profiles.large]
+cpus = 8
+memory_gb = 32
+hourly_cost = 2.5
+
+[quotas.default]
+max_live_leases = 20
+
+[quotas.tokens.team-a]
+max_live_leases = 5
+max_instance_hours_per_day = 12.5
+
+[quotas.tokens.team-a.profiles.large]
+max_live_contexts = 1
+monthly_budget = 400
+monthly_budget_hard = false
+
+[quotas.tokens.ops]
+""",
+    )
+    quotas = load_settings(config).quotas
+    team = quotas.for_token("team-a")
+    assert (team.max_live_leases, team.max_instance_hours_per_day) == (5, 12.5)
+    large = team.profiles["large"]
+    assert (large.max_live_contexts, large.monthly_budget, large.monthly_budget_hard) == (
+        1,
+        400.0,
+        False,
+    )
+    # A token's own entry replaces the default entirely; an empty one has no limits.
+    assert quotas.for_token("ops").unlimited
+    assert quotas.for_token("anyone-else").max_live_leases == 20
+
+
+def test_quota_problems_say_what_to_change(tmp_path: Path) -> None:
+    config = write(
+        tmp_path,
+        """
+[profiles.free]
+cpus = 1
+memory_gb = 1
+
+[quotas.default]
+max_live_leases = -1
+
+[quotas.tokens.team-a]
+max_live_lease = 3
+
+[quotas.tokens.team-a.profiles.larg]
+max_live_contexts = 1
+
+[quotas.tokens.team-b.profiles.free]
+monthly_budget = 10
+""",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    problems = caught.value.problems
+    assert (
+        "quotas.default.max_live_leases: Input should be greater than or equal to 0 (got -1)"
+        in problems
+    )
+    assert (
+        "quotas.tokens.team-a.max_live_lease: unknown key; check its spelling against "
+        "docs/configuration.md (got 3)" in problems
+    )
+    # Checked against the profiles once every key is known.
+    config.write_text(
+        config.read_text()
+        .replace("max_live_leases = -1", "")
+        .replace("max_live_lease = 3", "max_live_leases = 3")
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    assert caught.value.problems == [
+        "quotas.tokens.team-a.profiles.larg: no profile 'larg' is configured (configured "
+        "profiles: free)",
+        "quotas.tokens.team-b.profiles.free.monthly_budget: profile 'free' has hourly_cost "
+        "= 0, so it never spends anything: set profiles.free.hourly_cost, or remove the budget",
+    ]

@@ -66,3 +66,59 @@ def test_0003_gives_stops_from_before_it_their_kind(database_url: str) -> None:
             conn.execute(text("DELETE FROM contexts"))
             conn.execute(text("DELETE FROM profiles"))
         engine.dispose()
+
+
+def test_0008_finds_who_started_the_contexts_from_before_it(database_url: str) -> None:
+    """Contexts created before 0008 count for the token whose request created them (the
+    actor of their creation event); those created otherwise count for nobody."""
+    upgrade(database_url)
+    command.downgrade(alembic_config(database_url), "0003")
+    engine = create_db_engine(database_url, pool_size=1)
+    created = {"a": "token:team-a", "b": "token:team-b", "c": "reconciler", "d": "token:team-a"}
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO profiles (name, lock_version) VALUES ('p', 0)"))
+            for token_id, name in (("ta", "team-a"), ("tb", "team-b")):
+                conn.execute(
+                    text(
+                        "INSERT INTO tokens (id, name, token_hash, scopes, created_at) VALUES "
+                        "(:id, :name, :hash, 'lease', '2026-01-01 00:00:00')"
+                    ),
+                    {"id": token_id, "name": name, "hash": f"hash-{token_id}"},
+                )
+            for context_id, actor in created.items():
+                conn.execute(
+                    text(
+                        "INSERT INTO contexts (id, profile, backend, state, refcount, "
+                        "leases_total, hourly_cost, created_at) VALUES "
+                        "(:id, 'p', 'memory', 'running', 1, 1, 0, '2026-01-01 00:00:00')"
+                    ),
+                    {"id": context_id},
+                )
+                conn.execute(
+                    text(
+                        "INSERT INTO events (at, kind, context_id, to_state, actor, reason) "
+                        "VALUES ('2026-01-01 00:00:00', 'context', :id, 'starting', :actor, "
+                        "'no context had room')"
+                    ),
+                    {"id": context_id, "actor": actor},
+                )
+            # A later transition by the same token is no start.
+            conn.execute(
+                text(
+                    "INSERT INTO events (at, kind, context_id, from_state, to_state, actor, "
+                    "reason) VALUES ('2026-01-01 00:01:00', 'context', 'c', 'running', "
+                    "'starting', 'token:team-b', 'not a start')"
+                )
+            )
+        upgrade(database_url)
+        with engine.connect() as conn:
+            starters = dict(
+                conn.execute(text("SELECT context_id, token_id FROM context_starters")).all()
+            )
+        assert starters == {"a": "ta", "b": "tb", "d": "ta"}
+    finally:
+        with engine.begin() as conn:
+            for table in ("context_starters", "events", "contexts", "tokens", "profiles"):
+                conn.execute(text(f"DELETE FROM {table}"))  # noqa: S608
+        engine.dispose()

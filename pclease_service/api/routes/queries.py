@@ -11,7 +11,13 @@ from fastapi.responses import FileResponse
 from pydantic import ValidationError
 
 from pclease_service.api.deps import LeaseId, PrincipalDep, QueryId, ServiceDep
-from pclease_service.api.schemas import QueryList, QueryOptions, QueryOut, errors
+from pclease_service.api.schemas import (
+    DISTRIBUTED_TAGS,
+    QueryList,
+    QueryOptions,
+    QueryOut,
+    errors,
+)
 from pclease_service.errors import InvalidInput
 from pclease_service.queries.manager import QueryRequest
 from pclease_service.text import message_of, shown
@@ -31,7 +37,10 @@ def _parse_options(raw: str) -> QueryOptions:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            where = ".".join(shown(str(p)) for p in error["loc"])
+            loc = list(error["loc"])
+            if loc[:1] == ["distributed"] and loc[1:2] and loc[1] in DISTRIBUTED_TAGS:
+                del loc[1]  # the branch of true/false-or-settings, not a field
+            where = ".".join(shown(str(p)) for p in loc)
             message = message_of(error)
             if error["type"] == "extra_forbidden":
                 message = "unknown option; remove it"
@@ -70,10 +79,11 @@ async def submit_query(
         labels=parsed.labels,
         polars_version=parsed.polars_version,
         timeout_s=float(parsed.timeout_s) if parsed.timeout_s is not None else None,
+        distributed=parsed.distributed,
     )
     query = await service.queries.submit(principal, lease_id, data, request)
     response.headers["Location"] = f"/v1/queries/{query.id}"
-    return QueryOut.of(query)
+    return QueryOut.of(query, service.clock.now())
 
 
 @router.get("/leases/{lease_id}/queries", responses=errors(404))
@@ -81,7 +91,8 @@ async def list_lease_queries(
     lease_id: LeaseId, service: ServiceDep, principal: PrincipalDep
 ) -> QueryList:
     queries = await service.queries.list_for_lease(principal, lease_id)
-    return QueryList(queries=[QueryOut.of(q) for q in queries])
+    now = service.clock.now()
+    return QueryList(queries=[QueryOut.of(q, now) for q in queries])
 
 
 @router.get("/queries/{query_id}", responses=errors(404, 422))
@@ -93,12 +104,13 @@ async def get_query(
         float, Query(ge=0, description="Long-poll: wait up to this long for it to finish.")
     ] = 0.0,
 ) -> QueryOut:
-    return QueryOut.of(await service.queries.get(principal, query_id, wait_s=wait_s))
+    query = await service.queries.get(principal, query_id, wait_s=wait_s)
+    return QueryOut.of(query, service.clock.now())
 
 
 @router.post("/queries/{query_id}/cancel", responses=errors(403, 404, 503))
 async def cancel_query(query_id: QueryId, service: ServiceDep, principal: PrincipalDep) -> QueryOut:
-    return QueryOut.of(await service.queries.cancel(principal, query_id))
+    return QueryOut.of(await service.queries.cancel(principal, query_id), service.clock.now())
 
 
 @router.get(

@@ -57,7 +57,9 @@ class PolarsCloudBackend(Backend):
     """Polars Cloud compute contexts; see the package docstring."""
 
     kind = "polars_cloud"
-    capabilities = Capabilities(stop_on_shutdown=False, list_is_cheap=False)
+    capabilities = Capabilities(
+        stop_on_shutdown=False, list_is_cheap=False, distributed_queries=True
+    )
 
     def __init__(
         self,

@@ -5,8 +5,8 @@ and must never deserialize them, and it polls queries and contexts from a reconc
 owns their lifecycle. The public API only runs a ``LazyFrame`` (which would mean
 deserializing the plan here) and blocks while it waits, so the backend needs the
 client's lower layer: ``polars_cloud.constants.API_CLIENT`` (the Rust ``ApiClient``),
-``serialize_query_settings``, ``PyShuffleOpts``/``PyNumWorkers`` and the private
-``ComputeContext._compute_id``. These are undocumented and change between releases,
+``serialize_query_settings``, ``PyShuffleOpts``/``PyNumWorkers``, ``DistributionSettings``
+and the private ``ComputeContext._compute_id``. These are undocumented and change between releases,
 which is why ``polars-cloud`` is pinned and why nothing else in pclease imports
 ``polars_cloud``: a client upgrade is checked against this one file.
 
@@ -33,7 +33,7 @@ import json
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -250,19 +250,42 @@ class CloudClient:
         return [self._compute(m) for m in models]
 
     # -- queries ---------------------------------------------------------------------
-    def submit(self, compute_id: str, plan: bytes, engine: str, labels: Sequence[str] = ()) -> str:
-        """Send the plan bytes as they are, with default single-node settings; ``labels``
-        show on the query in Polars Cloud."""
+    def submit(
+        self,
+        compute_id: str,
+        plan: bytes,
+        engine: str,
+        labels: Sequence[str] = (),
+        distributed: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Send the plan bytes as they are; ``labels`` show on the query in Polars Cloud.
+        ``distributed`` (``DistributedSettings`` as a dict) runs it on the distributed
+        engine, built as ``lf.remote(ctx).distributed(**distributed)`` builds it; None runs
+        it on one node (``.single_node()``)."""
         pcr = self._pcr
+        options = dict(distributed or {})
+        shuffle = pcr.PyShuffleOpts.new(
+            format=options.pop("shuffle_format", "auto"),
+            compression=options.pop("shuffle_compression", "auto"),
+            compression_level=options.pop("shuffle_compression_level", None),
+        )
+        workers = pcr.PyNumWorkers(
+            min=options.pop("min_workers", None), max=options.pop("max_workers", None)
+        )
+        distribution = None
+        if distributed is not None:
+            from polars_cloud.query.query import DistributionSettings
+
+            # The rest are DistributionSettings' own keywords (equi_join_broadcast_limit,
+            # partitions_per_worker, single_worker_ops, expression_lowering).
+            distribution = DistributionSettings(**options)
         settings = pcr.serialize_query_settings(
             engine=engine,
             plan_dot=False,
-            shuffle_opts=pcr.PyShuffleOpts.new(
-                format="auto", compression="auto", compression_level=None
-            ),
+            shuffle_opts=shuffle,
             n_retries=0,
-            n_workers=pcr.PyNumWorkers(min=None, max=None),
-            distributed_settings=None,
+            n_workers=workers,
+            distributed_settings=distribution,
             optimization_flags=None,
             flight_ttl=None,
             flight_maintain_order=None,

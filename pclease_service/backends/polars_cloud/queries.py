@@ -96,7 +96,10 @@ class CloudQueries:
         timeout_s = self.calls.timeout_s
         labels = [f"{LABEL_QUERY_ID}={query.query_id}"]
         labels += [f"{key}={value}" for key, value in sorted(query.labels.items())]
-        future = self.calls.submit("submit", compute_id, query.plan, query.engine, labels)
+        distributed = query.distributed.model_dump() if query.distributed is not None else None
+        future = self.calls.submit(
+            "submit", compute_id, query.plan, query.engine, labels, distributed
+        )
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout_s)
         except CloudError as exc:

@@ -1,7 +1,7 @@
 """queries.inputs and queries.outputs: what each query read and wrote (lineage)
 
 Revision ID: 0006
-Revises: 0003
+Revises: 0008
 Create Date: 2026-11-25
 
 Queries from before this revision have no lineage (NULL); the API answers empty lists
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006"
-down_revision = "0003"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
