@@ -261,10 +261,9 @@ class PcleaseOperator(ReportsLineage, SerializesConnId, BaseOperator):
                 lease.check()
             except LeaseLost as exc:
                 raise PcleaseLeaseLostError.from_lost(exc) from exc
-            target = self.sink if self.sink != "collect" else "collect"
             submission = build_submission(
                 self._lazy_frame(),
-                target,  # type: ignore[arg-type]
+                self.sink,  # type: ignore[arg-type]
                 self.target if self.sink != "collect" else None,
                 storage_options=self.storage_options,
                 engine=self.engine,  # type: ignore[arg-type]
