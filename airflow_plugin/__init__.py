@@ -46,6 +46,9 @@ def get_provider_info() -> dict[str, Any]:
             {"integration-name": "pclease", "python-modules": ["airflow_plugin.operators"]}
         ],
         "hooks": [{"integration-name": "pclease", "python-modules": ["airflow_plugin.hooks"]}],
+        "triggers": [
+            {"integration-name": "pclease", "python-modules": ["airflow_plugin.triggers"]}
+        ],
         "connection-types": [
             {
                 "hook-class-name": "airflow_plugin.hooks.PcleaseHook",
@@ -91,7 +94,16 @@ def get_provider_info() -> dict[str, Any]:
                         "type": "string",
                         "example": "https://pclease.example.com",
                         "default": "http://127.0.0.1:8040",
-                    }
+                    },
+                    "default_deferrable": {
+                        "description": "Whether pclease's operators defer (free their worker "
+                        "slot while a context boots and while a query runs) unless a task "
+                        "says otherwise. Unset: [operators] default_deferrable decides.",
+                        "version_added": "0.2.0",
+                        "type": "boolean",
+                        "example": "True",
+                        "default": None,
+                    },
                 },
             }
         },

@@ -27,13 +27,16 @@ from airflow.providers.standard.operators.python import PythonOperator
 
 from airflow_plugin.hooks import PcleaseHook, TaskLease
 from airflow_plugin.links import PcleaseLeaseLink
-from airflow_plugin.operators import SerializesConnId, _LeaseHolder, task_lease
+from airflow_plugin.operators import ReportsLineage, SerializesConnId, _LeaseHolder, task_lease
+from pclease_client import QueryInfo
 
 LEASE_ARG = "lease"
 _current_lease: ContextVar[TaskLease | None] = ContextVar("pclease_task_lease", default=None)
 
 
-class _PcleaseDecoratedOperator(SerializesConnId, DecoratedOperator, PythonOperator):
+class _PcleaseDecoratedOperator(
+    ReportsLineage, SerializesConnId, DecoratedOperator, PythonOperator
+):
     custom_operator_name = "@task.pclease"
     template_fields: Sequence[str] = (*PythonOperator.template_fields, "profile")
     operator_extra_links = (PcleaseLeaseLink(),)
@@ -68,6 +71,7 @@ class _PcleaseDecoratedOperator(SerializesConnId, DecoratedOperator, PythonOpera
         self.ttl_s = ttl_s
         self.start_timeout_s = start_timeout_s
         self._holding = _LeaseHolder()
+        self._queries: list[QueryInfo] = []
 
     def execute(self, context: Any) -> Any:
         with task_lease(self, context) as lease:

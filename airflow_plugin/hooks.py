@@ -7,6 +7,8 @@ which only the service holds.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -15,14 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook
 
-from airflow_plugin import UI_FIELD_BEHAVIOUR
+from airflow_plugin import UI_FIELD_BEHAVIOUR, lineage
 from pclease_client import (
+    AsyncPcleaseClient,
     Lease,
     LeaseInfo,
     LeaseLost,
     LeaseState,
     PcleaseClient,
     PcleaseClientError,
+    QueryInfo,
     RemoteQuery,
 )
 from pclease_client.plans import Engine
@@ -67,11 +71,15 @@ class ConnectionSettings:
     timeout_s: float
 
 
-def settings_from_connection(conn: Any) -> ConnectionSettings:
+def settings_from_connection(
+    conn: Any, extra: Mapping[str, Any] | None = None
+) -> ConnectionSettings:
     """Read host, port, scheme and the extras of a ``pclease`` connection.
 
     Accepts a bare host (``pclease.internal``), a host with a scheme
     (``https://pclease.internal``), or the scheme in the connection's ``schema`` field.
+    ``extra``: the connection's extras already read (on an event loop, where
+    ``conn.extra_dejson`` must not be called).
     """
     host = (conn.host or "").strip()
     if not host:
@@ -79,7 +87,7 @@ def settings_from_connection(conn: Any) -> ConnectionSettings:
             f"connection {conn.conn_id!r} has no host: set it to the pclease service's "
             "address, e.g. 127.0.0.1 or https://pclease.example.com"
         )
-    extra = conn.extra_dejson or {}
+    extra = (conn.extra_dejson if extra is None else extra) or {}
     scheme = (conn.schema or extra.get("scheme") or "").strip().lower()
     if "://" in host:
         scheme, host = host.split("://", 1)
@@ -180,6 +188,31 @@ class PcleaseHook(BaseHook):
             )
         return self._client
 
+    async def get_async_conn(self) -> AsyncPcleaseClient:
+        """A new :class:`~pclease_client.AsyncPcleaseClient` from the connection, resolved
+        without blocking the event loop (for triggers; the caller closes it)."""
+        from airflow.providers.common.compat.connection import (
+            get_async_connection,
+            get_async_extra_dejson,
+        )
+
+        conn = self._connection or await get_async_connection(self.pclease_conn_id, hook=self)
+        settings = settings_from_connection(conn, await get_async_extra_dejson(conn))
+        if not conn.password:
+            raise ValueError(
+                f"connection {self.pclease_conn_id!r} has no password: put a pclease "
+                "token there (make one with `pclease token create NAME --scope lease`)"
+            )
+        # In a thread: building the client loads the TLS trust store, which blocks.
+        return await asyncio.to_thread(
+            AsyncPcleaseClient,
+            settings.base_url,
+            conn.password,
+            timeout_s=self._timeout_s or settings.timeout_s,
+            verify=settings.verify,
+            retries=self._retries,
+        )
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
@@ -240,6 +273,7 @@ class PcleaseHook(BaseHook):
                 on_progress=self.log.info,
                 on_created=on_created,
             ) as lease:
+                lease.on_query = functools.partial(lineage.report, self)
                 self.log.info("lease %s on the dashboard: %s", lease.id, self.lease_url(lease.id))
                 try:
                     yield TaskLease(lease, self)
@@ -312,6 +346,11 @@ class TaskLease:
     @property
     def url(self) -> str:
         return self._hook.lease_url(self.id)
+
+    @property
+    def queries(self) -> list[QueryInfo]:
+        """The queries that succeeded on this lease so far (with their lineage)."""
+        return list(self._lease.queries)
 
     def __repr__(self) -> str:
         return f"TaskLease(id={self.id!r}, profile={self.profile!r})"

@@ -10,9 +10,30 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from airflow.sdk import BaseOperator
 
-from airflow_plugin.hooks import PcleaseHook, TaskLease, task_holder
+from airflow_plugin import lineage
+from airflow_plugin.deferring import (
+    SHORT_WAIT_S,
+    deadline,
+    default_deferrable,
+    lease_for_deferral,
+    lease_from_event,
+    release_quietly,
+    settled,
+    wait_briefly,
+)
+from airflow_plugin.hooks import PcleaseHook, PcleaseLeaseLostError, TaskLease, task_holder
 from airflow_plugin.links import PcleaseLeaseLink, persist_lease_link
-from pclease_client import Lease
+from airflow_plugin.triggers import PcleaseLeaseTrigger
+from pclease_client import (
+    Lease,
+    LeaseLost,
+    LeaseRef,
+    LeaseState,
+    QueryFailed,
+    QueryInfo,
+    QueryState,
+    build_submission,
+)
 
 if TYPE_CHECKING:
     import polars as pl
@@ -59,6 +80,7 @@ class LeasingTask(Protocol):
     ttl_s: float | None
     start_timeout_s: float
     _holding: _LeaseHolder
+    _queries: list[QueryInfo]
 
 
 @contextmanager
@@ -80,13 +102,29 @@ def task_lease(task: LeasingTask, context: Any) -> Iterator[TaskLease]:
             yield lease
         finally:
             task._holding.hold(None)
+            task._queries.extend(lease.queries)
 
 
-class PcleaseOperator(SerializesConnId, BaseOperator):
+class ReportsLineage:
+    """``get_openlineage_facets_on_complete``: what the task's queries read and wrote, for
+    the OpenLineage provider (when installed; see :mod:`airflow_plugin.lineage`)."""
+
+    _queries: list[QueryInfo]
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        return lineage.openlineage_facets(self._queries)
+
+
+class PcleaseOperator(ReportsLineage, SerializesConnId, BaseOperator):
     """Lease ``profile``, build a LazyFrame with ``build(*op_args, **op_kwargs)`` and run it
     on the leased context: sink it to ``target`` (``sink`` = parquet, csv, ipc or ndjson) or
     collect it (``sink="collect"``; the XCom then holds its row count and schema, not the
     rows). The lease is released when the task ends, however it ends.
+
+    With ``deferrable`` the task gives its worker slot back while the context boots and
+    while a query that does not end within a couple of seconds runs: it defers to
+    :class:`~airflow_plugin.triggers.PcleaseLeaseTrigger`, which holds the lease in the
+    triggerer, and resumes to finish (``build`` runs in the task, once the context runs).
 
     :param profile: the pclease compute profile, e.g. ``"small"`` (templated)
     :param build: returns the ``polars.LazyFrame`` to run; it runs in the task, only the
@@ -96,6 +134,9 @@ class PcleaseOperator(SerializesConnId, BaseOperator):
     :param op_kwargs: keyword arguments for ``build`` (templated)
     :param storage_options: object-store options for the sink
     :param ttl_s: the lease TTL (the service's default when None)
+    :param start_timeout_s: how long to wait for a cold context to start
+    :param deferrable: defer while the context boots and while the query runs (default:
+        ``[pclease] default_deferrable``, else ``[operators] default_deferrable``)
     """
 
     template_fields: Sequence[str] = ("profile", "target", "op_args", "op_kwargs")
@@ -117,6 +158,7 @@ class PcleaseOperator(SerializesConnId, BaseOperator):
         pclease_conn_id: str = PcleaseHook.default_conn_name,
         ttl_s: float | None = None,
         start_timeout_s: float = 900.0,
+        deferrable: bool | None = None,
         **kwargs: Any,
     ) -> None:
         # Checked first, so that a refused task is never added to its DAG.
@@ -138,34 +180,146 @@ class PcleaseOperator(SerializesConnId, BaseOperator):
         self.pclease_conn_id = pclease_conn_id
         self.ttl_s = ttl_s
         self.start_timeout_s = start_timeout_s
+        self.deferrable = default_deferrable() if deferrable is None else deferrable
         self._holding = _LeaseHolder()
+        self._queries: list[QueryInfo] = []
 
-    def execute(self, context: Any) -> dict[str, Any]:
+    def _lazy_frame(self) -> pl.LazyFrame:
         import polars as pl
 
+        lf = self.build(*self.op_args, **self.op_kwargs)
+        if not isinstance(lf, pl.LazyFrame):
+            raise TypeError(
+                f"build returned {type(lf).__name__}; it must return a polars.LazyFrame"
+            )
+        return lf
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        if self.deferrable:
+            return self._execute_deferring(context)
         with task_lease(self, context) as lease:
-            lf = self.build(*self.op_args, **self.op_kwargs)
-            if not isinstance(lf, pl.LazyFrame):
-                raise TypeError(
-                    f"build returned {type(lf).__name__}; it must return a polars.LazyFrame"
-                )
-            remote = lease.remote(lf, engine=self.engine)  # type: ignore[arg-type]
+            remote = lease.remote(self._lazy_frame(), engine=self.engine)  # type: ignore[arg-type]
             if self.sink == "collect":
                 frame = remote.collect()
                 self.log.info("collected %d rows:\n%s", frame.height, frame.head(10))
-                return {
-                    "lease_id": lease.id,
-                    "rows": frame.height,
-                    "schema": {name: str(dtype) for name, dtype in frame.schema.items()},
-                }
+                return self._answer(lease.id, None, frame)
             sink = getattr(remote, f"sink_{self.sink}")
             query = sink(self.target, storage_options=self.storage_options)
+            return self._answer(lease.id, query, None)
+
+    def _answer(self, lease_id: str, query: QueryInfo | None, frame: Any) -> dict[str, Any]:
+        """The XCom: for a collect, its row count and schema (not the rows)."""
+        if frame is not None:
             return {
-                "lease_id": lease.id,
-                "query_id": query.id,
-                "rows": query.rows,
-                "target": self.target,
+                "lease_id": lease_id,
+                "rows": frame.height,
+                "schema": {name: str(dtype) for name, dtype in frame.schema.items()},
             }
+        assert query is not None
+        return {
+            "lease_id": lease_id,
+            "query_id": query.id,
+            "rows": query.rows,
+            "target": self.target,
+        }
+
+    # -- deferrable: lease, defer while the context boots, submit, defer while it runs -------
+
+    def _execute_deferring(self, context: Any) -> dict[str, Any]:
+        with closing(PcleaseHook(self.pclease_conn_id)) as hook:
+            info, ref = lease_for_deferral(hook, context, self.profile, ttl_s=self.ttl_s)
+            info = wait_briefly(hook, info)
+            if info.state is LeaseState.PENDING:
+                self.log.info(
+                    "context %s is starting: deferring until it runs (the worker slot is "
+                    "free meanwhile)",
+                    info.context_id,
+                )
+                self.defer(
+                    trigger=PcleaseLeaseTrigger(
+                        lease=ref.to_json(),
+                        pclease_conn_id=self.pclease_conn_id,
+                        deadline_at=deadline(self.start_timeout_s),
+                        not_before=settled(),
+                    ),
+                    method_name="execute_running",
+                )
+            return self._submit(context, hook, ref)
+
+    def execute_running(self, context: Any, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Resumed: the lease's context runs (or the lease is gone: the task fails)."""
+        ref = lease_from_event(event, self.start_timeout_s)
+        with closing(PcleaseHook(self.pclease_conn_id)) as hook:
+            return self._submit(context, hook, ref)
+
+    def _submit(self, context: Any, hook: PcleaseHook, ref: LeaseRef) -> dict[str, Any]:
+        client = hook.get_conn()
+        lease = client.resume(ref, on_progress=self.log.info)
+        self._holding.hold(lease)
+        try:
+            try:
+                lease.check()
+            except LeaseLost as exc:
+                raise PcleaseLeaseLostError.from_lost(exc) from exc
+            submission = build_submission(
+                self._lazy_frame(),
+                self.sink,  # type: ignore[arg-type]
+                self.target if self.sink != "collect" else None,
+                storage_options=self.storage_options,
+                engine=self.engine,  # type: ignore[arg-type]
+                labels=ref.labels,
+            )
+            query = client.submit(lease.id, submission)
+            self.log.info("query %s submitted on lease %s", query.id, lease.id)
+            query = client.get_query(query.id, wait_s=SHORT_WAIT_S)
+        except BaseException:
+            lease.close("the task failed")
+            raise
+        finally:
+            self._holding.hold(None)
+        if not query.state.is_terminal:
+            lease.handoff()
+            self.log.info("query %s is %s: deferring until it ends", query.id, query.state.value)
+            self.defer(
+                trigger=PcleaseLeaseTrigger(
+                    lease=ref.to_json(),
+                    pclease_conn_id=self.pclease_conn_id,
+                    query_id=query.id,
+                    not_before=settled(),
+                ),
+                method_name="execute_complete",
+            )
+        lease.handoff()
+        return self._finish(hook, ref, query)
+
+    def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Resumed: the query ended (or the lease did: the task fails)."""
+        ref = lease_from_event(event, self.start_timeout_s)
+        assert event is not None
+        with closing(PcleaseHook(self.pclease_conn_id)) as hook:
+            return self._finish(hook, ref, QueryInfo.from_json(event["query"]))
+
+    def _finish(self, hook: PcleaseHook, ref: LeaseRef, query: QueryInfo) -> dict[str, Any]:
+        """The query ended: release the lease, report lineage, answer or fail."""
+        try:
+            if query.state is not QueryState.SUCCEEDED:
+                lease = hook.get_conn().get_lease(ref.lease_id)
+                if query.state is QueryState.CANCELLED and lease.state.is_terminal:
+                    raise PcleaseLeaseLostError.from_lost(LeaseLost.of(lease))
+                failed = QueryFailed.of(query)
+                raise failed.as_polars_error() from failed
+            self.log.info(
+                "query %s succeeded: %s rows in %s s", query.id, query.rows, query.duration_s
+            )
+            lineage.report(hook, query)
+            self._queries.append(query)
+            if self.sink != "collect":
+                return self._answer(ref.lease_id, query, None)
+            frame = hook.get_conn().result_frame(query.id)
+            self.log.info("collected %d rows:\n%s", frame.height, frame.head(10))
+            return self._answer(ref.lease_id, None, frame)
+        finally:
+            release_quietly(hook, ref.lease_id)
 
     def on_kill(self) -> None:
         self._holding.release(self.log)
@@ -183,7 +337,8 @@ class PcleaseAcquireLeaseOperator(SerializesConnId, BaseOperator):
     profile that cannot start fails here, clearly, before any work depends on it. Without,
     it ends as soon as the lease exists and the context boots in the background: the task
     frees its worker slot at once, and the first task that needs the context waits for
-    whatever is left of the boot.
+    whatever is left of the boot. With ``deferrable`` (and ``wait_for_context``) it waits
+    for the context in the triggerer, its worker slot free meanwhile.
     """
 
     template_fields: Sequence[str] = ("profile",)
@@ -198,6 +353,7 @@ class PcleaseAcquireLeaseOperator(SerializesConnId, BaseOperator):
         start_timeout_s: float = 900.0,
         wait_for_context: bool = True,
         pclease_conn_id: str = PcleaseHook.default_conn_name,
+        deferrable: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -206,9 +362,12 @@ class PcleaseAcquireLeaseOperator(SerializesConnId, BaseOperator):
         self.start_timeout_s = start_timeout_s
         self.wait_for_context = wait_for_context
         self.pclease_conn_id = pclease_conn_id
+        self.deferrable = default_deferrable() if deferrable is None else deferrable
         self._holding = _LeaseHolder()
 
     def execute(self, context: Any) -> str:
+        if self.deferrable and self.wait_for_context:
+            return self._execute_deferring(context)
         with closing(PcleaseHook(self.pclease_conn_id)) as hook:
             client = hook.get_conn()
             holder = {**task_holder(context), "purpose": "warm"}
@@ -239,6 +398,42 @@ class PcleaseAcquireLeaseOperator(SerializesConnId, BaseOperator):
             self.ttl_s,
         )
         return lease.id
+
+    def _execute_deferring(self, context: Any) -> str:
+        with closing(PcleaseHook(self.pclease_conn_id)) as hook:
+            info, ref = lease_for_deferral(
+                hook, context, self.profile, ttl_s=self.ttl_s, holder={"purpose": "warm"}
+            )
+            info = wait_briefly(hook, info)
+        if info.state.is_terminal:
+            raise PcleaseLeaseLostError.from_lost(LeaseLost.of(info))
+        if info.state is LeaseState.PENDING:
+            self.log.info("context %s is starting: deferring until it runs", info.context_id)
+            self.defer(
+                trigger=PcleaseLeaseTrigger(
+                    lease=ref.to_json(),
+                    pclease_conn_id=self.pclease_conn_id,
+                    deadline_at=deadline(self.start_timeout_s),
+                    not_before=settled(),
+                ),
+                method_name="execute_running",
+            )
+        return self._warm(ref.lease_id, info.context_id)
+
+    def execute_running(self, context: Any, event: dict[str, Any] | None = None) -> str:
+        """Resumed: the context runs (or the lease is gone: the task fails)."""
+        ref = lease_from_event(event, self.start_timeout_s)
+        return self._warm(ref.lease_id, "")
+
+    def _warm(self, lease_id: str, context_id: str) -> str:
+        self.log.info(
+            "profile %r is warm: lease %s holds context %s for up to %g s",
+            self.profile,
+            lease_id,
+            context_id or "(its context)",
+            self.ttl_s,
+        )
+        return lease_id
 
     def on_kill(self) -> None:
         self._holding.release(self.log)
@@ -277,6 +472,7 @@ def warm_profile(
     ttl_s: float = 3600.0,
     wait_for_context: bool = True,
     pclease_conn_id: str = PcleaseHook.default_conn_name,
+    deferrable: bool | None = None,
 ) -> tuple[PcleaseAcquireLeaseOperator, PcleaseReleaseLeaseOperator]:
     """A setup task leasing ``profile`` and the teardown releasing it, already paired::
 
@@ -294,6 +490,7 @@ def warm_profile(
         ttl_s=ttl_s,
         wait_for_context=wait_for_context,
         pclease_conn_id=pclease_conn_id,
+        deferrable=deferrable,
     )
     teardown = PcleaseReleaseLeaseOperator(
         task_id=f"{name}_release",

@@ -1,6 +1,7 @@
 """A real Airflow 3 deployment on this machine, as separate processes: ``airflow
-scheduler`` (LocalExecutor), ``airflow dag-processor`` and ``airflow api-server``, on a
-PostgreSQL metastore database created for it (a random name) and dropped when it stops.
+scheduler`` (LocalExecutor), ``airflow dag-processor``, ``airflow api-server`` and
+``airflow triggerer`` (where deferred tasks wait), on a PostgreSQL metastore database
+created for it (a random name) and dropped when it stops.
 
 The tests, ``scripts/demo`` and ``bench/`` drive it through Airflow's REST API, as a user
 would::
@@ -37,6 +38,7 @@ import httpx
 #: Where PostgreSQL answers, and a database to connect to for CREATE/DROP DATABASE.
 PG_ADMIN_DSN = os.environ.get("PCLEASE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 AIRFLOW = [sys.executable, "-m", "airflow"]
+TRIGGERER = ("triggerer", "--skip-serve-logs")
 FINISHED = frozenset({"success", "failed"})
 
 
@@ -77,7 +79,7 @@ class DagRun:
 
 
 class AirflowDeployment:
-    """Airflow's scheduler, DAG processor and API server, started as processes."""
+    """Airflow's scheduler, DAG processor, API server and triggerer, started as processes."""
 
     def __init__(
         self,
@@ -155,21 +157,38 @@ class AirflowDeployment:
         self._spawn("api-server", "api-server", "--host", "127.0.0.1", "--port", str(self.port))
         self._spawn("scheduler", "scheduler", "--skip-serve-logs")
         self._spawn("dag-processor", "dag-processor")
+        self._spawn("triggerer", *TRIGGERER)
+        self._wait_healthy(("metadatabase", "scheduler", "dag_processor", "triggerer"), timeout_s)
+
+    def _wait_healthy(self, parts: tuple[str, ...], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
             self._check_processes()
             try:
                 health = httpx.get(f"{self.url}/api/v2/monitor/health", timeout=5).json()
-                if all(
-                    (health.get(part) or {}).get("status") == "healthy"
-                    for part in ("metadatabase", "scheduler", "dag_processor")
-                ):
+                if all((health.get(part) or {}).get("status") == "healthy" for part in parts):
                     return
             except (httpx.HTTPError, ValueError):
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Airflow did not become healthy within {timeout_s:g} s")
             time.sleep(0.5)
+
+    def restart_triggerer(self, timeout_s: float = 120.0) -> float:
+        """Stop the triggerer as a deploy does (SIGTERM, then wait for it to exit) and start
+        a new one; returns when the new one was started (``time.time()``). Its log goes on
+        in ``triggerer.log``."""
+        process = self.processes.pop("triggerer")
+        _signal_group(process, signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            _signal_group(process, signal.SIGKILL)
+            process.wait(10)
+        started = time.time()
+        self._spawn("triggerer", *TRIGGERER)
+        self._check_processes()
+        return started
 
     def _spawn(self, name: str, *args: str) -> None:
         log = (self.home / f"{name}.log").open("ab")
@@ -289,6 +308,11 @@ class AirflowDeployment:
         if response.is_error:
             raise RuntimeError(f"{method} {path}: {response.status_code} {response.text[:2000]}")
         return response
+
+    def create_pool(self, name: str, slots: int) -> None:
+        """A pool whose deferred tasks do not count against its slots (Airflow's default)."""
+        body = {"name": name, "slots": slots, "include_deferred": False}
+        self.api("POST", "/api/v2/pools", json=body)
 
     def wait_for_dags(self, *dag_ids: str, timeout_s: float = 120.0) -> None:
         """Wait until the DAG processor has parsed ``dag_ids``; fail on an import error."""

@@ -1,6 +1,6 @@
 """The demo's Airflow half: start a real Airflow 3 deployment (scheduler with the
-LocalExecutor, DAG processor, API server, a PostgreSQL metastore made for it), add the
-``pclease_default`` connection with ``airflow connections add``, trigger the example DAG
+LocalExecutor, DAG processor, API server, triggerer, a PostgreSQL metastore made for it),
+add the ``pclease_default`` connection with ``airflow connections add``, trigger the example DAG
 through the REST API, and show what pclease saw while it ran: which tasks shared which
 context, and how many leases held a context at once.
 
@@ -96,7 +96,7 @@ def main() -> int:
     )
     print(
         "== Airflow: migrating a new PostgreSQL metastore, starting the scheduler "
-        "(LocalExecutor), the DAG processor and the API server"
+        "(LocalExecutor), the DAG processor, the API server and the triggerer"
     )
     with airflow.start(), PcleaseClient(args.url, args.token) as client:
         print(

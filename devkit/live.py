@@ -184,9 +184,11 @@ def start_pclease(
     env: dict[str, str],
     profile: dict[str, Any],
     grace_s: float = 3,
+    extra_profiles: dict[str, dict[str, Any]] | None = None,
 ) -> Pclease:
-    """A live pclease with profiles small, large and shared, holding a Polars Cloud secret
-    (``env`` has it as ``POLARS_CLOUD_CLIENT_SECRET``)."""
+    """A live pclease with profiles small, large and shared (and ``extra_profiles``, each
+    with the same data roots and grace), holding a Polars Cloud secret (``env`` has it as
+    ``POLARS_CLOUD_CLIENT_SECRET``)."""
     lake, exchange = tmp / "lake", tmp / "exchange"
     lake.mkdir(parents=True)
     exchange.mkdir()
@@ -204,6 +206,10 @@ def start_pclease(
             "small": {"cpus": 1, "memory_gb": 1, "hourly_cost": 0.4, **shape},
             "large": {"cpus": 2, "memory_gb": 2, "hourly_cost": 1.6, **shape},
             "shared": {"cpus": 1, "memory_gb": 1, "hourly_cost": 0.4, **shape},
+            **{
+                name: {"cpus": 1, "memory_gb": 1, "hourly_cost": 0.4, **shape, **extra}
+                for name, extra in (extra_profiles or {}).items()
+            },
         },
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("POLARS_CLOUD_")} | env

@@ -17,8 +17,11 @@ service. The Airflow provider builds on it.
 The modules, one idea each:
 
 - :mod:`~pclease_client.client`: :class:`PcleaseClient`, a method per route of the API
-- :mod:`~pclease_client.lease`: :class:`Lease` (heartbeats, its end noticed at once) and
-  :class:`RemoteQuery` (``lease.remote(lf).sink_parquet(...)``)
+- :mod:`~pclease_client.aio`: :class:`AsyncPcleaseClient` and :class:`AsyncLease`, the same
+  over ``httpx.AsyncClient`` (heartbeats in an asyncio task: an Airflow triggerer)
+- :mod:`~pclease_client.lease`: :class:`Lease` (heartbeats, its end noticed at once),
+  :class:`RemoteQuery` (``lease.remote(lf).sink_parquet(...)``) and :class:`LeaseRef` (a
+  lease handed from one holder to another, without its token)
 - :mod:`~pclease_client.models`: the answers, as frozen dataclasses
 - :mod:`~pclease_client.states`: the state enums and stop kinds
 - :mod:`~pclease_client.errors`: the exception tree, one class per error code
@@ -28,6 +31,7 @@ The modules, one idea each:
 - :mod:`~pclease_client.testing`: a fake service for the tests of code that uses this
 """
 
+from pclease_client.aio import AsyncLease, AsyncPcleaseClient, AsyncRemoteQuery
 from pclease_client.client import PcleaseClient
 from pclease_client.errors import (
     ApiError,
@@ -43,7 +47,7 @@ from pclease_client.errors import (
     QuotaUse,
     RequestFailed,
 )
-from pclease_client.lease import HandleState, Lease, RemoteQuery
+from pclease_client.lease import HandleState, Lease, LeaseRef, RemoteQuery
 from pclease_client.models import (
     ContextInfo,
     DistributedInfo,
@@ -57,6 +61,9 @@ from pclease_client.states import ContextState, LeaseState, QueryState, StopKind
 
 __all__ = [
     "ApiError",
+    "AsyncLease",
+    "AsyncPcleaseClient",
+    "AsyncRemoteQuery",
     "BudgetExhausted",
     "CapacityExhausted",
     "ContextInfo",
@@ -69,6 +76,7 @@ __all__ = [
     "LeaseEnded",
     "LeaseInfo",
     "LeaseLost",
+    "LeaseRef",
     "LeaseState",
     "PcleaseClient",
     "PcleaseClientError",

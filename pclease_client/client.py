@@ -20,7 +20,7 @@ import httpx
 from pclease_client import calls
 from pclease_client.calls import Call, RetryPolicy
 from pclease_client.errors import QueryFailed, RequestFailed
-from pclease_client.lease import Lease, QueryProgress
+from pclease_client.lease import Lease, LeaseRef, QueryProgress
 from pclease_client.models import ContextInfo, EventInfo, LeaseInfo, ProfileInfo, QueryInfo
 from pclease_client.plans import Submission
 from pclease_client.states import ContextState, LeaseState, QueryState
@@ -281,6 +281,22 @@ class PcleaseClient:
         heartbeating are the caller's to start (what :meth:`lease` does for you)."""
         return Lease(
             self, lease, labels=labels, polars_errors=polars_errors, on_progress=on_progress
+        )
+
+    def resume(
+        self,
+        ref: LeaseRef,
+        *,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> Lease:
+        """Take over a lease another holder handed off (``Lease.handoff``, or the
+        asynchronous client's): an owned handle on it as the service has it now. Waiting
+        for its context and heartbeating are the caller's to start."""
+        return self.hold(
+            self.get_lease(ref.lease_id),
+            labels=ref.labels,
+            polars_errors=ref.polars_errors,
+            on_progress=on_progress,
         )
 
     def watchdog_for(self, lease_id: str, *, give_up_after_s: float) -> Watchdog | None:

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -98,20 +99,50 @@ HANDLE_TRANSITIONS: dict[HandleState, frozenset[HandleState]] = {
 }
 
 
-class Lease:
-    """A lease this process uses: made by :meth:`PcleaseClient.lease` (owned: heartbeated
-    and released by this handle) or :meth:`PcleaseClient.attach` (someone else's).
+@dataclass(frozen=True)
+class LeaseRef:
+    """A held lease on its way from one holder to another (an Airflow task to its trigger
+    and back): the lease and how its queries are labelled, never a token. The receiver
+    brings its own client, with its own credentials, and :meth:`PcleaseClient.resume`
+    (or the asynchronous client's) takes the lease over.
 
-    The heartbeat thread also watches the lease (a long poll on its state), so a lease that
-    ends underneath its holder (revoked, expired, released by someone else) is noticed at
-    once: :attr:`lost` is set, and a query waiting on it fails with :class:`LeaseLost`
-    as soon as the service has cancelled it. :attr:`handle_state` is this handle's life
-    (:class:`HandleState`).
+    ``to_json``/``from_json`` give a plain JSON object (what Airflow stores for a deferred
+    task).
     """
+
+    lease_id: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    polars_errors: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "lease_id": self.lease_id,
+            "labels": dict(self.labels),
+            "polars_errors": self.polars_errors,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LeaseRef:
+        lease_id = data.get("lease_id")
+        labels = data.get("labels") or {}
+        if not isinstance(lease_id, str) or not lease_id:
+            raise ValueError("a lease reference needs its lease_id")
+        if not isinstance(labels, Mapping):
+            raise ValueError("a lease reference's labels are a JSON object")
+        return cls(
+            lease_id,
+            {str(k): str(v) for k, v in labels.items()},
+            bool(data.get("polars_errors")),
+        )
+
+
+class LeaseHandle:
+    """What every handle on a lease shares, synchronous (:class:`Lease`) or asynchronous
+    (:class:`~pclease_client.aio.AsyncLease`): the lease as last read, the handle's life
+    (:class:`HandleState`) and what a closed or lost handle raises. No I/O."""
 
     def __init__(
         self,
-        client: LeaseApi,
         info: LeaseInfo,
         *,
         owned: bool = True,
@@ -119,7 +150,6 @@ class Lease:
         polars_errors: bool = False,
         on_progress: Callable[[str], None] | None = None,
     ) -> None:
-        self.client = client
         #: The lease as last read from the service.
         self.info = info
         self.owned = owned
@@ -128,19 +158,20 @@ class Lease:
         #: Raise Polars' own exception for a failed query instead of :class:`QueryFailed`.
         self.polars_errors = polars_errors
         self._say = on_progress or (lambda message: log.info("%s", message))
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._watchdog: Watchdog | None = None
         # Reentrant: release_now runs in a signal handler, on a thread that may hold it.
         self._moving = threading.RLock()
         self._handle = HandleState.WAITING
         self._closed_by = ""
         #: Set once the lease ended underneath its holder.
         self.lost: LeaseLost | None = None
+        #: Every query that succeeded through this handle, in order (their lineage too).
+        self.queries: list[QueryInfo] = []
+        #: Called with each query that succeeds through this handle (lineage reporting).
+        self.on_query: Callable[[QueryInfo], None] | None = None
         if info.state is LeaseState.ACTIVE:
             self._handle = HandleState.HELD
         elif info.state.is_terminal:
-            self._lose(LeaseLost.of(info))
+            self._mark_lost(LeaseLost.of(info))
 
     @property
     def id(self) -> str:
@@ -165,9 +196,13 @@ class Lease:
 
     def __repr__(self) -> str:
         return (
-            f"Lease(id={self.id!r}, profile={self.profile!r}, state={self.state.value!r}, "
-            f"handle={self._handle.value!r})"
+            f"{type(self).__name__}(id={self.id!r}, profile={self.profile!r}, "
+            f"state={self.state.value!r}, handle={self._handle.value!r})"
         )
+
+    def ref(self) -> LeaseRef:
+        """This lease as a :class:`LeaseRef`, for another holder to take over."""
+        return LeaseRef(self.id, dict(self.labels), self.polars_errors)
 
     def _move(self, target: HandleState, doing: str) -> None:
         """Move the handle to ``target`` for ``doing``, or say precisely why it cannot."""
@@ -187,6 +222,84 @@ class Lease:
             raise LeaseClosed(self.id, doing, self._closed_by)
         if self._handle is HandleState.LOST and self.lost is not None:
             raise self.lost
+
+    def _mark_lost(self, lost: LeaseLost) -> bool:
+        """The lease ended underneath its holder; False if the handle knew or let go."""
+        with self._moving:
+            if self._handle in (HandleState.CLOSED, HandleState.LOST):
+                return False
+            self._handle = HandleState.LOST
+            self.lost = lost
+        log.error("%s", lost)
+        return True
+
+    def _mark_closed(self, why: str) -> tuple[bool, bool]:
+        """Close the handle for ``why``: (whether this closed it, whether it was lost)."""
+        with self._moving:
+            first = self._handle is not HandleState.CLOSED
+            ended = self._handle is HandleState.LOST
+            if first:
+                self._move(HandleState.CLOSED, "close it")
+                self._closed_by = why
+        return first, ended
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` if the lease ended underneath its holder, and
+        :class:`LeaseClosed` if this process let it go."""
+        self._refuse("run more work on it")
+
+    def _lost_by_cancel(self, exc: QueryFailed, doing: str) -> None:
+        """A query of this lease was cancelled: raise why, if the lease's end is why."""
+        if self._handle is HandleState.CLOSED:
+            raise LeaseClosed(self.id, doing, self._closed_by) from exc
+        if self.lost is not None:
+            raise self.lost from exc
+
+    def _succeeded(self, query: QueryInfo) -> QueryInfo:
+        self.queries.append(query)
+        if self.on_query is not None:
+            self.on_query(query)
+        return query
+
+    def _report(self, query: QueryInfo) -> None:
+        extra = ""
+        if query.state is QueryState.SUCCEEDED:
+            extra = f": {query.rows} rows in {query.duration_s} s"
+        self._say(f"query {query.id} {query.state.value}{extra}")
+
+
+class Lease(LeaseHandle):
+    """A lease this process uses: made by :meth:`PcleaseClient.lease` (owned: heartbeated
+    and released by this handle) or :meth:`PcleaseClient.attach` (someone else's).
+
+    The heartbeat thread also watches the lease (a long poll on its state), so a lease that
+    ends underneath its holder (revoked, expired, released by someone else) is noticed at
+    once: :attr:`lost` is set, and a query waiting on it fails with :class:`LeaseLost`
+    as soon as the service has cancelled it. :attr:`handle_state` is this handle's life
+    (:class:`HandleState`).
+    """
+
+    def __init__(
+        self,
+        client: LeaseApi,
+        info: LeaseInfo,
+        *,
+        owned: bool = True,
+        labels: Mapping[str, str] | None = None,
+        polars_errors: bool = False,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.client = client
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._watchdog: Watchdog | None = None
+        super().__init__(
+            info,
+            owned=owned,
+            labels=labels,
+            polars_errors=polars_errors,
+            on_progress=on_progress,
+        )
 
     # -- holding it ------------------------------------------------------------------------
 
@@ -274,12 +387,8 @@ class Lease:
                 self._stop.wait(1.0)
 
     def _lose(self, lost: LeaseLost) -> None:
-        with self._moving:
-            if self._handle in (HandleState.CLOSED, HandleState.LOST):
-                return  # let go already, or known lost
-            self._handle = HandleState.LOST
-            self.lost = lost
-        log.error("%s", lost)
+        if not self._mark_lost(lost):
+            return  # let go already, or known lost
         self._stop.set()
         # The holder cannot release it any more; nor need the watchdog.
         if self._watchdog is not None:
@@ -290,22 +399,12 @@ class Lease:
         self.info = self.client.get_lease(self.id)
         return LeaseLost.of(self.info)
 
-    def check(self) -> None:
-        """Raise :class:`LeaseLost` if the lease ended underneath its holder, and
-        :class:`LeaseClosed` if this process let it go."""
-        self._refuse("run more work on it")
-
     def close(self, why: str = "released by its holder") -> None:
         """Stop heartbeating and release (idempotent; an attached lease is left alone).
 
         The heartbeat thread is not waited for: it may be in a long poll, and it stops
         without another request once that returns."""
-        with self._moving:
-            first = self._handle is not HandleState.CLOSED
-            ended = self._handle is HandleState.LOST
-            if first:
-                self._move(HandleState.CLOSED, "close it")
-                self._closed_by = why
+        first, ended = self._mark_closed(why)
         self._stop.set()
         if first and self.owned and not ended:
             try:
@@ -336,6 +435,17 @@ class Lease:
         if self._watchdog is not None:
             self._watchdog.disarm(wait=False)
 
+    def handoff(self) -> LeaseRef:
+        """Let another holder take the lease over (:meth:`PcleaseClient.resume`, or the
+        asynchronous client's): stop heartbeating and watching it and disarm the watchdog,
+        without releasing it. The receiver must heartbeat within the lease's TTL."""
+        self._mark_closed("handed off to another holder")
+        self._stop.set()
+        if self._watchdog is not None:
+            self._watchdog.disarm()
+            self._watchdog = None
+        return self.ref()
+
     # -- queries ---------------------------------------------------------------------------
 
     def remote(
@@ -364,18 +474,19 @@ class Lease:
             raise
         self._say(f"query {query.id} submitted ({submission.options['target']})")
         try:
-            return self.client.wait_query(
-                query.id, on_progress=on_progress or self._report, check=self.check
+            return self._succeeded(
+                self.client.wait_query(
+                    query.id, on_progress=on_progress or self._report, check=self.check
+                )
             )
         except QueryFailed as exc:
             # The service cancels the queries of a lease that ends: say why it ended.
             if exc.state is QueryState.CANCELLED:
-                if self._handle is HandleState.CLOSED:
-                    raise LeaseClosed(self.id, "run a query", self._closed_by) from exc
-                lost = self.lost or self._lost_if_ended()
-                if lost is not None:
-                    self._lose(lost)
-                    raise lost from exc
+                if self._handle is not HandleState.CLOSED and self.lost is None:
+                    lost = self._lost_if_ended()
+                    if lost is not None:
+                        self._lose(lost)
+                self._lost_by_cancel(exc, "run a query")
             raise
 
     def _lost_if_ended(self) -> LeaseLost | None:
@@ -384,12 +495,6 @@ class Lease:
         except Exception:  # the query's own error says enough then
             return None
         return lost if lost.state is not None and lost.state.is_terminal else None
-
-    def _report(self, query: QueryInfo) -> None:
-        extra = ""
-        if query.state is QueryState.SUCCEEDED:
-            extra = f": {query.rows} rows in {query.duration_s} s"
-        self._say(f"query {query.id} {query.state.value}{extra}")
 
 
 class RemoteQuery:

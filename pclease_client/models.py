@@ -124,7 +124,8 @@ class DistributedInfo(Model):
 @dataclasses.dataclass(frozen=True)
 class QueryInfo(Model):
     """A query run through a lease. ``output`` is the sink's location, or the result's URL
-    for a collect."""
+    for a collect. ``inputs`` and ``outputs`` are its lineage: the paths and URIs its plan
+    scans and writes, as the service read them off the plan (a collect has no outputs)."""
 
     noun: ClassVar[str] = "query"
 
@@ -145,6 +146,8 @@ class QueryInfo(Model):
     rows: int | None
     result_bytes: int | None
     output: str | None
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
     error: QueryErrorInfo | None
     #: None: the query runs on one node.
     distributed: DistributedInfo | None
@@ -236,6 +239,11 @@ def _read(tp: Any, value: object, where: str) -> Any:
             if _is(option, value):
                 return value
         raise ValueError(f"{where}: expected one of {_names(options)}, got {_kind(value)}")
+    if origin is tuple:
+        (item_type, _) = get_args(tp)  # only tuple[X, ...] is used
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {_kind(value)}")
+        return tuple(_read(item_type, item, f"{where}[{i}]") for i, item in enumerate(value))
     if origin in (Mapping, dict):
         key_type, value_type = get_args(tp)
         if not isinstance(value, dict):
@@ -299,4 +307,6 @@ def _write(value: object) -> Any:
         return value.isoformat()
     if isinstance(value, Mapping):
         return {k: _write(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_write(v) for v in value]
     return value

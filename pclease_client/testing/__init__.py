@@ -46,12 +46,14 @@ The fake accepts one token (:attr:`~FakeService.token`) with every scope.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import httpx
 
+from pclease_client.aio import AsyncPcleaseClient
 from pclease_client.client import PcleaseClient
 from pclease_client.testing import routes, server
 from pclease_client.testing.records import QueryHandler, QueryOutcome, SubmittedQuery
@@ -91,6 +93,22 @@ class FakePclease(FakeService):
     def transport(self) -> httpx.MockTransport:
         """A transport that answers from this fake, for ``PcleaseClient(transport=...)``."""
         return httpx.MockTransport(self.handle)
+
+    def async_transport(self) -> httpx.MockTransport:
+        """A transport for ``AsyncPcleaseClient(transport=...)``: each request is answered
+        in a worker thread, so a long poll waits there and the event loop (the code under
+        test, and the test moving the fake on) keeps running."""
+
+        async def handle(request: httpx.Request) -> httpx.Response:
+            await request.aread()
+            return await asyncio.to_thread(self.handle, request)
+
+        return httpx.MockTransport(handle)
+
+    def async_client(self, **options: Any) -> AsyncPcleaseClient:
+        """An asynchronous client of this fake (see :meth:`client`)."""
+        options.setdefault("backoff_s", 0.0)
+        return AsyncPcleaseClient(FAKE_URL, self.token, transport=self.async_transport(), **options)
 
     def client(self, **options: Any) -> PcleaseClient:
         """A client of this fake: its token, its transport, and no waiting between retries

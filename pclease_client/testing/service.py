@@ -108,6 +108,7 @@ class FakeService(Records):
         self._idempotency: dict[str, tuple[str, Any]] = {}
         self._failures: list[_Failure] = []
         self._handler: QueryHandler = lambda query: QueryOutcome()
+        self._scans: Callable[[SubmittedQuery], Iterable[str]] = lambda query: ()
         self._max_live_leases: int | None = None
         self._max_live_contexts: dict[str, int] = {}
         #: What :meth:`exhaust` used up, by profile (None: every profile).
@@ -156,6 +157,13 @@ class FakeService(Records):
         """Decide how each query submitted from now on ends (default: it succeeds)."""
         with self._changed:
             self._handler = handler
+
+    def report_inputs(self, scans: Callable[[SubmittedQuery], Iterable[str]]) -> None:
+        """Say what each query submitted from now on reads (its lineage ``inputs``; the
+        fake does not decode plans, so by default it reads nothing). Its ``outputs`` are
+        its destination, as the service reports a sink's."""
+        with self._changed:
+            self._scans = scans
 
     def fail_queries(self, error_type: str, message: str) -> None:
         """Every query from now on fails with Polars' ``error_type``."""
@@ -515,13 +523,15 @@ class FakeService(Records):
             if lease.state.is_terminal:
                 raise self._ended(lease)
             now = self._now()
+            destination = options.get("destination")
+            draft = SubmittedQuery("", lease.id, lease.context_id, dict(options), plan)
             query = QueryInfo(
                 id=self._id("query"),
                 lease_id=lease.id,
                 context_id=lease.context_id,
                 state=QueryState.QUEUED,
                 target=str(target),
-                destination=options.get("destination"),
+                destination=destination,
                 engine=str(options.get("engine") or "auto"),
                 labels=dict(options.get("labels") or {}),
                 plan_bytes=len(plan),
@@ -533,6 +543,8 @@ class FakeService(Records):
                 rows=None,
                 result_bytes=None,
                 output=None,
+                inputs=tuple(str(path) for path in self._scans(draft)),
+                outputs=(str(destination),) if destination and target != "collect" else (),
                 error=None,
                 distributed=_distributed(options.get("distributed")),
                 # The fake runs every query at once: it is next in line, and starts now.

@@ -439,6 +439,12 @@ class QueryOut(BaseModel):
     rows: int | None
     result_bytes: int | None
     output: str | None = Field(description="Sink location, or the result URL of a collect.")
+    inputs: list[str] = Field(
+        description="Lineage: the paths and URIs the plan scans, as the client named them."
+    )
+    outputs: list[str] = Field(
+        description="Lineage: the paths and URIs the plan writes (none for a collect)."
+    )
     error: QueryError | None
     distributed: DistributedSettings | None = Field(
         description="The distributed settings it runs with; null: on one node."
@@ -482,6 +488,8 @@ class QueryOut(BaseModel):
             rows=q.rows,
             result_bytes=q.result_bytes,
             output=q.output,
+            inputs=list(q.inputs),
+            outputs=list(q.outputs),
             error=error,
             distributed=DistributedSettings.model_validate(q.distributed)
             if q.distributed is not None

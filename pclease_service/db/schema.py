@@ -202,6 +202,11 @@ queries = Table(
     Column("rows", BigInteger),
     Column("result_bytes", BigInteger),
     Column("output", Text),
+    # Lineage: the paths the plan scans and the sinks it writes, as the client named them
+    # (a URI's query string, which may carry a signature, left out). NULL on rows from
+    # before revision 0006.
+    Column("inputs", ClientJSON),
+    Column("outputs", ClientJSON),
     Column("error_type", String(100)),
     Column("error_message", Text),
     # The distributed settings it runs with (what the service sends); null: one node.

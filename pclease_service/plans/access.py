@@ -91,6 +91,27 @@ def check_access(
         _check_path(access, roots)
 
 
+def lineage(info: PlanInfo) -> tuple[list[str], list[str]]:
+    """What the plan reads and writes, for lineage: every scanned path or pattern and every
+    file sink, once each, sorted, as the client named them. A URI loses its query
+    string and fragment (a presigned URL's signature is a credential); the in-memory sink
+    of a collect is no output."""
+    inputs: dict[str, None] = {}
+    outputs: dict[str, None] = {}
+    for access in info.accesses:
+        if access.path == IN_MEMORY_SINK:
+            continue
+        path = _without_query(access.path)
+        (inputs if access.mode == "read" else outputs)[path] = None
+    return sorted(inputs), sorted(outputs)
+
+
+def _without_query(path: str) -> str:
+    if _cloud_scheme(path) is None:
+        return path
+    return path.split("#", 1)[0].split("?", 1)[0]
+
+
 def _check_target(info: PlanInfo, target: QueryTarget) -> None:
     output = info.output
     if target is QueryTarget.COLLECT:

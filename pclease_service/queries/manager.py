@@ -23,6 +23,7 @@ from pclease_service.errors import (
     QueryNotFound,
 )
 from pclease_service.notify import Notifier, long_poll
+from pclease_service.plans.access import lineage
 from pclease_service.plans.check import Reader, check_plan
 from pclease_service.plans.targets import QueryTarget
 from pclease_service.principals import Principal
@@ -117,6 +118,7 @@ class QueryManager:
             raise InvalidInput(
                 f"timeout_s may be at most {self.settings.query_timeout_max_s:g} seconds"
             )
+        inputs, outputs = lineage(info)
         query_id = str(uuid.uuid4())
         await anyio.to_thread.run_sync(self.spool.write_plan, query_id, data)
 
@@ -140,6 +142,8 @@ class QueryManager:
                 timeout_s=timeout,
                 actor=principal.actor,
                 distributed=distributed.model_dump() if distributed is not None else None,
+                inputs=inputs,
+                outputs=outputs,
             )
 
         try:

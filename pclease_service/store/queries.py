@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -37,6 +37,10 @@ class QueryRecord:
     rows: int | None
     result_bytes: int | None
     output: str | None
+    #: Lineage: the paths the plan scans and the sinks it writes (empty on rows from
+    #: before revision 0006).
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
     error_type: str | None
     error_message: str | None
     #: The distributed settings it runs with (``DistributedSettings`` as JSON); None: one node.
@@ -48,6 +52,8 @@ class QueryRecord:
     def from_row(cls, row: Row[Any]) -> QueryRecord:
         m = dict(row._mapping)
         m["state"] = QueryState(m["state"])
+        m["inputs"] = tuple(str(path) for path in m["inputs"] or ())
+        m["outputs"] = tuple(str(path) for path in m["outputs"] or ())
         return cls(**m)
 
 
@@ -67,6 +73,8 @@ def insert_query(
     timeout_s: float,
     actor: str,
     distributed: Mapping[str, Any] | None = None,
+    inputs: Sequence[str] = (),
+    outputs: Sequence[str] = (),
 ) -> QueryRecord:
     tx.conn.execute(
         insert(queries).values(
@@ -85,6 +93,8 @@ def insert_query(
             cancel_requested=0,
             created_at=tx.now,
             distributed=dict(distributed) if distributed is not None else None,
+            inputs=list(inputs),
+            outputs=list(outputs),
         )
     )
     record_event(

@@ -12,6 +12,10 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+#: How long a context of the "slow" profile boots.
+SLOW_BOOT_S = 8.0
+#: The pool of one slot of tests/airflow/dags/pclease_deferrable.py.
+ONE_SLOT = "pclease_one_slot"
 AIRFLOW_DAGS = [
     ROOT / "examples" / "dags" / "pclease_seed_pipeline.py",
     *sorted((ROOT / "tests" / "airflow" / "dags").glob("*.py")),
@@ -33,6 +37,8 @@ def airflow_pclease(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             "POLARS_CLOUD_CLIENT_SECRET": "pcs_" + secrets.token_urlsafe(24),
         },
         profile={"local": {"boot_delay_s": 0.3}},
+        # A context that boots for seconds: what a deferrable task gives its slot back for.
+        extra_profiles={"slow": {"local": {"boot_delay_s": SLOW_BOOT_S}}},
     )
     try:
         yield service
@@ -43,8 +49,9 @@ def airflow_pclease(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def airflow(airflow_pclease: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """Airflow 3 as it runs for real: scheduler (LocalExecutor, parallelism 8), DAG
-    processor and API server as processes, on a PostgreSQL metastore made for this
-    session. ``pclease_default`` is added with ``airflow connections add`` (the
+    processor, API server and triggerer as processes, on a PostgreSQL metastore made for
+    this session, emitting OpenLineage events to ``openlineage.jsonl`` under its home.
+    ``pclease_default`` is added with ``airflow connections add`` (the
     metastore); ``pclease_env`` comes from an environment variable and
     ``pclease_secrets`` from a secrets backend (Airflow's local-filesystem one)."""
     from devkit.airflow_deployment import AirflowDeployment
@@ -78,6 +85,14 @@ def airflow(airflow_pclease: Any, tmp_path_factory: pytest.TempPathFactory) -> I
             "AIRFLOW__SECRETS__BACKEND_KWARGS": json.dumps(
                 {"connections_file_path": str(connections_file)}
             ),
+            "AIRFLOW__OPENLINEAGE__NAMESPACE": "pclease-tests",
+            "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(
+                {
+                    "type": "file",
+                    "log_file_path": str(tmp / "home" / "openlineage.jsonl"),
+                    "append": True,
+                }
+            ),
         },
     )
     deployment.start()
@@ -89,7 +104,8 @@ def airflow(airflow_pclease: Any, tmp_path_factory: pytest.TempPathFactory) -> I
             port=pclease.server.port,
             password=pclease.token,
         )
-        deployment.wait_for_dags("pclease_seed_pipeline", "plain_dag")
+        deployment.create_pool(ONE_SLOT, 1)
+        deployment.wait_for_dags("pclease_seed_pipeline", "plain_dag", "pclease_deferred_slot")
         yield deployment
     finally:
         deployment.stop()

@@ -131,6 +131,66 @@ def check_example_run(pclease: Pclease, airflow: Any, run: DagRun) -> None:
     )
     assert link == f"{pclease.server.url}/ui/leases/{by_task['join_datasets']['id']}"
     assert httpx.get(link).status_code in (200, 303)  # a page, or the sign-in redirect
+    check_example_lineage(pclease, airflow, run, by_task)
+
+
+def check_example_lineage(
+    pclease: Pclease, airflow: Any, run: DagRun, by_task: dict[str, dict[str, Any]]
+) -> None:
+    """What each task's queries read and wrote, as pclease answers it and as an OpenLineage
+    backend receives it (the deployment's file transport), is the files the task really
+    read and wrote (the join also reads its own output back: an intermediate, not an
+    input)."""
+    lake = pclease.lake
+    raw, prepared = f"{lake}/raw", f"{lake}/prepared"
+    revenue = f"{lake}/joined/revenue_by_customer.parquet"
+    expected = {
+        "prepare_dataset_1": ([f"{raw}/customers.csv"], [f"{prepared}/customers.parquet"]),
+        "prepare_dataset_2": ([f"{raw}/orders.ndjson"], [f"{prepared}/orders.parquet"]),
+        "join_datasets": (
+            [f"{prepared}/customers.parquet", f"{prepared}/orders.parquet"],
+            [revenue],
+        ),
+    }
+    # pclease: every query with its own lineage.
+    (join_sink, join_collect) = sorted(
+        pclease.queries(by_task["join_datasets"]["id"]), key=lambda q: q["created_at"]
+    )
+    assert (join_sink["inputs"], join_sink["outputs"]) == expected["join_datasets"]
+    assert (join_collect["inputs"], join_collect["outputs"]) == ([revenue], [])
+    for task in ("prepare_dataset_1", "prepare_dataset_2"):
+        (query,) = pclease.queries(by_task[task]["id"])
+        assert (query["inputs"], query["outputs"]) == expected[task], task
+
+    # OpenLineage: the COMPLETE event of each task of this run.
+    def completed() -> dict[str, tuple[list[str], list[str]]] | None:
+        found = {}
+        for event in openlineage_events(airflow):
+            airflow_facet = event["run"]["facets"].get("airflow") or {}
+            if (
+                event["eventType"] == "COMPLETE"
+                and airflow_facet.get("dagRun", {}).get("run_id") == run.run_id
+            ):
+                task = event["job"]["name"].split(".", 1)[1]
+                found[task] = (
+                    sorted(f"{d['namespace']}:{d['name']}" for d in event["inputs"]),
+                    sorted(f"{d['namespace']}:{d['name']}" for d in event["outputs"]),
+                )
+        return found if {*expected, "generate_inputs"} <= set(found) else None
+
+    seen = wait_for(completed, timeout_s=30, what="the OpenLineage events of the run")
+    for task, (inputs, outputs) in expected.items():
+        assert seen[task] == (
+            [f"file:{path}" for path in inputs],
+            [f"file:{path}" for path in outputs],
+        ), task
+    assert seen["generate_inputs"] == ([], [])  # a plain task: no pclease lineage
+
+
+def openlineage_events(airflow: Any) -> list[dict[str, Any]]:
+    path = airflow.home / "openlineage.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def test_parallel_tasks_on_one_profile_share_one_context(

@@ -325,3 +325,40 @@ async def test_the_services_own_files_are_refused_even_inside_a_data_root(
         assert response.json()["error"]["code"] == "plan_refused"
     allowed = await submit(h, lease["id"], plan("parquet", str(tmp_path / "lake" / "ok.parquet")))
     assert allowed.status_code == 202
+
+
+async def test_a_query_reports_what_it_reads_and_writes(make_harness: Any, tmp_path: Any) -> None:
+    """Lineage: every scan and the sink, once each, sorted, as the client named them; a URI
+    without its query string (a presigned URL's signature); a collect writes nothing."""
+    root = str(tmp_path / "lake")
+    roots = [root, "s3://lake/"]
+    h: Harness = await make_harness(profiles={"small": {**PROFILES["small"], "data_roots": roots}})
+    lease = await active_lease(h)
+    orders = pl.scan_parquet(
+        "s3://lake/raw/orders.parquet?X-Amz-Signature=abc#v1", credential_provider=None
+    )
+    customers = pl.scan_csv(f"{root}/raw/customers.csv")
+    joined = orders.join(customers, on="customer_id").join(customers, on="country")
+    sink = build_submission(
+        joined, "parquet", "s3://lake/joined/revenue.parquet", storage_options={"region": "x"}
+    )
+    response = await submit(h, lease["id"], sink)
+    assert response.status_code == 202, response.text
+    q = response.json()
+    assert q["inputs"] == [f"{root}/raw/customers.csv", "s3://lake/raw/orders.parquet"]
+    assert q["outputs"] == ["s3://lake/joined/revenue.parquet"]
+    assert (await query(h, q["id"]))["inputs"] == q["inputs"]
+
+    collect = build_submission(customers.select(pl.len()), "collect")
+    response = await submit(h, lease["id"], collect)
+    assert response.status_code == 202, response.text
+    assert (response.json()["inputs"], response.json()["outputs"]) == (
+        [f"{root}/raw/customers.csv"],
+        [],
+    )
+    listed = await h.client.get(f"/v1/leases/{lease['id']}/queries", headers=h.headers)
+    assert listed.status_code == 200
+    assert {tuple(x["outputs"]) for x in listed.json()["queries"]} == {
+        ("s3://lake/joined/revenue.parquet",),
+        (),
+    }

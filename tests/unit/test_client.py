@@ -23,6 +23,7 @@ from pclease_client import (
     LeaseState,
     PcleaseClient,
     QueryFailed,
+    QueryInfo,
     QueryState,
     RequestFailed,
     StopKind,
@@ -260,6 +261,10 @@ def test_a_lease_runs_queries_and_is_released(fake: FakePclease, client: Pclease
     first, second = fake.queries(lease_id=lease.id)
     assert (first.target, dict(first.labels)) == ("collect", {"team": "data"})
     assert dict(second.labels) == {"team": "data", "step": "2"}
+    # Lineage: the fake reads nothing unless told; a sink's output is its destination.
+    assert (first.inputs, first.outputs) == ((), ())
+    assert (second.inputs, second.outputs) == ((), ("/lake/out.parquet",))
+
     sent = fake.submitted(second.id)
     assert sent.options["destination"] == "/lake/out.parquet"
     assert sent.plan and len(sent.plan) == second.plan_bytes
@@ -279,6 +284,14 @@ def test_a_failed_query_raises_query_failed_or_polars_own_error(
         lease.polars_errors = True
         with pytest.raises(ColumnNotFoundError, match="unable to find column"):
             lease.remote(frame()).collect()
+
+
+def test_the_fake_reports_the_inputs_it_is_told(fake: FakePclease, client: PcleaseClient) -> None:
+    fake.report_inputs(lambda q: [f"/lake/in/{q.labels['step']}.csv"])
+    with client.lease("small", watchdog=False) as lease:
+        written = lease.remote(frame(), labels={"step": "a"}).sink_csv("/lake/out/a.csv")
+    assert (written.inputs, written.outputs) == (("/lake/in/a.csv",), ("/lake/out/a.csv",))
+    assert QueryInfo.from_json(written.to_json()) == written
 
 
 def test_capacity_exhausted(fake: FakePclease, client: PcleaseClient) -> None:
