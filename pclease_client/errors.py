@@ -24,7 +24,8 @@
     │   ├── InternalError             500 internal_error (the message names an incident id)
     │   └── ServiceUnavailable        503, or 502/504 from a proxy in front of the service
     │       ├── BackendUnavailable    503 backend_unavailable
-    │       └── DatabaseBusy          503 database_busy
+    │       ├── DatabaseBusy          503 database_busy
+    │       └── Draining              503 draining: a replica shutting down (retried)
     ├── RequestFailed                 no answer at all: refused, timed out, dropped
     ├── UnexpectedResponse            an answer not in the API's shape (a proxy's page)
     ├── LeaseLost                     the lease ended underneath its holder: state and reason
@@ -173,6 +174,14 @@ class DatabaseBusy(ServiceUnavailable):
     code = "database_busy"
 
 
+class Draining(ServiceUnavailable):
+    """The replica that got the request is shutting down and did not handle it; sent
+    again, it reaches another replica (the client does so by itself, even for a query
+    submission, which it otherwise never repeats)."""
+
+    code = "draining"
+
+
 class RequestFailed(PcleaseClientError):
     """The request got no answer (connection refused or dropped, a timeout), after the
     client's retries; ``__cause__`` is httpx's error."""
@@ -297,6 +306,7 @@ _BY_CODE: dict[str, type[ApiError]] = {
         InternalError,
         BackendUnavailable,
         DatabaseBusy,
+        Draining,
     ),
     **{refusal.value: PlanRefused for refusal in PlanRefusal},
 }

@@ -311,6 +311,29 @@ def profiles(config_file: Path | None) -> None:
 
 @main.command()
 @config_option
+def shutdown(config_file: Path | None) -> None:
+    """Shut the service down as a whole (every replica), not just one process.
+
+    Recorded in the database: within a heartbeat every replica revokes the leases of the
+    contexts it holds and stops them (local workers are stopped by the replica hosting
+    them). Stop the replicas afterwards (SIGTERM). A SIGTERM alone stops only one replica
+    and changes no lease; starting a replica again ends the shutdown.
+    """
+    import getpass
+
+    from pclease_service.store import replicas
+
+    engine = _engine(_settings(config_file))
+    with _tx(engine) as tx:
+        replicas.request_shutdown(tx, by=f"cli:{getpass.getuser()}")
+    click.echo(
+        "shutdown requested: the replicas stop every context within a few seconds; "
+        "then stop them (SIGTERM)"
+    )
+
+
+@main.command()
+@config_option
 def status(config_file: Path | None) -> None:
     """What is running now: live contexts and their leases."""
     from pclease_service.states import LIVE_CONTEXT_STATES, LIVE_LEASE_STATES

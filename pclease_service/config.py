@@ -284,6 +284,28 @@ class Settings(BaseSettings):
         900.0, gt=0, description="How long a collect result is kept after its lease ends."
     )
 
+    replica_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="This process's name among the replicas sharing the database. Default: "
+        "host name, process id and a random suffix (new for every process).",
+    )
+    replica_heartbeat_s: float = Field(
+        2.0, gt=0, le=60, description="How often a replica refreshes its row in `replicas`."
+    )
+    replica_ttl_s: float = Field(
+        15.0,
+        gt=0,
+        description="A replica silent this long is dead: its claims, running queries, "
+        "waiting tickets and hosted contexts are taken over or failed by the others.",
+    )
+    drain_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        description="On SIGTERM, how long a replica waits for the queries it runs and its "
+        "backend calls before it exits anyway.",
+    )
+
     session_secret: SecretStr | None = Field(
         None,
         description="Signs dashboard session cookies (32+ characters). Default: a random key "
@@ -322,6 +344,13 @@ class Settings(BaseSettings):
             )
         if self.query_timeout_s > self.query_timeout_max_s:
             problems.append("query_timeout_s must not exceed query_timeout_max_s")
+        beat_s = max(self.replica_heartbeat_s, self.reconcile_interval_s)
+        if self.replica_ttl_s < 3 * beat_s:
+            problems.append(
+                "replica_ttl_s must be at least three times replica_heartbeat_s and "
+                f"reconcile_interval_s (got {self.replica_ttl_s:g} < 3 x {beat_s:g}), or a "
+                "replica that is merely slow is taken for dead"
+            )
         if self.session_secret is not None and len(self.session_secret.get_secret_value()) < 32:
             problems.append(
                 "session_secret must be at least 32 characters; make one with "

@@ -32,6 +32,8 @@ from pclease_service.queries.manager import QueryManager
 from pclease_service.queries.runner import QueryRunner
 from pclease_service.queries.spool import Spool
 from pclease_service.reconciler.loop import Reconciler
+from pclease_service.replicas.liveness import Liveness, new_replica_id
+from pclease_service.states import ReplicaState
 from pclease_service.store import profiles
 
 log = logging.getLogger("pclease")
@@ -61,6 +63,7 @@ class Service:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.backend = backend or create_backend(settings, self.clock)
+        self.replica_id = new_replica_id(settings)
         self.engine = create_db_engine(settings.resolved_database_url)
         self.notifier = Notifier()
         self.db = Database(self.engine, self.clock, on_commit=self.notifier.publish)
@@ -74,12 +77,20 @@ class Service:
             self.backend.kind,
             ready_check=self.credentials_problem if self.credentials else None,
             instruments=instruments,
+            replica=self.replica_id,
         )
         self.contexts = ContextManager(settings, self.db)
         self.history = History(self.db)
         self.reconciler = Reconciler(
-            settings, self.db, self.backend, self.notifier, self.clock, instruments=instruments
+            settings,
+            self.db,
+            self.backend,
+            self.notifier,
+            self.clock,
+            replica=self.replica_id,
+            instruments=instruments,
         )
+        self.liveness = Liveness(settings, self.db, self.clock, self.replica_id)
         self.spool = Spool(settings.data_dir / "spool")
         denied = self._denied_paths()
         self.queries = QueryManager(
@@ -100,6 +111,7 @@ class Service:
             self.clock,
             denied_paths=denied,
             instruments=instruments,
+            replica=self.replica_id,
         )
         self._run_reconciler = run_reconciler
         self._migrate = migrate
@@ -108,6 +120,9 @@ class Service:
         self.started_at = self.clock.now()
         self._loop_task: asyncio.Task[None] | None = None
         self._runner_task: asyncio.Task[None] | None = None
+        self._liveness_task: asyncio.Task[None] | None = None
+        #: Set once this replica drains (SIGTERM): it takes no request and no new work.
+        self.draining = False
         self.loop_error: BaseException | None = None
 
     @property
@@ -134,7 +149,10 @@ class Service:
             await asyncio.to_thread(upgrade, url)
         await self.db.write(lambda tx: profiles.sync_profiles(tx, self.settings.profiles))
         self.spool.prepare()
-        await self.runner.recover()
+        # Only queries of replicas that are gone (and of an earlier process under this
+        # replica's id): the other replicas' go on.
+        await self.runner.recover(at_start=True)
+        await self.liveness.register()
         credentials = self.credentials
         if credentials is not None:
             # Learn early whether the credentials work (readiness and lease requests say
@@ -151,6 +169,8 @@ class Service:
             ",".join(self.settings.profiles) or "(none)",
         )
         if self._run_reconciler:
+            self._liveness_task = asyncio.create_task(self.liveness.run(), name="liveness")
+            self._liveness_task.add_done_callback(self._loop_died)
             self._loop_task = asyncio.create_task(self.reconciler.run(), name="reconciler")
             self._loop_task.add_done_callback(self._loop_died)
             self._runner_task = asyncio.create_task(self.runner.run(), name="query-runner")
@@ -167,7 +187,8 @@ class Service:
         if not self._run_reconciler:
             return True
         return all(
-            task is not None and not task.done() for task in (self._loop_task, self._runner_task)
+            task is not None and not task.done()
+            for task in (self._loop_task, self._runner_task, self._liveness_task)
         )
 
     async def _watch_credentials(self, credentials: Credentials) -> None:
@@ -190,7 +211,28 @@ class Service:
             return None
         return (await asyncio.to_thread(credentials.check)).problem
 
+    def begin_drain(self) -> None:
+        """Stop taking requests and new work (SIGTERM): the API answers 503 ``draining``,
+        long-polls and waiting lease requests end, no query starts here and no context is
+        claimed. Nothing about leases or contexts changes."""
+        if self.draining:
+            return
+        self.draining = True
+        self.runner.draining = True
+        self.reconciler.draining = True
+        self.notifier.begin_drain()
+        log.info("replica %s is draining", self.replica_id)
+
     async def stop(self) -> None:
+        """The replica exits: drain, finish (or, after ``drain_timeout_s``, cancel) the
+        queries it runs and its backend calls, give its claims to the other replicas and
+        mark its row stopped. Leases are left as they are; contexts too, unless the
+        service as a whole is being shut down (see the reconciler's ``shutdown``)."""
+        self.begin_drain()
+        try:
+            await self.liveness.set_state(ReplicaState.DRAINING)
+        except Exception:
+            log.exception("could not mark replica %s draining", self.replica_id)
         if self._uninstall_sighup is not None:
             self._uninstall_sighup()
             self._uninstall_sighup = None
@@ -199,9 +241,16 @@ class Service:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        await self.runner.shutdown()
         try:
+            await self.runner.shutdown(grace_s=self.settings.drain_timeout_s)
             await self.reconciler.shutdown()
         finally:
-            await self.backend.close()
-            self.engine.dispose()
+            if self._liveness_task is not None:
+                self._liveness_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._liveness_task
+            try:
+                await self.liveness.set_state(ReplicaState.STOPPED)
+            finally:
+                await self.backend.close()
+                self.engine.dispose()

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pclease_service.errors import CapacityExhausted, PcleaseError
+from pclease_service.errors import CapacityExhausted, Draining, PcleaseError
 from pclease_service.text import message_of, shown
 from pclease_service.web import allowed_methods
 
@@ -71,7 +71,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(PcleaseError)
     async def _domain_error(request: Request, exc: PcleaseError) -> JSONResponse:
         headers = {}
-        if isinstance(exc, CapacityExhausted):
+        if isinstance(exc, CapacityExhausted | Draining):
             headers["Retry-After"] = str(exc.retry_after_s)
         if exc.status == 401:
             headers["WWW-Authenticate"] = "Bearer"

@@ -36,11 +36,19 @@ A backend must provide exactly these coroutine methods:
 and declares what the service may rely on, instead of being probed:
 
 ``capabilities`` (a :class:`Capabilities`)
-    ``stop_on_shutdown``: whether the service stops running contexts when it shuts down
-    cleanly (true for local processes that would otherwise outlive it, false for remote
-    compute that leases may still hold). ``list_is_cheap``: whether ``list()`` only reads
+    ``stop_on_shutdown``: whether the service stops running contexts when it is shut down
+    as a whole (``pclease shutdown``; a replica's own SIGTERM never stops anything): true
+    for local processes that would otherwise outlive it, false for remote compute that
+    leases may still hold. ``list_is_cheap``: whether ``list()`` only reads
     local state, so that a readiness probe may call it (false for a remote API:
-    ``/readyz`` then reports the reconciler's last sweeps instead).
+    ``/readyz`` then reports the reconciler's last sweeps instead). ``hosted``: whether a
+    context lives on the machine of the replica that started it (local workers), so that
+    only that replica acts on it while it is alive.
+
+``reaches(handle) -> bool``
+    Whether this process can call the context behind ``handle`` at all (a local worker of
+    another machine cannot be); true by default. Replicas run queries only on contexts
+    they reach, and adopt a dead replica's hosted context only if they reach it.
 
 ``context_options(profile) -> Mapping``
     The profile's options this backend reads (``ContextSpec.options``); none by default.
@@ -163,6 +171,7 @@ class Capabilities:
 
     stop_on_shutdown: bool = False
     list_is_cheap: bool = True
+    hosted: bool = False
 
 
 class Credentials(Protocol):
@@ -191,6 +200,9 @@ class Backend(abc.ABC):
 
     def context_options(self, profile: Profile) -> Mapping[str, Any]:
         return {}
+
+    def reaches(self, handle: Handle) -> bool:
+        return True
 
     @abc.abstractmethod
     async def start(self, spec: ContextSpec) -> Handle: ...

@@ -150,6 +150,7 @@ class QueryManager:
             token=lambda: self.notifier.query_token(query_id),
             read=read,
             done=lambda query: query.state.is_terminal,
+            ended=lambda: self.notifier.draining,
         )
 
     async def list_for_lease(self, principal: Principal, lease_id: str) -> list[QueryRecord]:

@@ -5,6 +5,7 @@ backend's ``execute`` and records the outcome."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from pclease_service.notify import Notifier
 from pclease_service.plans.targets import QueryTarget
 from pclease_service.queries.spool import Spool
 from pclease_service.states import LIVE_QUERY_STATES, ContextState, LeaseState, QueryState
-from pclease_service.store import contexts, leases, queries
+from pclease_service.store import contexts, leases, queries, replicas
 from pclease_service.store.queries import QueryRecord
 
 log = logging.getLogger("pclease.queries")
@@ -68,8 +69,13 @@ class QueryRunner:
         *,
         denied_paths: tuple[str, ...] = (),
         instruments: Instruments | None = None,
+        replica: str = "pclease",
     ) -> None:
         self.settings = settings
+        self.replica = replica
+        #: While set, no query is started here (the replica is draining).
+        self.draining = False
+        self._orphans_checked_at: float | None = None
         self.db = db
         self.backend = backend
         self.notifier = notifier
@@ -80,29 +86,39 @@ class QueryRunner:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._housekept_at: float | None = None
 
-    async def recover(self) -> None:
-        """Queries left ``running`` by a previous service process cannot be followed."""
+    async def recover(self, *, at_start: bool = False) -> None:
+        """Queries left ``running`` by a replica that is gone (it exited, or stopped
+        heartbeating for ``replica_ttl_s``) cannot be followed: they fail. Those of live
+        replicas are left alone, and so are this one's, except ``at_start``: then they
+        are an earlier process's under the same replica id."""
+        ttl_s = self.settings.replica_ttl_s
 
         def unit(tx: Tx) -> int:
-            orphans = queries.list_queries(tx, states=[QueryState.RUNNING], limit=100_000)
+            alive = replicas.alive_ids(tx, ttl_s)
+            if at_start:
+                alive.discard(self.replica)
+            else:
+                alive.add(self.replica)
+            orphans = queries.orphaned_queries(tx, alive=alive)
             for query in orphans:
                 queries.transition_query(
                     tx,
                     query.id,
                     QueryState.FAILED,
                     actor=ACTOR,
-                    reason="the service restarted while the query ran",
+                    reason=f"replica {query.runner_replica or '(unknown)'}, which ran it, is gone",
+                    sources=[QueryState.RUNNING],
                     values={
                         "finished_at": tx.now,
                         "error_type": "ServiceRestarted",
-                        "error_message": "the service restarted while the query ran; "
-                        "submit it again",
+                        "error_message": "the service replica running the query stopped "
+                        "while it ran; submit it again",
                     },
                 )
             return len(orphans)
 
         if count := await self.db.write(unit):
-            log.warning("failed %d query(ies) left running by a previous process", count)
+            log.warning("failed %d query(ies) left running by a replica that is gone", count)
 
     async def run(self) -> None:
         """Tick forever; a failing tick is logged with its traceback and the loop goes on."""
@@ -125,6 +141,13 @@ class QueryRunner:
                     where[query.id] = _Where(lease.state, context.state, context.backend_handle)
             return live, where
 
+        now = self.clock.monotonic()
+        if (
+            self._orphans_checked_at is None
+            or now - self._orphans_checked_at >= self.settings.replica_heartbeat_s
+        ):
+            self._orphans_checked_at = now
+            await self.recover()
         live, where = await self.db.read(snapshot)
         for query in reversed(live):  # oldest first
             task = self._tasks.get(query.id)
@@ -132,9 +155,13 @@ class QueryRunner:
                 if query.cancel_requested and task is not None and not task.done():
                     task.cancel()
                 continue
+            if self.draining:
+                continue
             place = where.get(query.id)
             if place is None or not place.ready or place.handle is None:
                 continue
+            if not self.backend.reaches(place.handle):
+                continue  # a worker on another replica's machine: that replica runs it
             started = await self.db.write(self._start_unit(query.id))
             if started is not None:
                 self._tasks[started.id] = asyncio.create_task(
@@ -146,17 +173,18 @@ class QueryRunner:
             self._housekept_at = now
             await self.housekeeping()
 
-    @staticmethod
-    def _start_unit(query_id: str) -> Callable[[Tx], QueryRecord | None]:
+    def _start_unit(self, query_id: str) -> Callable[[Tx], QueryRecord | None]:
+        replica = self.replica
+
         def unit(tx: Tx) -> QueryRecord | None:
             return queries.transition_query(
                 tx,
                 query_id,
                 QueryState.RUNNING,
                 actor=ACTOR,
-                reason="sent to its context",
+                reason=f"sent to its context by replica {replica}",
                 sources=[QueryState.QUEUED],
-                values={"started_at": tx.now},
+                values={"started_at": tx.now, "runner_replica": replica},
             )
 
         return unit
@@ -165,7 +193,15 @@ class QueryRunner:
         while pending := [t for t in self._tasks.values() if not t.done()]:
             await asyncio.gather(*pending, return_exceptions=True)
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, *, grace_s: float = 0.0) -> None:
+        """Start nothing more; give the queries this replica runs ``grace_s`` to finish,
+        then cancel what is left (they end ``cancelled``, with the reason)."""
+        self.draining = True
+        pending = [t for t in self._tasks.values() if not t.done()]
+        if pending and grace_s > 0:
+            log.info("waiting up to %g s for %d running query(ies)", grace_s, len(pending))
+            with contextlib.suppress(TimeoutError):
+                await within(self.clock, grace_s, asyncio.gather(*pending, return_exceptions=True))
         for task in self._tasks.values():
             task.cancel()
         await self.drain()

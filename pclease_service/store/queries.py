@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, insert, select, update
+from sqlalchemy import Row, insert, or_, select, update
 
 from pclease_service.db.schema import queries
 from pclease_service.db.tx import Tx
@@ -118,6 +118,15 @@ def list_queries(
         stmt = stmt.where(queries.c.context_id == context_id)
     if states is not None:
         stmt = stmt.where(queries.c.state.in_([s.value for s in states]))
+    return [QueryRecord.from_row(r) for r in tx.conn.execute(stmt)]
+
+
+def orphaned_queries(tx: Tx, *, alive: set[str]) -> list[QueryRecord]:
+    """Running queries whose runner is not one of the ``alive`` replicas."""
+    stmt = select(queries).where(
+        queries.c.state == QueryState.RUNNING.value,
+        or_(queries.c.runner_replica.is_(None), queries.c.runner_replica.not_in(alive)),
+    )
     return [QueryRecord.from_row(r) for r in tx.conn.execute(stmt)]
 
 
