@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -32,13 +33,15 @@ from pclease_service.queries.manager import QueryManager
 from pclease_service.queries.runner import QueryRunner
 from pclease_service.queries.spool import Spool
 from pclease_service.reconciler.loop import Reconciler
-from pclease_service.store import profiles
+from pclease_service.store import keys, profiles
 
 log = logging.getLogger("pclease")
 
 # How often the background check asks for a token while the credentials fail / work.
 _CHECK_FAILS_S = 5.0
 _CHECK_WORKS_S = 60.0
+# Where releases before the shared key kept the dashboard's session key.
+_LEGACY_SESSION_KEY_FILE = "session.key"
 
 
 def _local_reader() -> Reader:
@@ -109,6 +112,7 @@ class Service:
         self._loop_task: asyncio.Task[None] | None = None
         self._runner_task: asyncio.Task[None] | None = None
         self.loop_error: BaseException | None = None
+        self._session_key: bytes | None = None
 
     @property
     def credentials(self) -> Credentials | None:
@@ -133,6 +137,7 @@ class Service:
         if self._migrate:
             await asyncio.to_thread(upgrade, url)
         await self.db.write(lambda tx: profiles.sync_profiles(tx, self.settings.profiles))
+        self._session_key = await self._load_session_key()
         self.spool.prepare()
         await self.runner.recover()
         credentials = self.credentials
@@ -155,6 +160,30 @@ class Service:
             self._loop_task.add_done_callback(self._loop_died)
             self._runner_task = asyncio.create_task(self.runner.run(), name="query-runner")
             self._runner_task.add_done_callback(self._loop_died)
+
+    @property
+    def session_key(self) -> bytes:
+        """The dashboard's session signing key: ``session_secret``, or the deployment's
+        shared key in the database (made by the first replica that started)."""
+        if self._session_key is None:
+            raise RuntimeError("the service has not started: no session key yet")
+        return self._session_key
+
+    async def _load_session_key(self) -> bytes:
+        if self.settings.session_secret is not None:
+            return self.settings.session_secret.get_secret_value().encode()
+        candidate = await asyncio.to_thread(self._new_session_key)
+        key = await self.db.write(lambda tx: keys.shared_key(tx, keys.DASHBOARD_SESSION, candidate))
+        return key.encode()
+
+    def _new_session_key(self) -> str:
+        """The key an earlier release kept in ``data_dir/session.key`` (its sessions stay
+        valid after the upgrade), or a new random one."""
+        try:
+            kept = (self.settings.data_dir / _LEGACY_SESSION_KEY_FILE).read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            kept = ""
+        return kept if 32 <= len(kept) <= 200 else secrets.token_hex(32)
 
     def _loop_died(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
