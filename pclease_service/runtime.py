@@ -15,6 +15,7 @@ from sqlalchemy import make_url
 
 from pclease_service.backends import create_backend
 from pclease_service.backends.base import Backend, Credentials
+from pclease_service.blobs import create_blob_store
 from pclease_service.clock import Clock, SystemClock
 from pclease_service.config import Settings
 from pclease_service.contexts.manager import ContextManager
@@ -83,7 +84,8 @@ class Service:
         self.reconciler = Reconciler(
             settings, self.db, self.backend, self.notifier, self.clock, instruments=instruments
         )
-        self.spool = Spool(settings.data_dir / "spool")
+        blobs = create_blob_store(settings, self.db, self.clock)
+        self.spool = Spool(blobs, settings.data_dir / "spool" / "scratch")
         denied = self._denied_paths()
         self.queries = QueryManager(
             settings,
@@ -122,6 +124,8 @@ class Service:
     def _denied_paths(self) -> tuple[str, ...]:
         """The service's own files: never readable or writable by a query."""
         denied = [str(self.settings.data_dir.resolve())]
+        if self.settings.storage.directory is not None:
+            denied.append(str(self.settings.storage.directory.resolve()))
         config = os.environ.get("PCLEASE_CONFIG")
         if config:
             denied.append(str(Path(config).resolve()))
@@ -138,7 +142,7 @@ class Service:
             await asyncio.to_thread(upgrade, url)
         await self.db.write(lambda tx: profiles.sync_profiles(tx, self.settings.profiles))
         self._session_key = await self._load_session_key()
-        self.spool.prepare()
+        await asyncio.to_thread(self.spool.prepare)
         await self.runner.recover()
         credentials = self.credentials
         if credentials is not None:
