@@ -99,6 +99,11 @@ class ContextSpec:
     workspace: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: The fence of the claim under which this start is made (``contexts.fence``): a
+    #: backend that records a start before making it (the Polars Cloud start ledger)
+    #: stores it, so that a later claim of the same context can tell its own start from
+    #: one a deposed replica made. 0 when no claim is involved (tests driving a backend).
+    fence: int = 0
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,14 @@ contexts = Table(
     # A StopKind: why it stopped, for metrics, the dashboard and the stop fence (the reason
     # beside it is for people and may be reworded).
     Column("stop_kind", String(16)),
+    # One actor per context: the replica that claims it acts on it until the claim
+    # expires; every write recording a backend side effect checks ``fence`` (bumped by
+    # each new claim), so a deposed or paused replica can never overwrite a newer one.
+    Column("fence", BigInteger, nullable=False, default=0, server_default="0"),
+    Column("claimed_by", String(100)),
+    Column("claim_expires_at", UTCDateTime),
+    # Backends whose contexts live on one replica's machine (local workers): which one.
+    Column("host_replica", String(100)),
     Index(None, "profile", "state"),
     Index(None, "state"),
 )
@@ -193,6 +201,8 @@ queries = Table(
     Column("output", Text),
     Column("error_type", String(100)),
     Column("error_message", Text),
+    # The replica whose runner sends it (while it runs); a dead replica's are failed.
+    Column("runner_replica", String(100)),
     Index(None, "lease_id", "state"),
     Index(None, "state"),
     Index(None, "context_id", "created_at"),
@@ -240,4 +250,42 @@ service_keys = Table(
     Column("name", String(63), primary_key=True),
     Column("value", String(200), nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
+)
+
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("id", String(100), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    # A ReplicaState: serving, draining, stopped.
+    Column("state", String(16), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("heartbeat_at", UTCDateTime, nullable=False),
+)
+
+# One row (id 1) once anyone asked: whether the service as a whole is being shut down
+# (``pclease shutdown``), which is what makes replicas stop contexts and the workers they
+# host; a replica's own SIGTERM never does.
+fleet = Table(
+    "fleet",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("shutdown_requested_at", UTCDateTime),
+    Column("shutdown_requested_by", String(120)),
+)
+
+# A lease request waiting for capacity, on any replica; the smallest id of a profile is
+# the oldest waiter, and only it may take freed capacity.
+waiting_tickets = Table(
+    "waiting_tickets",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("profile", String(63), ForeignKey("profiles.name"), nullable=False),
+    Column("replica", String(100), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Index(None, "profile", "id"),
 )

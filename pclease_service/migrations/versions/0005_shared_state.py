@@ -1,7 +1,7 @@
 """shared state for replicas: the Polars Cloud start ledger, blobs, shared keys
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-11-25
 
 What used to live in each replica's data directory moves into the database, where every
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005"
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
