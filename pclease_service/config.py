@@ -275,8 +275,9 @@ class StorageSettings(BaseModel):
 def polars_cloud_call_budget_s(request_timeout_s: float) -> float:
     """The longest one polars_cloud backend call can take, so ``backend_call_timeout_s``
     never cancels it half-way. The slowest is a start: the workspace and user lookups
-    (each retried), then up to ``POLARS_CLOUD_START_ATTEMPTS`` start requests, each failed
-    one followed by a wait for concurrent starts and one listing, with pauses between."""
+    (each retried), a wait for an earlier start of the same context and a listing, then up
+    to ``POLARS_CLOUD_START_ATTEMPTS`` start requests, each failed one followed by a wait
+    for concurrent starts and one listing, with pauses between."""
     retried = (len(POLARS_CLOUD_RETRY_DELAYS_S) + 1) * request_timeout_s + sum(
         POLARS_CLOUD_RETRY_DELAYS_S
     )
@@ -284,8 +285,11 @@ def polars_cloud_call_budget_s(request_timeout_s: float) -> float:
         POLARS_CLOUD_RETRY_DELAYS_S[min(i, len(POLARS_CLOUD_RETRY_DELAYS_S) - 1)]
         for i in range(POLARS_CLOUD_START_ATTEMPTS - 1)
     )
+    # Before all that, a start may wait for an earlier start of its context (another
+    # replica's) to pass the time its request could still answer, and list once.
+    earlier = 2 * request_timeout_s + 2.0
     # A few seconds for the ledger writes between the calls.
-    return float(math.ceil(2 * retried + attempts + 5.0))
+    return float(math.ceil(2 * retried + attempts + earlier + 5.0))
 
 
 class Settings(BaseSettings):

@@ -34,6 +34,7 @@ from pclease_service.queries.manager import QueryManager
 from pclease_service.queries.runner import QueryRunner
 from pclease_service.queries.spool import Spool
 from pclease_service.reconciler.loop import Reconciler
+from pclease_service.reconciler.starts import DatabaseStartLedger
 from pclease_service.store import keys, profiles
 
 log = logging.getLogger("pclease")
@@ -64,10 +65,12 @@ class Service:
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
-        self.backend = backend or create_backend(settings, self.clock)
         self.engine = create_db_engine(settings.resolved_database_url)
         self.notifier = Notifier()
         self.db = Database(self.engine, self.clock, on_commit=self.notifier.publish)
+        self.backend = backend or create_backend(
+            settings, self.clock, ledger=DatabaseStartLedger(self.db, self.clock)
+        )
         instruments = PrometheusInstruments()
         self.principals = Principals(self.db, self.clock, settings.token_cache_s)
         self.leases = LeaseManager(
