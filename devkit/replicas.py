@@ -26,7 +26,7 @@ import contextlib
 import itertools
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -68,6 +68,10 @@ class Balancer:
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
         self._probe: asyncio.Task[None] | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._thread.is_alive()
 
     def start(self) -> Balancer:
         self._thread.start()
@@ -227,13 +231,15 @@ class ReplicaSet:
     def token(self, name: str, scope: str) -> str:
         return self.cli("token", "create", name, "--scope", scope).strip()
 
-    def start(self, timeout_s: float = 60.0) -> ReplicaSet:
-        """Migrate the database once, start every replica (in parallel), then the balancer."""
+    def start(self, timeout_s: float = 60.0, *, only: Iterable[int] | None = None) -> ReplicaSet:
+        """Migrate the database once, start the replicas (in parallel; with ``only``, just
+        those: start the others later with :meth:`restart`), then the balancer."""
         self.cli("db", "upgrade")
+        chosen = [self.replicas[i] for i in (range(len(self.replicas)) if only is None else only)]
         try:
-            for server in self.replicas:
+            for server in chosen:
                 server.launch()
-            for server in self.replicas:
+            for server in chosen:
                 server.wait_ready(timeout_s)
             self.balancer.start()
         except BaseException:
@@ -250,7 +256,7 @@ class ReplicaSet:
         self.replicas[i].kill()
 
     def restart(self, i: int, timeout_s: float = 60.0) -> None:
-        """Start replica ``i`` again (after :meth:`terminate` or :meth:`kill`), on its
+        """Start replica ``i`` (again, after :meth:`terminate` or :meth:`kill`), on its
         port, with its data directory and replica id; stops it first if it still runs."""
         server = self.replicas[i]
         server.stop()
@@ -272,7 +278,8 @@ class ReplicaSet:
             server.stop()
 
     def __enter__(self) -> ReplicaSet:
-        return self.start()
+        """Starts every replica, unless :meth:`start` already ran (``with s.start(only=...)``)."""
+        return self if self.balancer.started else self.start()
 
     def __exit__(
         self,
