@@ -25,7 +25,8 @@
     │   └── ServiceUnavailable        503, or 502/504 from a proxy in front of the service
     │       ├── BackendUnavailable    503 backend_unavailable
     │       ├── DatabaseBusy          503 database_busy
-    │       └── Draining              503 draining: a replica shutting down (retried)
+    │       ├── Draining              503 draining: a replica shutting down (retried)
+    │       └── StorageUnavailable    503 storage_unavailable
     ├── RequestFailed                 no answer at all: refused, timed out, dropped
     ├── UnexpectedResponse            an answer not in the API's shape (a proxy's page)
     ├── LeaseLost                     the lease ended underneath its holder: state and reason
@@ -182,6 +183,10 @@ class Draining(ServiceUnavailable):
     code = "draining"
 
 
+class StorageUnavailable(ServiceUnavailable):
+    code = "storage_unavailable"
+
+
 class RequestFailed(PcleaseClientError):
     """The request got no answer (connection refused or dropped, a timeout), after the
     client's retries; ``__cause__`` is httpx's error."""
@@ -307,6 +312,7 @@ _BY_CODE: dict[str, type[ApiError]] = {
         BackendUnavailable,
         DatabaseBusy,
         Draining,
+        StorageUnavailable,
     ),
     **{refusal.value: PlanRefused for refusal in PlanRefusal},
 }

@@ -23,8 +23,9 @@
     │   ├── CapacityExhausted             429 capacity_exhausted (Retry-After)
     │   ├── BackendUnavailable            503 backend_unavailable
     │   ├── DatabaseBusy                  503 database_busy
-    │   └── Draining                      503 draining (Retry-After): this replica is
-    │                                         shutting down; another one answers
+    │   ├── Draining                      503 draining (Retry-After): this replica is
+    │   │                                     shutting down; another one answers
+    │   └── StorageUnavailable            503 storage_unavailable
     ├── BackendError                      a backend call failed (the reconciler retries or
     │                                     fails the context; never reaches a client as is)
     ├── CredentialsError                  the Polars Cloud service account cannot be read or
@@ -222,6 +223,13 @@ class Draining(PcleaseError):
             or "this pclease replica is shutting down; send the request again and another "
             "replica answers it"
         )
+
+
+class StorageUnavailable(PcleaseError):
+    """The storage of query plans and results (``storage`` in the config) failed."""
+
+    status = 503
+    code = "storage_unavailable"
 
 
 class BackendError(PcleaseException):

@@ -58,7 +58,10 @@ and declares what the service may rely on, instead of being probed:
     None for backends that need none.
 
 Backends never touch the database, and blocking SDK calls run in threads: the reconciler
-adds its own timeouts around every call.
+adds its own timeouts around every call. A backend that must record a start *before*
+making it (because what it starts cannot be labelled and read back) is handed a
+:class:`StartLedger`: the service keeps it in the database, so every replica sees every
+start.
 """
 
 from __future__ import annotations
@@ -163,6 +166,48 @@ class QueryOutcome:
     output: str | None = None
     error_type: str | None = None
     error_message: str | None = None
+
+
+@dataclass(frozen=True)
+class StartEntry:
+    """A start a backend recorded before making it (see :class:`StartLedger`): where it
+    asked, for what shape, when, and what it got (``compute_id``, None until the answer)."""
+
+    context_id: str
+    workspace_id: str
+    compute_id: str | None
+    requested_at: float
+    cpus: int | None
+    memory_gb: float | None
+    cluster_size: int
+    #: Until then (seconds since the epoch) the start request may still answer: nobody
+    #: but its maker resolves it.
+    answer_due_at: float = 0.0
+    #: The fence of the claim the start was made under (``ContextSpec.fence``).
+    fence: int = 0
+    #: The replica that made it, for people.
+    replica: str | None = None
+
+    def handle(self) -> dict[str, Any]:
+        """The backend handle of a completed entry."""
+        return {"workspace_id": self.workspace_id, "compute_id": self.compute_id}
+
+
+class StartLedger(Protocol):
+    """Where a backend records its starts. Every method blocks (call it in a thread)."""
+
+    def write(self, entry: StartEntry) -> None:
+        """Insert or replace the entry of ``entry.context_id``."""
+        ...
+
+    def forget(self, entry: StartEntry) -> None:
+        """Delete the entry of ``entry.context_id`` if it still records the same compute
+        (or is still pending, for a pending ``entry``): a newer entry is kept."""
+        ...
+
+    def entries(self) -> list[StartEntry]:
+        """Every entry, of every replica."""
+        ...
 
 
 @dataclass(frozen=True)

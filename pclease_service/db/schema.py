@@ -18,6 +18,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -205,6 +206,50 @@ queries = Table(
     Index(None, "lease_id", "state"),
     Index(None, "state"),
     Index(None, "context_id", "created_at"),
+)
+
+#: What the polars_cloud backend asked Polars Cloud to start, one row per context, written
+#: *before* the start request (compute id still unknown) and completed when it answers, so
+#: that any replica can tell which live computes are this deployment's and can resolve a
+#: start whose answer was lost (``backends/polars_cloud/ledger.py``). No secrets.
+cloud_starts = Table(
+    "cloud_starts",
+    metadata,
+    Column("context_id", ID, primary_key=True),
+    Column("workspace_id", String(64), nullable=False),
+    Column("compute_id", String(64)),
+    # Seconds since the epoch (compared with the request_time Polars Cloud reports).
+    Column("requested_at", Float, nullable=False),
+    # Until then the start request may still answer: nobody else claims a compute for it.
+    Column("answer_due_at", Float, nullable=False),
+    Column("cpus", Integer),
+    Column("memory_gb", Float),
+    Column("cluster_size", Integer, nullable=False),
+    # Who made the start (the replica id) and under which fencing token, when known.
+    Column("replica", String(100)),
+    Column("fence", BigInteger),
+    Index(None, "workspace_id"),
+    Index(None, "compute_id"),
+)
+
+#: Query plans and results when ``storage.kind = "database"``: small blobs, by key.
+blobs = Table(
+    "blobs",
+    metadata,
+    Column("key", String(200), primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+#: Keys the replicas of a deployment share, generated once by whichever asks first (the
+#: dashboard's session signing key, unless ``session_secret`` is set).
+service_keys = Table(
+    "service_keys",
+    metadata,
+    Column("name", String(63), primary_key=True),
+    Column("value", String(200), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
 )
 
 replicas = Table(
