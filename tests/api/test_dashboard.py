@@ -462,17 +462,34 @@ class ListRefused(MemoryBackend):
         raise BackendError("Polars Cloud refused the credentials (401); check client_id")
 
 
-async def test_readyz_names_the_failing_part(h: Harness) -> None:
+async def test_readyz_is_about_this_replica_and_healthz_shows_the_backend(h: Harness) -> None:
     ready = await h.client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"database": "ok", "backend": "ok", "reconciler": "ok"}
+    assert ready.json()["checks"] == {"database": "ok", "reconciler": "ok", "replica": "ok"}
+    health = await h.client.get("/healthz")
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "checks": {"backend": "ok"}}
+
+    # A backend every replica shares failing pulls no replica: it shows on /healthz.
     h.service.backend = ListRefused(h.clock)
-    failing = await h.client.get("/readyz")
-    assert failing.status_code == 503
-    assert failing.json()["checks"]["backend"] == (
+    still = await h.client.get("/readyz")
+    assert still.status_code == 200
+    health = await h.client.get("/healthz")
+    assert health.status_code == 200
+    assert health.json()["checks"]["backend"] == (
         "failing: Polars Cloud refused the credentials (401); check client_id"
     )
-    assert failing.json()["checks"]["database"] == "ok"
+
+    # A draining replica is not ready, and says why; the probes still answer.
+    h.service.begin_drain()
+    draining = await h.client.get("/readyz")
+    assert draining.status_code == 503
+    assert draining.json()["checks"]["replica"].startswith("draining")
+    assert draining.json()["checks"]["database"] == "ok"
+    refused = await h.client.get("/v1/profiles", headers=h.headers)
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "draining"
+    assert refused.headers["retry-after"] == "1"
 
 
 # -- charts ------------------------------------------------------------------------------------

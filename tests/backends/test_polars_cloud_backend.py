@@ -614,13 +614,17 @@ class RemoteBackend(MemoryBackend):
         return await super().list()
 
 
-async def test_readyz_reads_the_sweeps_and_does_not_flap(h: Harness) -> None:
+async def test_healthz_reads_the_sweeps_and_does_not_flap(h: Harness) -> None:
     backend = RemoteBackend(h.clock)
     h.service.backend = h.service.reconciler.calls.backend = backend
 
     async def readyz() -> tuple[int, str]:
-        r = await h.client.get("/readyz")
-        return r.status_code, r.json()["checks"]["backend"]
+        # Shown on /healthz; /readyz is this replica's readiness, and stays ready.
+        assert (await h.client.get("/readyz")).status_code == 200
+        r = await h.client.get("/healthz")
+        assert r.status_code == 200
+        failing = r.json()["checks"]["backend"].startswith("failing")
+        return 503 if failing else 200, r.json()["checks"]["backend"]
 
     assert await readyz() == (200, "ok (not listed yet)")
     await h.service.reconciler.sweep()
