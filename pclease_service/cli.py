@@ -94,6 +94,15 @@ def main() -> None:
     help="Do not migrate the database at startup; refuse to start unless it is already at "
     "the current schema (for deployments where a separate job runs `pclease db upgrade`).",
 )
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Run this many replica processes on the port (each its own replica id; the "
+    "database must be PostgreSQL when more than one).",
+)
+@click.option("--reuse-port", is_flag=True, hidden=True)
 def serve(
     config_file: Path | None,
     host: str,
@@ -101,25 +110,49 @@ def serve(
     log_level: str,
     log_format: str | None,
     no_migrate: bool,
+    workers: int,
+    reuse_port: bool,
 ) -> None:
-    """Run the service (migrates the database first, unless --no-migrate)."""
-    import uvicorn
+    """Run the service (migrates the database first, unless --no-migrate).
+
+    SIGTERM stops this replica only: it drains (answers 503 draining, lets its queries
+    finish) and exits without changing any lease. `pclease shutdown` stops the service
+    as a whole."""
+    from sqlalchemy import make_url
 
     from pclease_service import logs
     from pclease_service.api.app import create_app
     from pclease_service.config import LogFormat
     from pclease_service.runtime import Service
+    from pclease_service.serving import run_replica, supervise, worker_argv
 
     settings = _settings(config_file)
     if log_format is not None:
         settings = settings.model_copy(update={"log_format": LogFormat(log_format)})
     logs.configure(settings.log_format, log_level)
+    if workers > 1:
+        if make_url(settings.resolved_database_url).get_backend_name() == "sqlite":
+            raise click.UsageError(
+                "--workers needs a database every process shares safely: set database_url "
+                "to PostgreSQL, or run one worker"
+            )
+        if no_migrate:
+            _engine(settings).dispose()
+        else:
+            from pclease_service.db.migrate import upgrade
+
+            upgrade(settings.resolved_database_url)
+        args = ["serve", "--host", host, "--port", str(port), "--log-level", log_level]
+        args += ["--log-format", settings.log_format.value, "--no-migrate", "--reuse-port"]
+        if config_file is not None:
+            args += ["--config", str(config_file)]
+        sys.exit(supervise(worker_argv(args), workers, settings.replica_id))
     if no_migrate:
         _engine(settings).dispose()
     _keep_running_on_sighup(settings)
-    app = create_app(Service(settings, migrate=not no_migrate))
-    # log_config=None: uvicorn's loggers propagate to the handler configured above.
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, log_config=None)
+    service = Service(settings, migrate=not no_migrate)
+    app = create_app(service)
+    run_replica(app, service, host=host, port=port, log_level=log_level, reuse_port=reuse_port)
 
 
 def _keep_running_on_sighup(settings: Settings) -> None:

@@ -366,6 +366,14 @@ class Settings(BaseSettings):
         description="A replica silent this long is dead: its claims, running queries, "
         "waiting tickets and hosted contexts are taken over or failed by the others.",
     )
+    drain_notice_s: float = Field(
+        2.0,
+        ge=0,
+        le=60,
+        description="On SIGTERM, how long a replica goes on answering (503 draining, "
+        "/readyz failing) before it closes its port, so clients and load balancers move "
+        "to the other replicas on an answer.",
+    )
     drain_timeout_s: float = Field(
         60.0,
         ge=0,

@@ -133,6 +133,7 @@ class Service:
         self.draining = False
         self.loop_error: BaseException | None = None
         self._session_key: bytes | None = None
+        self._event_loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def credentials(self) -> Credentials | None:
@@ -155,6 +156,7 @@ class Service:
         return tuple(denied)
 
     async def start(self) -> None:
+        self._event_loop = asyncio.get_running_loop()
         url = self.settings.resolved_database_url
         if self._migrate:
             await asyncio.to_thread(upgrade, url)
@@ -246,6 +248,12 @@ class Service:
         if credentials is None or credentials.status().ok:
             return None
         return (await asyncio.to_thread(credentials.check)).problem
+
+    def request_drain(self) -> None:
+        """:meth:`begin_drain` from a signal handler (or any thread)."""
+        loop = self._event_loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.begin_drain)
 
     def begin_drain(self) -> None:
         """Stop taking requests and new work (SIGTERM): the API answers 503 ``draining``,
