@@ -215,3 +215,38 @@ def test_a_replica_started_or_stopped_while_queries_run_changes_none_of_them(
     assert [r["a"].to_list() for r in results] == [[3_999_999]] * 4
     states = Counter(r["state"] for r in _rows(fleet.database_url, queries))
     assert states == {"succeeded": 4}, states
+
+
+def test_serve_workers_runs_replicas_on_one_port(tmp_path: Path) -> None:
+    from devkit.live import LiveServer, write_config
+    from pclease_service.db.schema import replicas
+
+    url = create_database("pclease_workers")
+    try:
+        config = write_config(
+            tmp_path / "pclease.toml",
+            {"database_url": url, "data_dir": str(tmp_path / "data"), **SETTINGS},
+            PROFILES,
+        )
+        server = LiveServer(config, tmp_path / "serve.log", serve_args=("--workers", "2"))
+        server.start(60)
+        try:
+            serving = wait_for(
+                lambda: (
+                    [r for r in _rows(url, replicas) if r["state"] == "serving"]
+                    if len(_rows(url, replicas)) == 2
+                    else None
+                ),
+                30,
+                "two replicas serving",
+            )
+            assert len({r["pid"] for r in serving}) == 2
+            for _ in range(6):
+                assert httpx.get(f"{server.url}/readyz").status_code == 200
+        finally:
+            server.stop()
+        assert server.proc is not None
+        assert server.proc.returncode == 0, server.log()
+        assert {r["state"] for r in _rows(url, replicas)} == {"stopped"}
+    finally:
+        drop_database(url)
