@@ -12,7 +12,7 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from pclease_service.cli import UVICORN_OPTIONS
+from pclease_service.serving import UVICORN_OPTIONS
 
 
 class Pong(BaseModel):

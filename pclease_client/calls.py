@@ -118,11 +118,16 @@ class RetryPolicy:
         *,
         status: int | None = None,
         error: Exception | None = None,
+        draining: bool = False,
     ) -> float | None:
         """How long to wait before sending ``call`` again after its ``attempt``-th try
-        (from 1) answered ``status`` or failed with ``error``; None: do not retry."""
+        (from 1) answered ``status`` or failed with ``error``; None: do not retry.
+        ``draining``: the answer was 503 ``draining`` (a replica shutting down refused the
+        request unread), so even a call that must not be repeated is sent again."""
         if attempt > self.retries:
             return None
+        if draining:
+            return float(self.backoff_s * 2 ** (attempt - 1))
         if error is not None:
             unsent = isinstance(error, httpx.ConnectError | httpx.ConnectTimeout)
             if not unsent and (call.retry is Retry.UNSENT or not _transient(error)):
@@ -130,6 +135,18 @@ class RetryPolicy:
         elif status not in RETRY_STATUSES or call.retry is Retry.UNSENT:
             return None
         return float(self.backoff_s * 2 ** (attempt - 1))
+
+
+def is_draining(response: httpx.Response) -> bool:
+    """Whether ``response`` is a replica's 503 ``draining``: the request was not handled."""
+    if response.status_code != 503:
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    error = body.get("error") if isinstance(body, dict) else None
+    return isinstance(error, dict) and error.get("code") == "draining"
 
 
 def _transient(error: Exception) -> bool:

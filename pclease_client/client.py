@@ -104,7 +104,12 @@ class PcleaseClient:
                     ) from exc
                 why = str(exc) or type(exc).__name__
             else:
-                delay = self.retry_policy.delay_s(call, attempt, status=response.status_code)
+                delay = self.retry_policy.delay_s(
+                    call,
+                    attempt,
+                    status=response.status_code,
+                    draining=calls.is_draining(response),
+                )
                 if delay is None:
                     return call.answer(response)
                 why = f"answered {response.status_code}"

@@ -26,7 +26,9 @@
     │   ├── InternalError             500 internal_error (the message names an incident id)
     │   └── ServiceUnavailable        503, or 502/504 from a proxy in front of the service
     │       ├── BackendUnavailable    503 backend_unavailable
-    │       └── DatabaseBusy          503 database_busy
+    │       ├── DatabaseBusy          503 database_busy
+    │       ├── Draining              503 draining: a replica shutting down (retried)
+    │       └── StorageUnavailable    503 storage_unavailable
     ├── RequestFailed                 no answer at all: refused, timed out, dropped
     ├── UnexpectedResponse            an answer not in the API's shape (a proxy's page)
     ├── LeaseLost                     the lease ended underneath its holder: state and reason
@@ -261,6 +263,18 @@ class DatabaseBusy(ServiceUnavailable):
     code = "database_busy"
 
 
+class Draining(ServiceUnavailable):
+    """The replica that got the request is shutting down and did not handle it; sent
+    again, it reaches another replica (the client does so by itself, even for a query
+    submission, which it otherwise never repeats)."""
+
+    code = "draining"
+
+
+class StorageUnavailable(ServiceUnavailable):
+    code = "storage_unavailable"
+
+
 class RequestFailed(PcleaseClientError):
     """The request got no answer (connection refused or dropped, a timeout), after the
     client's retries; ``__cause__`` is httpx's error."""
@@ -387,6 +401,8 @@ _BY_CODE: dict[str, type[ApiError]] = {
         InternalError,
         BackendUnavailable,
         DatabaseBusy,
+        Draining,
+        StorageUnavailable,
     ),
     **{refusal.value: PlanRefused for refusal in PlanRefusal},
 }

@@ -12,10 +12,6 @@ import click
 
 from pclease_service.config import ConfigError, Settings, load_settings
 
-#: How ``pclease serve`` runs uvicorn (``bench/ceiling.py`` serves its ceiling the same way).
-#: log_config=None: uvicorn's loggers propagate to the handler ``logs.configure`` set up.
-UVICORN_OPTIONS: dict[str, Any] = {"access_log": False, "log_config": None}
-
 config_option = click.option(
     "--config",
     "config_file",
@@ -98,6 +94,15 @@ def main() -> None:
     help="Do not migrate the database at startup; refuse to start unless it is already at "
     "the current schema (for deployments where a separate job runs `pclease db upgrade`).",
 )
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Run this many replica processes on the port (each its own replica id; the "
+    "database must be PostgreSQL when more than one).",
+)
+@click.option("--reuse-port", is_flag=True, hidden=True)
 def serve(
     config_file: Path | None,
     host: str,
@@ -105,24 +110,49 @@ def serve(
     log_level: str,
     log_format: str | None,
     no_migrate: bool,
+    workers: int,
+    reuse_port: bool,
 ) -> None:
-    """Run the service (migrates the database first, unless --no-migrate)."""
-    import uvicorn
+    """Run the service (migrates the database first, unless --no-migrate).
+
+    SIGTERM stops this replica only: it drains (answers 503 draining, lets its queries
+    finish) and exits without changing any lease. `pclease shutdown` stops the service
+    as a whole."""
+    from sqlalchemy import make_url
 
     from pclease_service import logs
     from pclease_service.api.app import create_app
     from pclease_service.config import LogFormat
     from pclease_service.runtime import Service
+    from pclease_service.serving import run_replica, supervise, worker_argv
 
     settings = _settings(config_file)
     if log_format is not None:
         settings = settings.model_copy(update={"log_format": LogFormat(log_format)})
     logs.configure(settings.log_format, log_level)
+    if workers > 1:
+        if make_url(settings.resolved_database_url).get_backend_name() == "sqlite":
+            raise click.UsageError(
+                "--workers needs a database every process shares safely: set database_url "
+                "to PostgreSQL, or run one worker"
+            )
+        if no_migrate:
+            _engine(settings).dispose()
+        else:
+            from pclease_service.db.migrate import upgrade
+
+            upgrade(settings.resolved_database_url)
+        args = ["serve", "--host", host, "--port", str(port), "--log-level", log_level]
+        args += ["--log-format", settings.log_format.value, "--no-migrate", "--reuse-port"]
+        if config_file is not None:
+            args += ["--config", str(config_file)]
+        sys.exit(supervise(worker_argv(args), workers, settings.replica_id))
     if no_migrate:
         _engine(settings).dispose()
     _keep_running_on_sighup(settings)
-    app = create_app(Service(settings, migrate=not no_migrate, config_file=config_file))
-    uvicorn.run(app, host=host, port=port, log_level=log_level, **UVICORN_OPTIONS)
+    service = Service(settings, migrate=not no_migrate, config_file=config_file)
+    app = create_app(service)
+    run_replica(app, service, host=host, port=port, log_level=log_level, reuse_port=reuse_port)
 
 
 def _keep_running_on_sighup(settings: Settings) -> None:
@@ -309,6 +339,29 @@ def profiles(config_file: Path | None) -> None:
             f"{p.max_leases_per_context} leases/context  max {p.max_contexts} context(s)  "
             f"${p.hourly_cost:g}/h"
         )
+
+
+@main.command()
+@config_option
+def shutdown(config_file: Path | None) -> None:
+    """Shut the service down as a whole (every replica), not just one process.
+
+    Recorded in the database: within a heartbeat every replica revokes the leases of the
+    contexts it holds and stops them (local workers are stopped by the replica hosting
+    them). Stop the replicas afterwards (SIGTERM). A SIGTERM alone stops only one replica
+    and changes no lease; starting a replica again ends the shutdown.
+    """
+    import getpass
+
+    from pclease_service.store import replicas
+
+    engine = _engine(_settings(config_file))
+    with _tx(engine) as tx:
+        replicas.request_shutdown(tx, by=f"cli:{getpass.getuser()}")
+    click.echo(
+        "shutdown requested: the replicas stop every context within a few seconds; "
+        "then stop them (SIGTERM)"
+    )
 
 
 @main.command()

@@ -411,11 +411,75 @@ class PolarsCloudSettings(BaseModel):
     )
 
 
+class StorageKind(StrEnum):
+    LOCAL = "local"
+    DATABASE = "database"
+    S3 = "s3"
+
+
+class StorageSettings(BaseModel):
+    """Where query plans (until they run) and collect results (until ``result_ttl_s``
+    after their lease ends) are kept. Every replica of a deployment must reach the same
+    storage: ``local`` suits one replica, or replicas sharing one mounted directory."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: StorageKind = Field(
+        StorageKind.LOCAL,
+        description="local: a directory; database: the service database (small plans and "
+        "results); s3: an S3-compatible bucket.",
+    )
+    directory: Path | None = Field(
+        None, description="local: the directory (default: data_dir/spool)."
+    )
+    url: str | None = Field(
+        None, description="s3: where to keep them, as s3://bucket/prefix/ (the prefix is optional)."
+    )
+    endpoint_url: str | None = Field(
+        None, description="s3: an S3-compatible endpoint (MinIO, Ceph, ...) instead of AWS."
+    )
+    region: str | None = Field(None, description="s3: the bucket's region.")
+    max_database_blob_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="database: plans and results larger than this are refused (they are "
+        "held in memory and in one row); use s3 for larger ones.",
+    )
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_is_http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> Self:
+        if self.kind is StorageKind.S3:
+            if not self.url or not re.match(
+                r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", self.url
+            ):
+                raise ValueError(
+                    'storage.kind = "s3" needs url = "s3://bucket/prefix/" (a bucket name '
+                    "of lowercase letters, digits, dots and dashes)"
+                )
+        elif self.url or self.endpoint_url or self.region:
+            raise ValueError(
+                f'storage.url, endpoint_url and region are for kind = "s3", not "{self.kind.value}"'
+            )
+        if self.kind is not StorageKind.LOCAL and self.directory is not None:
+            raise ValueError(f'storage.directory is for kind = "local", not "{self.kind.value}"')
+        if self.directory is not None and not self.directory.is_absolute():
+            raise ValueError("storage.directory must be an absolute path")
+        return self
+
+
 def polars_cloud_call_budget_s(request_timeout_s: float) -> float:
     """The longest one polars_cloud backend call can take, so ``backend_call_timeout_s``
     never cancels it half-way. The slowest is a start: the workspace and user lookups
-    (each retried), then up to ``POLARS_CLOUD_START_ATTEMPTS`` start requests, each failed
-    one followed by a wait for concurrent starts and one listing, with pauses between."""
+    (each retried), a wait for an earlier start of the same context and a listing, then up
+    to ``POLARS_CLOUD_START_ATTEMPTS`` start requests, each failed one followed by a wait
+    for concurrent starts and one listing, with pauses between."""
     retried = (len(POLARS_CLOUD_RETRY_DELAYS_S) + 1) * request_timeout_s + sum(
         POLARS_CLOUD_RETRY_DELAYS_S
     )
@@ -423,8 +487,11 @@ def polars_cloud_call_budget_s(request_timeout_s: float) -> float:
         POLARS_CLOUD_RETRY_DELAYS_S[min(i, len(POLARS_CLOUD_RETRY_DELAYS_S) - 1)]
         for i in range(POLARS_CLOUD_START_ATTEMPTS - 1)
     )
+    # Before all that, a start may wait for an earlier start of its context (another
+    # replica's) to pass the time its request could still answer, and list once.
+    earlier = 2 * request_timeout_s + 2.0
     # A few seconds for the ledger writes between the calls.
-    return float(math.ceil(2 * retried + attempts + 5.0))
+    return float(math.ceil(2 * retried + attempts + earlier + 5.0))
 
 
 class Settings(BaseSettings):
@@ -486,6 +553,36 @@ class Settings(BaseSettings):
         900.0, gt=0, description="How long a collect result is kept after its lease ends."
     )
 
+    replica_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="This process's name among the replicas sharing the database. Default: "
+        "host name, process id and a random suffix (new for every process).",
+    )
+    replica_heartbeat_s: float = Field(
+        2.0, gt=0, le=60, description="How often a replica refreshes its row in `replicas`."
+    )
+    replica_ttl_s: float = Field(
+        15.0,
+        gt=0,
+        description="A replica silent this long is dead: its claims, running queries, "
+        "waiting tickets and hosted contexts are taken over or failed by the others.",
+    )
+    drain_notice_s: float = Field(
+        2.0,
+        ge=0,
+        le=60,
+        description="On SIGTERM, how long a replica goes on answering (503 draining, "
+        "/readyz failing) before it closes its port, so clients and load balancers move "
+        "to the other replicas on an answer.",
+    )
+    drain_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        description="On SIGTERM, how long a replica waits for the queries it runs and its "
+        "backend calls before it exits anyway.",
+    )
+
     session_secret: SecretStr | None = Field(
         None,
         description="Signs dashboard session cookies (32+ characters). Default: a random key "
@@ -496,6 +593,7 @@ class Settings(BaseSettings):
         LogFormat.TEXT, description="json: one JSON object a line, with lease and context ids."
     )
 
+    storage: StorageSettings = Field(default_factory=StorageSettings)
     profiles: dict[str, Profile] = Field(default_factory=dict)
     quotas: QuotaSettings = Field(
         default_factory=QuotaSettings,
@@ -528,6 +626,13 @@ class Settings(BaseSettings):
             )
         if self.query_timeout_s > self.query_timeout_max_s:
             problems.append("query_timeout_s must not exceed query_timeout_max_s")
+        beat_s = max(self.replica_heartbeat_s, self.reconcile_interval_s)
+        if self.replica_ttl_s < 3 * beat_s:
+            problems.append(
+                "replica_ttl_s must be at least three times replica_heartbeat_s and "
+                f"reconcile_interval_s (got {self.replica_ttl_s:g} < 3 x {beat_s:g}), or a "
+                "replica that is merely slow is taken for dead"
+            )
         if self.session_secret is not None and len(self.session_secret.get_secret_value()) < 32:
             problems.append(
                 "session_secret must be at least 32 characters; make one with "

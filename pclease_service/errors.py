@@ -22,7 +22,10 @@
     │   ├── PayloadTooLarge               413 payload_too_large
     │   ├── CapacityExhausted             429 capacity_exhausted (Retry-After)
     │   ├── BackendUnavailable            503 backend_unavailable
-    │   └── DatabaseBusy                  503 database_busy
+    │   ├── DatabaseBusy                  503 database_busy
+    │   ├── Draining                      503 draining (Retry-After): this replica is
+    │   │                                     shutting down; another one answers
+    │   └── StorageUnavailable            503 storage_unavailable
     ├── BackendError                      a backend call failed (the reconciler retries or
     │                                     fails the context; never reaches a client as is)
     ├── CredentialsError                  the Polars Cloud service account cannot be read or
@@ -273,6 +276,29 @@ class DatabaseBusy(PcleaseError):
 
     status = 503
     code = "database_busy"
+
+
+class Draining(PcleaseError):
+    """This replica received SIGTERM and takes no more requests; the same request sent
+    again reaches another replica (the client retries it)."""
+
+    status = 503
+    code = "draining"
+    retry_after_s = 1
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(
+            message
+            or "this pclease replica is shutting down; send the request again and another "
+            "replica answers it"
+        )
+
+
+class StorageUnavailable(PcleaseError):
+    """The storage of query plans and results (``storage`` in the config) failed."""
+
+    status = 503
+    code = "storage_unavailable"
 
 
 class BackendError(PcleaseException):

@@ -43,16 +43,18 @@ async def long_poll(
     token: Callable[[], asyncio.Event],
     read: Callable[[], Awaitable[T]],
     done: Callable[[T], bool],
+    ended: Callable[[], bool] = lambda: False,
 ) -> T:
     """Read until ``done(value)`` or ``wait_s`` has passed on ``clock``, whichever comes
     first; between reads, wait for the wake-up ``token()`` (taken before each read, so no
-    wake-up is lost) or ``RECHECK_S``."""
+    wake-up is lost) or ``RECHECK_S``. Once ``ended()`` (the replica drains) the value read
+    is answered at once, like a wait that ran out: the caller polls again elsewhere."""
     deadline = clock.monotonic() + wait_s
     while True:
         event = token()
         value = await read()
         remaining = deadline - clock.monotonic()
-        if done(value) or remaining <= 0:
+        if done(value) or remaining <= 0 or ended():
             return value
         await clock.wait(event, min(remaining, RECHECK_S))
 
@@ -86,6 +88,16 @@ class Notifier:
         self._leases: dict[str, Pulse] = defaultdict(Pulse)
         self._queries: dict[str, Pulse] = defaultdict(Pulse)
         self.queues: dict[str, ProfileQueue] = defaultdict(ProfileQueue)
+        #: Set when this replica drains: waiters end now instead of at their deadline.
+        self.draining = False
+
+    def begin_drain(self) -> None:
+        self.draining = True
+        for pulses in (self._leases, self._queries):
+            for pulse in list(pulses.values()):
+                pulse.fire()
+        for queue in list(self.queues.values()):
+            queue.pulse.fire()
 
     def lease_token(self, lease_id: str) -> asyncio.Event:
         return self._leases[lease_id].token()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from sqlalchemy import make_url
 
 from pclease_service.backends import create_backend
 from pclease_service.backends.base import Backend, Credentials
+from pclease_service.blobs import create_blob_store
 from pclease_service.clock import Clock, SystemClock
 from pclease_service.config import ConfigError, Settings, load_settings
 from pclease_service.contexts.manager import ContextManager
@@ -33,13 +35,18 @@ from pclease_service.queries.runner import QueryRunner
 from pclease_service.queries.spool import Spool
 from pclease_service.quotas import QuotaBook
 from pclease_service.reconciler.loop import Reconciler
-from pclease_service.store import profiles
+from pclease_service.reconciler.starts import DatabaseStartLedger
+from pclease_service.replicas.liveness import Liveness, new_replica_id
+from pclease_service.states import ReplicaState
+from pclease_service.store import keys, profiles
 
 log = logging.getLogger("pclease")
 
 # How often the background check asks for a token while the credentials fail / work.
 _CHECK_FAILS_S = 5.0
 _CHECK_WORKS_S = 60.0
+# Where releases before the shared key kept the dashboard's session key.
+_LEGACY_SESSION_KEY_FILE = "session.key"
 
 
 def _local_reader() -> Reader:
@@ -65,10 +72,13 @@ class Service:
         self.config_file = config_file
         self.quotas = QuotaBook(settings.quotas)
         self.clock = clock or SystemClock()
-        self.backend = backend or create_backend(settings, self.clock)
+        self.replica_id = new_replica_id(settings)
         self.engine = create_db_engine(settings.resolved_database_url)
         self.notifier = Notifier()
         self.db = Database(self.engine, self.clock, on_commit=self.notifier.publish)
+        self.backend = backend or create_backend(
+            settings, self.clock, ledger=DatabaseStartLedger(self.db, self.clock)
+        )
         instruments = PrometheusInstruments()
         self.principals = Principals(self.db, self.clock, settings.token_cache_s)
         self.leases = LeaseManager(
@@ -80,13 +90,22 @@ class Service:
             ready_check=self.credentials_problem if self.credentials else None,
             instruments=instruments,
             quotas=self.quotas,
+            replica=self.replica_id,
         )
         self.contexts = ContextManager(settings, self.db)
         self.history = History(self.db)
         self.reconciler = Reconciler(
-            settings, self.db, self.backend, self.notifier, self.clock, instruments=instruments
+            settings,
+            self.db,
+            self.backend,
+            self.notifier,
+            self.clock,
+            replica=self.replica_id,
+            instruments=instruments,
         )
-        self.spool = Spool(settings.data_dir / "spool")
+        self.liveness = Liveness(settings, self.db, self.clock, self.replica_id)
+        blobs = create_blob_store(settings, self.db, self.clock)
+        self.spool = Spool(blobs, settings.data_dir / "spool" / "scratch")
         denied = self._denied_paths()
         self.queries = QueryManager(
             settings,
@@ -108,6 +127,7 @@ class Service:
             self.clock,
             denied_paths=denied,
             instruments=instruments,
+            replica=self.replica_id,
         )
         self._run_reconciler = run_reconciler
         self._migrate = migrate
@@ -116,7 +136,12 @@ class Service:
         self.started_at = self.clock.now()
         self._loop_task: asyncio.Task[None] | None = None
         self._runner_task: asyncio.Task[None] | None = None
+        self._liveness_task: asyncio.Task[None] | None = None
+        #: Set once this replica drains (SIGTERM): it takes no request and no new work.
+        self.draining = False
         self.loop_error: BaseException | None = None
+        self._session_key: bytes | None = None
+        self._event_loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def credentials(self) -> Credentials | None:
@@ -126,6 +151,8 @@ class Service:
     def _denied_paths(self) -> tuple[str, ...]:
         """The service's own files: never readable or writable by a query."""
         denied = [str(self.settings.data_dir.resolve())]
+        if self.settings.storage.directory is not None:
+            denied.append(str(self.settings.storage.directory.resolve()))
         config = os.environ.get("PCLEASE_CONFIG")
         if config:
             denied.append(str(Path(config).resolve()))
@@ -137,12 +164,17 @@ class Service:
         return tuple(denied)
 
     async def start(self) -> None:
+        self._event_loop = asyncio.get_running_loop()
         url = self.settings.resolved_database_url
         if self._migrate:
             await asyncio.to_thread(upgrade, url)
         await self.db.write(lambda tx: profiles.sync_profiles(tx, self.settings.profiles))
-        self.spool.prepare()
-        await self.runner.recover()
+        self._session_key = await self._load_session_key()
+        await asyncio.to_thread(self.spool.prepare)
+        # Only queries of replicas that are gone (and of an earlier process under this
+        # replica's id): the other replicas' go on.
+        await self.runner.recover(at_start=True)
+        await self.liveness.register()
         credentials = self.credentials
         if credentials is not None:
             # Learn early whether the credentials work (readiness and lease requests say
@@ -159,6 +191,8 @@ class Service:
             ",".join(self.settings.profiles) or "(none)",
         )
         if self._run_reconciler:
+            self._liveness_task = asyncio.create_task(self.liveness.run(), name="liveness")
+            self._liveness_task.add_done_callback(self._loop_died)
             self._loop_task = asyncio.create_task(self.reconciler.run(), name="reconciler")
             self._loop_task.add_done_callback(self._loop_died)
             self._runner_task = asyncio.create_task(self.runner.run(), name="query-runner")
@@ -205,6 +239,30 @@ class Service:
         log.info("SIGHUP: quotas %s", "replaced" if changed else "unchanged")
         return changed
 
+    @property
+    def session_key(self) -> bytes:
+        """The dashboard's session signing key: ``session_secret``, or the deployment's
+        shared key in the database (made by the first replica that started)."""
+        if self._session_key is None:
+            raise RuntimeError("the service has not started: no session key yet")
+        return self._session_key
+
+    async def _load_session_key(self) -> bytes:
+        if self.settings.session_secret is not None:
+            return self.settings.session_secret.get_secret_value().encode()
+        candidate = await asyncio.to_thread(self._new_session_key)
+        key = await self.db.write(lambda tx: keys.shared_key(tx, keys.DASHBOARD_SESSION, candidate))
+        return key.encode()
+
+    def _new_session_key(self) -> str:
+        """The key an earlier release kept in ``data_dir/session.key`` (its sessions stay
+        valid after the upgrade), or a new random one."""
+        try:
+            kept = (self.settings.data_dir / _LEGACY_SESSION_KEY_FILE).read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            kept = ""
+        return kept if 32 <= len(kept) <= 200 else secrets.token_hex(32)
+
     def _loop_died(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
             return
@@ -216,7 +274,8 @@ class Service:
         if not self._run_reconciler:
             return True
         return all(
-            task is not None and not task.done() for task in (self._loop_task, self._runner_task)
+            task is not None and not task.done()
+            for task in (self._loop_task, self._runner_task, self._liveness_task)
         )
 
     async def _watch_credentials(self, credentials: Credentials) -> None:
@@ -239,7 +298,34 @@ class Service:
             return None
         return (await asyncio.to_thread(credentials.check)).problem
 
+    def request_drain(self) -> None:
+        """:meth:`begin_drain` from a signal handler (or any thread)."""
+        loop = self._event_loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.begin_drain)
+
+    def begin_drain(self) -> None:
+        """Stop taking requests and new work (SIGTERM): the API answers 503 ``draining``,
+        long-polls and waiting lease requests end, no query starts here and no context is
+        claimed. Nothing about leases or contexts changes."""
+        if self.draining:
+            return
+        self.draining = True
+        self.runner.draining = True
+        self.reconciler.draining = True
+        self.notifier.begin_drain()
+        log.info("replica %s is draining", self.replica_id)
+
     async def stop(self) -> None:
+        """The replica exits: drain, finish (or, after ``drain_timeout_s``, cancel) the
+        queries it runs and its backend calls, give its claims to the other replicas and
+        mark its row stopped. Leases are left as they are; contexts too, unless the
+        service as a whole is being shut down (see the reconciler's ``shutdown``)."""
+        self.begin_drain()
+        try:
+            await self.liveness.set_state(ReplicaState.DRAINING)
+        except Exception:
+            log.exception("could not mark replica %s draining", self.replica_id)
         if self._uninstall_sighup is not None:
             self._uninstall_sighup()
             self._uninstall_sighup = None
@@ -248,9 +334,16 @@ class Service:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        await self.runner.shutdown()
         try:
+            await self.runner.shutdown(grace_s=self.settings.drain_timeout_s)
             await self.reconciler.shutdown()
         finally:
-            await self.backend.close()
-            self.engine.dispose()
+            if self._liveness_task is not None:
+                self._liveness_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._liveness_task
+            try:
+                await self.liveness.set_state(ReplicaState.STOPPED)
+            finally:
+                await self.backend.close()
+                self.engine.dispose()

@@ -152,3 +152,13 @@ def query_sources(target: QueryState) -> frozenset[QueryState]:
 def lease_sources(target: LeaseState) -> frozenset[LeaseState]:
     """The states a lease may move to ``target`` from."""
     return frozenset(s for s, targets in LEASE_TRANSITIONS.items() if target in targets)
+
+
+class ReplicaState(StrEnum):
+    """A replica's row: ``serving`` while it takes requests, ``draining`` from its SIGTERM
+    until it exits, ``stopped`` once it has (a replica that dies without saying so keeps
+    its last state; its heartbeat going stale is what tells the others)."""
+
+    SERVING = "serving"
+    DRAINING = "draining"
+    STOPPED = "stopped"

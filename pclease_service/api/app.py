@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from pclease_service import __version__, dashboard, logs, metrics
 from pclease_service.api import errors, health, openapi, v1
+from pclease_service.api.drain import DrainGate
 from pclease_service.api.limits import BodySizeLimit
 from pclease_service.config import LogFormat
 from pclease_service.ledger import InstanceLedger
@@ -50,6 +51,8 @@ def create_app(service: Service) -> FastAPI:
         max_bytes=service.settings.max_request_bytes,
         max_plan_bytes=service.settings.max_plan_bytes,
     )
+    # Outermost but for the request log: a draining replica reads no body.
+    app.add_middleware(DrainGate, service=service)
     errors.install(app)
     # One ledger per app: it folds the event log from the start, so a restarted service
     # rebuilds the same numbers.

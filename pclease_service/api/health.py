@@ -1,8 +1,13 @@
-"""``/healthz`` (the process answers) and ``/readyz`` (it can do its job), unauthenticated.
+"""``/healthz`` (the process answers, and how its backend does) and ``/readyz`` (this
+replica can serve), unauthenticated.
 
-Readiness names the failing part: the database (one round trip), the credentials (their
-cached status only: a probe never fetches a token), the backend (listed, when listing is
-cheap; otherwise the reconciler's sweeps say) and the reconciler's loops.
+Readiness is about this replica only, so that a load balancer pulls a replica that cannot
+serve and never all of them for a problem they share: the database (one round trip), its
+loops (reconciler, query runner, heartbeat) and whether it drains (SIGTERM). The backend's
+health (the credentials' cached status, never fetched by a probe; the backend listed when
+listing is cheap, otherwise the reconciler's sweeps) is on ``/healthz``'s ``checks``, the
+dashboard and ``/metrics``: a Polars Cloud outage or a bad secret fails lease requests
+that need a new context, with a message saying so, not the replicas.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from pclease_service.api.deps import ServiceDep
-from pclease_service.api.schemas import Readiness
+from pclease_service.api.schemas import Health, Readiness
 from pclease_service.clock import within
 from pclease_service.errors import BackendError
 from pclease_service.runtime import Service
@@ -25,9 +30,20 @@ router = APIRouter(tags=["health"])
 _LIST_TIMEOUT_S = 5.0
 
 
-@router.get("/healthz")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+@router.get(
+    "/healthz",
+    responses={
+        200: {
+            "model": Health,
+            "description": "The process answers; ``checks`` says how its backend does.",
+        }
+    },
+)
+async def healthz(service: ServiceDep) -> JSONResponse:
+    checks: dict[str, Any] = {}
+    _credentials(service, checks)
+    await _backend(service, checks)
+    return JSONResponse({"status": "ok", "checks": checks})
 
 
 @router.get(
@@ -41,9 +57,8 @@ async def readyz(service: ServiceDep) -> JSONResponse:
     checks: dict[str, Any] = {}
     results = [
         await _database(service, checks),
-        _credentials(service, checks),
-        await _backend(service, checks),
         _reconciler(service, checks),
+        _replica(service, checks),
     ]
     ok = all(results)
     return JSONResponse(
@@ -111,3 +126,11 @@ def _reconciler(service: Service, checks: dict[str, Any]) -> bool:
         return True
     checks["reconciler"] = "the reconciler loop has stopped; restart the service"
     return False
+
+
+def _replica(service: Service, checks: dict[str, Any]) -> bool:
+    if service.draining:
+        checks["replica"] = f"draining: replica {service.replica_id} is shutting down"
+        return False
+    checks["replica"] = "ok"
+    return True

@@ -309,7 +309,16 @@ class ErrorOut(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ok", "failing"]
     checks: dict[str, str] = Field(
-        description="database, credentials, backend, reconciler: 'ok', or why not."
+        description="database, reconciler (this replica's loops), replica (draining or "
+        "not): 'ok', or why not."
+    )
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    checks: dict[str, str] = Field(
+        description="credentials (if the backend has any), backend: 'ok', or why not. "
+        "Shown, never failing the probe: readiness is /readyz."
     )
 
 

@@ -36,13 +36,21 @@ A backend must provide exactly these coroutine methods:
 and declares what the service may rely on, instead of being probed:
 
 ``capabilities`` (a :class:`Capabilities`)
-    ``stop_on_shutdown``: whether the service stops running contexts when it shuts down
-    cleanly (true for local processes that would otherwise outlive it, false for remote
-    compute that leases may still hold). ``list_is_cheap``: whether ``list()`` only reads
+    ``stop_on_shutdown``: whether the service stops running contexts when it is shut down
+    as a whole (``pclease shutdown``; a replica's own SIGTERM never stops anything): true
+    for local processes that would otherwise outlive it, false for remote compute that
+    leases may still hold. ``list_is_cheap``: whether ``list()`` only reads
     local state, so that a readiness probe may call it (false for a remote API:
     ``/readyz`` then reports the reconciler's last sweeps instead).
     ``distributed_queries``: whether ``execute`` runs ``QuerySpec.distributed`` on a
-    distributed engine (the service refuses such queries with 422 otherwise).
+    distributed engine (the service refuses such queries with 422 otherwise). ``hosted``: whether a
+    context lives on the machine of the replica that started it (local workers), so that
+    only that replica acts on it while it is alive.
+
+``reaches(handle) -> bool``
+    Whether this process can call the context behind ``handle`` at all (a local worker of
+    another machine cannot be); true by default. Replicas run queries only on contexts
+    they reach, and adopt a dead replica's hosted context only if they reach it.
 
 ``context_options(profile) -> Mapping``
     The profile's options this backend reads (``ContextSpec.options``); none by default.
@@ -52,7 +60,10 @@ and declares what the service may rely on, instead of being probed:
     None for backends that need none.
 
 Backends never touch the database, and blocking SDK calls run in threads: the reconciler
-adds its own timeouts around every call.
+adds its own timeouts around every call. A backend that must record a start *before*
+making it (because what it starts cannot be labelled and read back) is handed a
+:class:`StartLedger`: the service keeps it in the database, so every replica sees every
+start.
 """
 
 from __future__ import annotations
@@ -102,6 +113,11 @@ class ContextSpec:
     workspace: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: The fence of the claim under which this start is made (``contexts.fence``): a
+    #: backend that records a start before making it (the Polars Cloud start ledger)
+    #: stores it, so that a later claim of the same context can tell its own start from
+    #: one a deposed replica made. 0 when no claim is involved (tests driving a backend).
+    fence: int = 0
 
 
 @dataclass(frozen=True)
@@ -159,12 +175,55 @@ class QueryOutcome:
 
 
 @dataclass(frozen=True)
+class StartEntry:
+    """A start a backend recorded before making it (see :class:`StartLedger`): where it
+    asked, for what shape, when, and what it got (``compute_id``, None until the answer)."""
+
+    context_id: str
+    workspace_id: str
+    compute_id: str | None
+    requested_at: float
+    cpus: int | None
+    memory_gb: float | None
+    cluster_size: int
+    #: Until then (seconds since the epoch) the start request may still answer: nobody
+    #: but its maker resolves it.
+    answer_due_at: float = 0.0
+    #: The fence of the claim the start was made under (``ContextSpec.fence``).
+    fence: int = 0
+    #: The replica that made it, for people.
+    replica: str | None = None
+
+    def handle(self) -> dict[str, Any]:
+        """The backend handle of a completed entry."""
+        return {"workspace_id": self.workspace_id, "compute_id": self.compute_id}
+
+
+class StartLedger(Protocol):
+    """Where a backend records its starts. Every method blocks (call it in a thread)."""
+
+    def write(self, entry: StartEntry) -> None:
+        """Insert or replace the entry of ``entry.context_id``."""
+        ...
+
+    def forget(self, entry: StartEntry) -> None:
+        """Delete the entry of ``entry.context_id`` if it still records the same compute
+        (or is still pending, for a pending ``entry``): a newer entry is kept."""
+        ...
+
+    def entries(self) -> list[StartEntry]:
+        """Every entry, of every replica."""
+        ...
+
+
+@dataclass(frozen=True)
 class Capabilities:
     """What the service may rely on a backend for (see the module docstring)."""
 
     stop_on_shutdown: bool = False
     list_is_cheap: bool = True
     distributed_queries: bool = False
+    hosted: bool = False
 
 
 class Credentials(Protocol):
@@ -193,6 +252,9 @@ class Backend(abc.ABC):
 
     def context_options(self, profile: Profile) -> Mapping[str, Any]:
         return {}
+
+    def reaches(self, handle: Handle) -> bool:
+        return True
 
     @abc.abstractmethod
     async def start(self, spec: ContextSpec) -> Handle: ...

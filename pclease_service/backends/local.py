@@ -294,7 +294,7 @@ class LocalBackend(Backend):
     """Contexts as local worker processes; see the module docstring for the layout."""
 
     kind = "local"
-    capabilities = Capabilities(stop_on_shutdown=True, list_is_cheap=True)
+    capabilities = Capabilities(stop_on_shutdown=True, list_is_cheap=True, hosted=True)
 
     def __init__(
         self, state_dir: Path, *, orphan_timeout_s: float = 120.0, python: str = sys.executable
@@ -320,6 +320,15 @@ class LocalBackend(Backend):
 
     async def list(self) -> list[Observed]:
         return await asyncio.to_thread(self._list)
+
+    def reaches(self, handle: Handle) -> bool:
+        """A worker is reachable from any process that shares this ``state_dir`` (the
+        replicas of one machine): its socket and authkey are in its directory."""
+        try:
+            ref = self._ref(handle)
+        except BackendError:
+            return False
+        return (ref.dir / AUTHKEY_NAME).exists()
 
     # -- beyond the interface -----------------------------------------------------------------
     async def ping(self, handle: Handle) -> dict[str, Any]:

@@ -16,7 +16,10 @@ before (a different request under the same key is refused):
 Either inserts the lease: ``active`` on a running or idle context, ``pending`` on a
 starting one. Both first ask the token's quota (:mod:`pclease_service.quotas`: every lease
 counts, and only a request that would create a context is checked against the limits on
-starting one); a refusal raises and changes nothing.
+starting one); a refusal raises and changes nothing. Then both check the request's
+:class:`Turn`: while lease requests wait for
+the profile's capacity (on any replica), only the oldest of them may take it
+(:func:`store.waiting.may_take`), in the same transaction.
 """
 
 from __future__ import annotations
@@ -34,8 +37,21 @@ from pclease_service.contexts.rules import joinable_created_after
 from pclease_service.db.tx import Tx
 from pclease_service.errors import IdempotencyConflict
 from pclease_service.principals import Principal
-from pclease_service.store import contexts, leases, profiles
+from pclease_service.store import contexts, leases, profiles, waiting
 from pclease_service.store.leases import LeaseRecord
+
+
+@dataclass(frozen=True)
+class Turn:
+    """Where a request stands in its profile's line: its waiting ticket (None until it
+    had to wait), and what tells a live ticket from one of a replica that is gone."""
+
+    ticket: int | None
+    replica: str
+    ttl_s: float
+
+    def mine(self, tx: Tx, profile: str) -> bool:
+        return waiting.may_take(tx, profile, self.ticket, replica=self.replica, ttl_s=self.ttl_s)
 
 
 @dataclass(frozen=True)
@@ -115,18 +131,24 @@ def _lease_on(tx: Tx, ask: LeaseAsk, context: contexts.ContextRecord) -> Grant:
     return Grant(lease, created=True)
 
 
-def join(tx: Tx, ask: LeaseAsk) -> Grant | None:
+#: What :func:`join` answers when older requests wait: not this one's turn.
+NOT_YOUR_TURN = Grant(None, created=False, retry_after_s=1)
+
+
+def join(tx: Tx, ask: LeaseAsk, turn: Turn) -> Grant | None:
     """The first transaction: a slot on a context with room that nobody is changing right
     now (no profile lock, no waiting, so warm profiles never queue here); None if there is
-    none."""
+    none, :data:`NOT_YOUR_TURN` if older requests wait."""
     if (replayed := _replayed(tx, ask)) is not None:
         return replayed
     quotas.admit_lease(tx, ask.principal, ask.quota)
+    if not turn.mine(tx, ask.profile.name):
+        return NOT_YOUR_TURN
     context = _join(tx, ask, wait=False)
     return None if context is None else _lease_on(tx, ask, context)
 
 
-def allocate(tx: Tx, ask: LeaseAsk, *, backend: str, cannot_start: str | None) -> Grant:
+def allocate(tx: Tx, ask: LeaseAsk, turn: Turn, *, backend: str, cannot_start: str | None) -> Grant:
     """The second transaction, when :func:`join` found nothing: under the profile's lock
     (taken first, holding no context row: the lock order of
     :func:`~pclease_service.store.profiles.lock_profile`), join or create a context.
@@ -136,6 +158,8 @@ def allocate(tx: Tx, ask: LeaseAsk, *, backend: str, cannot_start: str | None) -
     profile = ask.profile
     quotas.admit_lease(tx, ask.principal, ask.quota, may_start=profile)
     profiles.lock_profile(tx, profile.name)
+    if not turn.mine(tx, profile.name):
+        return NOT_YOUR_TURN
     context = _join(tx, ask, wait=True)
     if context is None:
         quotas.admit_start(tx, ask.principal, ask.quota, profile)

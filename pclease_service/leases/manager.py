@@ -9,6 +9,7 @@ new context is only a ``starting`` row here, and the reconciler starts it.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -28,14 +29,38 @@ from pclease_service.errors import (
     UnknownProfile,
 )
 from pclease_service.instruments import Instruments, NoInstruments
-from pclease_service.leases.grant import Grant, LeaseAsk, allocate, join, replay
-from pclease_service.leases.waiting import wait_in_line
+from pclease_service.leases.grant import Grant, LeaseAsk, Turn, allocate, join, replay
+from pclease_service.leases.waiting import Tickets, wait_in_line
 from pclease_service.notify import Notifier, long_poll
 from pclease_service.principals import Principal
 from pclease_service.quotas import QuotaBook
 from pclease_service.states import LIVE_LEASE_STATES, LeaseState
-from pclease_service.store import leases
+from pclease_service.store import leases, waiting
 from pclease_service.store.leases import LeaseRecord
+
+# A ticket outlives its waiter's deadline by this much, in case the waiter cannot delete
+# it (its replica dies: then it is dropped once the replica counts as gone).
+_TICKET_MARGIN_S = 5.0
+
+
+class _Tickets(Tickets):
+    def __init__(self, manager: LeaseManager, profile: str) -> None:
+        self.manager = manager
+        self.profile = profile
+
+    async def take(self, wait_s: float) -> int:
+        m = self.manager
+        return await m.db.write(
+            lambda tx: waiting.take_ticket(
+                tx,
+                self.profile,
+                replica=m.replica,
+                expires_at=tx.now + timedelta(seconds=wait_s + _TICKET_MARGIN_S),
+            )
+        )
+
+    async def give_back(self, ticket: int) -> None:
+        await self.manager.db.write(lambda tx: waiting.drop_ticket(tx, ticket))
 
 
 class LeaseManager:
@@ -50,8 +75,10 @@ class LeaseManager:
         ready_check: Callable[[], Awaitable[str | None]] | None = None,
         instruments: Instruments | None = None,
         quotas: QuotaBook | None = None,
+        replica: str = "pclease",
     ) -> None:
         self.settings = settings
+        self.replica = replica
         self.db = db
         self.notifier = notifier
         self.clock = clock
@@ -145,8 +172,9 @@ class LeaseManager:
         # refused (it would wait forever for a context that cannot start).
         cannot_start = await self.ready_check() if self.ready_check is not None else None
 
-        async def attempt() -> Grant:
-            outcome = await self._grant(ask, cannot_start)
+        async def attempt(ticket: int | None) -> Grant:
+            turn = Turn(ticket, self.replica, self.settings.replica_ttl_s)
+            outcome = await self._grant(ask, turn, cannot_start)
             if outcome.cannot_start is not None:
                 raise BackendUnavailable(
                     f"{outcome.cannot_start}; fix them and retry the lease request"
@@ -164,18 +192,24 @@ class LeaseManager:
             )
 
         got = await wait_in_line(
-            self.notifier.queues[profile.name], self.clock, wait, attempt, full
+            self.notifier.queues[profile.name],
+            self.clock,
+            wait,
+            attempt,
+            full,
+            _Tickets(self, profile.name),
+            ended=lambda: self.notifier.draining,
         )
         assert got.lease is not None
         return got.lease, got.created
 
-    async def _grant(self, ask: LeaseAsk, cannot_start: str | None) -> Grant:
+    async def _grant(self, ask: LeaseAsk, turn: Turn, cannot_start: str | None) -> Grant:
         try:
-            outcome = await self.db.write(lambda tx: join(tx, ask))
+            outcome = await self.db.write(lambda tx: join(tx, ask, turn))
             if outcome is None:
                 outcome = await self.db.write(
                     lambda tx: allocate(
-                        tx, ask, backend=self.backend_kind, cannot_start=cannot_start
+                        tx, ask, turn, backend=self.backend_kind, cannot_start=cannot_start
                     )
                 )
             return outcome
@@ -241,6 +275,7 @@ class LeaseManager:
             token=lambda: self.notifier.lease_token(lease_id),
             read=read,
             done=lambda lease: lease.state is not waiting_while,
+            ended=lambda: self.notifier.draining,
         )
 
     async def list_leases(

@@ -5,6 +5,7 @@ backend's ``execute`` and records the outcome."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -13,18 +14,19 @@ from datetime import timedelta
 import anyio.to_thread
 
 from pclease_service.backends.base import Backend, QueryOutcome, QuerySpec
+from pclease_service.blobs import BlobNotFound
 from pclease_service.clock import Clock, within
 from pclease_service.config import DistributedSettings, Settings
 from pclease_service.db.session import Database
 from pclease_service.db.tx import Tx
-from pclease_service.errors import BackendError
+from pclease_service.errors import BackendError, PayloadTooLarge, StorageUnavailable
 from pclease_service.instruments import Instruments, NoInstruments
 from pclease_service.loops import tick_forever
 from pclease_service.notify import Notifier
 from pclease_service.plans.targets import QueryTarget
 from pclease_service.queries.spool import Spool
 from pclease_service.states import LIVE_QUERY_STATES, ContextState, LeaseState, QueryState
-from pclease_service.store import contexts, leases, queries
+from pclease_service.store import contexts, leases, queries, replicas
 from pclease_service.store.queries import QueryRecord
 
 log = logging.getLogger("pclease.queries")
@@ -69,8 +71,13 @@ class QueryRunner:
         *,
         denied_paths: tuple[str, ...] = (),
         instruments: Instruments | None = None,
+        replica: str = "pclease",
     ) -> None:
         self.settings = settings
+        self.replica = replica
+        #: While set, no query is started here (the replica is draining).
+        self.draining = False
+        self._orphans_checked_at: float | None = None
         self.db = db
         self.backend = backend
         self.notifier = notifier
@@ -81,29 +88,39 @@ class QueryRunner:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._housekept_at: float | None = None
 
-    async def recover(self) -> None:
-        """Queries left ``running`` by a previous service process cannot be followed."""
+    async def recover(self, *, at_start: bool = False) -> None:
+        """Queries left ``running`` by a replica that is gone (it exited, or stopped
+        heartbeating for ``replica_ttl_s``) cannot be followed: they fail. Those of live
+        replicas are left alone, and so are this one's, except ``at_start``: then they
+        are an earlier process's under the same replica id."""
+        ttl_s = self.settings.replica_ttl_s
 
         def unit(tx: Tx) -> int:
-            orphans = queries.list_queries(tx, states=[QueryState.RUNNING], limit=100_000)
+            alive = replicas.alive_ids(tx, ttl_s)
+            if at_start:
+                alive.discard(self.replica)
+            else:
+                alive.add(self.replica)
+            orphans = queries.orphaned_queries(tx, alive=alive)
             for query in orphans:
                 queries.transition_query(
                     tx,
                     query.id,
                     QueryState.FAILED,
                     actor=ACTOR,
-                    reason="the service restarted while the query ran",
+                    reason=f"replica {query.runner_replica or '(unknown)'}, which ran it, is gone",
+                    sources=[QueryState.RUNNING],
                     values={
                         "finished_at": tx.now,
                         "error_type": "ServiceRestarted",
-                        "error_message": "the service restarted while the query ran; "
-                        "submit it again",
+                        "error_message": "the service replica running the query stopped "
+                        "while it ran; submit it again",
                     },
                 )
             return len(orphans)
 
         if count := await self.db.write(unit):
-            log.warning("failed %d query(ies) left running by a previous process", count)
+            log.warning("failed %d query(ies) left running by a replica that is gone", count)
 
     async def run(self) -> None:
         """Tick forever; a failing tick is logged with its traceback and the loop goes on."""
@@ -128,6 +145,13 @@ class QueryRunner:
                     )
             return live, where
 
+        now = self.clock.monotonic()
+        if (
+            self._orphans_checked_at is None
+            or now - self._orphans_checked_at >= self.settings.replica_heartbeat_s
+        ):
+            self._orphans_checked_at = now
+            await self.recover()
         live, where = await self.db.read(snapshot)
         # Each context runs its profile's concurrent_queries at once; the rest wait in
         # submission order (start_query holds the limit in SQL as well).
@@ -141,9 +165,13 @@ class QueryRunner:
                 if query.cancel_requested and task is not None and not task.done():
                     task.cancel()
                 continue
+            if self.draining:
+                continue
             place = where.get(query.id)
             if place is None or not place.ready or place.handle is None:
                 continue
+            if not self.backend.reaches(place.handle):
+                continue  # a worker on another replica's machine: that replica runs it
             limit = self._slots(place.profile)
             if busy.get(query.context_id, 0) >= limit:
                 continue
@@ -163,10 +191,11 @@ class QueryRunner:
         profile = self.settings.profiles.get(profile_name)
         return profile.concurrent_queries if profile is not None else 1
 
-    @staticmethod
-    def _start_unit(query_id: str, limit: int) -> Callable[[Tx], QueryRecord | None]:
+    def _start_unit(self, query_id: str, limit: int) -> Callable[[Tx], QueryRecord | None]:
+        replica = self.replica
+
         def unit(tx: Tx) -> QueryRecord | None:
-            return queries.start_query(tx, query_id, limit=limit, actor=ACTOR)
+            return queries.start_query(tx, query_id, limit=limit, actor=ACTOR, replica=replica)
 
         return unit
 
@@ -174,7 +203,15 @@ class QueryRunner:
         while pending := [t for t in self._tasks.values() if not t.done()]:
             await asyncio.gather(*pending, return_exceptions=True)
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, *, grace_s: float = 0.0) -> None:
+        """Start nothing more; give the queries this replica runs ``grace_s`` to finish,
+        then cancel what is left (they end ``cancelled``, with the reason)."""
+        self.draining = True
+        pending = [t for t in self._tasks.values() if not t.done()]
+        if pending and grace_s > 0:
+            log.info("waiting up to %g s for %d running query(ies)", grace_s, len(pending))
+            with contextlib.suppress(TimeoutError):
+                await within(self.clock, grace_s, asyncio.gather(*pending, return_exceptions=True))
         for task in self._tasks.values():
             task.cancel()
         await self.drain()
@@ -215,6 +252,7 @@ class QueryRunner:
                 self.backend.execute(handle, spec),
             )
         except asyncio.CancelledError:
+            await self._forget_plan(query.id)
             await self._finish_cancelled(query)
             return
         except TimeoutError:
@@ -225,16 +263,46 @@ class QueryRunner:
             )
         except BackendError as exc:
             outcome = QueryOutcome(ok=False, error_type="BackendError", error_message=str(exc))
-        except FileNotFoundError:
+        except BlobNotFound:
             outcome = QueryOutcome(
                 ok=False,
                 error_type="PlanLost",
-                error_message="the spooled plan is gone (was the data directory cleaned?); "
-                "submit the query again",
+                error_message="the stored plan is gone (was the storage of plans and results "
+                "cleaned, or is it not shared by every replica?); submit the query again",
             )
-        finally:
-            self.spool.discard_plan(query.id)
+        except StorageUnavailable as exc:
+            outcome = QueryOutcome(
+                ok=False, error_type="StorageUnavailable", error_message=exc.message
+            )
+        await self._forget_plan(query.id)
+        if outcome.ok and query.target == QueryTarget.COLLECT.value:
+            try:
+                await anyio.to_thread.run_sync(self.spool.keep_result, query.id)
+            except PayloadTooLarge as exc:
+                outcome = QueryOutcome(
+                    ok=False, error_type="ResultTooLarge", error_message=exc.message
+                )
+            except StorageUnavailable as exc:
+                outcome = QueryOutcome(
+                    ok=False, error_type="StorageUnavailable", error_message=exc.message
+                )
+            except FileNotFoundError:
+                outcome = QueryOutcome(
+                    ok=False,
+                    error_type="ResultLost",
+                    error_message="the backend reported a result but wrote no result file",
+                )
         await self._finish(query, outcome)
+
+    async def _forget_plan(self, query_id: str) -> None:
+        # On failure the spool has logged it; housekeeping deletes it later.
+        with contextlib.suppress(StorageUnavailable):
+            await anyio.to_thread.run_sync(self.spool.discard_plan, query_id)
+
+    async def _forget_result(self, query_id: str) -> None:
+        # On failure the spool has logged it; housekeeping deletes it later.
+        with contextlib.suppress(StorageUnavailable):
+            await anyio.to_thread.run_sync(self.spool.discard_result, query_id)
 
     def _ran_for(self, query: QueryRecord) -> float:
         assert query.started_at is not None
@@ -279,10 +347,10 @@ class QueryRunner:
             outcome_name = QueryState.SUCCEEDED if outcome.ok else QueryState.FAILED
             self.instruments.query_finished(outcome_name.value, self._ran_for(query))
         if not outcome.ok and collect:
-            self.spool.result_path(query.id).unlink(missing_ok=True)
+            await self._forget_result(query.id)
 
     async def _finish_cancelled(self, query: QueryRecord) -> None:
-        self.spool.result_path(query.id).unlink(missing_ok=True)
+        await self._forget_result(query.id)
 
         def unit(tx: Tx) -> None:
             current = queries.get_query(tx, query.id)
@@ -304,9 +372,13 @@ class QueryRunner:
         """Delete spooled plans of finished queries and results whose lease ended long ago."""
         cutoff = self.clock.now() - timedelta(seconds=self.settings.result_ttl_s)
 
+        try:
+            plan_ids = await anyio.to_thread.run_sync(self.spool.plan_ids)
+            result_ids = await anyio.to_thread.run_sync(self.spool.result_ids)
+        except StorageUnavailable:
+            return  # logged by the spool; next time
+
         def stale(tx: Tx) -> tuple[list[str], list[str]]:
-            plan_ids = [p.stem for p in self.spool.plans.glob("*.plan")]
-            result_ids = [p.stem for p in self.spool.results.glob("*.arrow")]
             dead_plans = []
             for qid in plan_ids:
                 query = queries.get_query(tx, qid)
@@ -322,6 +394,6 @@ class QueryRunner:
 
         dead_plans, dead_results = await self.db.read(stale)
         for qid in dead_plans:
-            self.spool.discard_plan(qid)
+            await self._forget_plan(qid)
         for qid in dead_results:
-            self.spool.result_path(qid).unlink(missing_ok=True)
+            await self._forget_result(qid)

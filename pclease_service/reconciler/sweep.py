@@ -2,7 +2,9 @@
 
 Instances of known contexts whose start checkpoint was lost are adopted (their handle is
 saved); instances of contexts that ended, second instances of one context, and instances
-labelled for this deployment that the database does not know are stopped.
+labelled for this deployment that the database does not know are stopped. Of the live
+contexts, only those this replica claims are adopted or trimmed (under the claim's fence):
+another replica's are its own business.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pclease_service.db.session import Database
 from pclease_service.db.tx import Tx
 from pclease_service.errors import BackendError
 from pclease_service.reconciler.calls import BackendCalls
-from pclease_service.store import contexts, events
+from pclease_service.store import claims, contexts, events
+from pclease_service.store.claims import FenceLost, fence_of
 from pclease_service.store.contexts import ContextRecord
 
 log = logging.getLogger("pclease.reconciler")
@@ -26,7 +29,11 @@ ACTOR = "reconciler"
 
 
 class Sweeper:
-    def __init__(self, db: Database, calls: BackendCalls, clock: Clock) -> None:
+    def __init__(
+        self, db: Database, calls: BackendCalls, clock: Clock, *, replica: str, hosted: bool
+    ) -> None:
+        self.replica = replica
+        self.hosted = hosted
         self.db = db
         self.calls = calls
         self.clock = clock
@@ -58,12 +65,17 @@ class Sweeper:
             record = known.get(item.context_id) if item.context_id else None
             if item.context_id and busy(item.context_id):
                 continue  # its start is still being recorded
-            await self._sweep_one(item, record)
+            try:
+                await self._sweep_one(item, record)
+            except FenceLost:
+                continue  # claimed by another replica since it was read
 
     async def _sweep_one(self, item: Observed, record: ContextRecord | None) -> None:
         if item.phase is Phase.STOPPED:
             return
         if record is not None and not record.state.is_terminal:
+            if record.claimed_by != self.replica:
+                return  # another replica acts on it
             if record.backend_handle is None:
                 await self.db.write(lambda tx: self._adopt(tx, record, item))
                 return
@@ -76,7 +88,7 @@ class Sweeper:
             why = f"an instance of context {record.id}, which is {record.state.value}"
         log.warning("stopping %s: %s", dict(item.handle), why)
         try:
-            await self.calls.stop(item.handle)
+            await self.calls.stop(item.handle, None)
         except BackendError as exc:
             log.warning("could not stop orphaned instance %s: %s", dict(item.handle), exc)
             return
@@ -91,9 +103,10 @@ class Sweeper:
                 )
             )
 
-    @staticmethod
-    def _adopt(tx: Tx, record: ContextRecord, item: Observed) -> None:
-        contexts.save_handle(tx, record.id, item.handle)
+    def _adopt(self, tx: Tx, record: ContextRecord, item: Observed) -> None:
+        claims.hold(tx, fence_of(record))
+        host = self.replica if self.hosted else None
+        contexts.save_handle(tx, record.id, item.handle, host=host)
         events.record_event(
             tx,
             kind="context",

@@ -45,6 +45,10 @@ class ContextRecord:
     stopped_at: datetime | None
     stop_reason: str | None
     stop_kind: StopKind | None = None
+    fence: int = 0
+    claimed_by: str | None = None
+    claim_expires_at: datetime | None = None
+    host_replica: str | None = None
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> ContextRecord:
@@ -260,9 +264,15 @@ def list_contexts(
 # -- what the reconciler records --------------------------------------------------------------
 
 
-def save_handle(tx: Tx, context_id: str, handle: Mapping[str, Any]) -> None:
+def save_handle(
+    tx: Tx, context_id: str, handle: Mapping[str, Any], *, host: str | None = None
+) -> None:
+    """Record the backend's checkpoint (and, for hosted backends, the replica hosting it).
+    Callers hold the context's claim (:func:`pclease_service.store.claims.hold`)."""
     tx.conn.execute(
-        update(contexts).where(contexts.c.id == context_id).values(backend_handle=dict(handle))
+        update(contexts)
+        .where(contexts.c.id == context_id)
+        .values(backend_handle=dict(handle), host_replica=host)
     )
 
 
@@ -376,13 +386,15 @@ def force_stop(
     return row
 
 
-def mark_stopped(tx: Tx, context_id: str, *, actor: str) -> ContextRecord | None:
+def mark_stopped(
+    tx: Tx, context_id: str, *, actor: str, reason: str = "the backend confirmed the stop"
+) -> ContextRecord | None:
     row = transition_context(
         tx,
         context_id,
         ContextState.STOPPED,
         actor=actor,
-        reason="the backend confirmed the stop",
+        reason=reason,
         values={"stopped_at": tx.now},
     )
     if row is not None:

@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from sqlalchemy import insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from pclease_service.db.schema import profiles
 from pclease_service.db.tx import Tx
 
 
 def sync_profiles(tx: Tx, names: Iterable[str]) -> None:
+    """Make a row for every configured profile. Replicas starting together insert the
+    same names at once: an existing row is left alone (ON CONFLICT DO NOTHING)."""
     known = set(tx.conn.execute(select(profiles.c.name)).scalars())
+    dialect = tx.conn.dialect.name
     for name in sorted(set(names) - known):
-        tx.conn.execute(insert(profiles).values(name=name, lock_version=0))
+        stmt: Any
+        if dialect == "postgresql":
+            stmt = pg_insert(profiles).values(name=name, lock_version=0).on_conflict_do_nothing()
+        elif dialect == "sqlite":
+            stmt = sqlite_insert(profiles).values(name=name, lock_version=0)
+            stmt = stmt.on_conflict_do_nothing()
+        else:
+            stmt = insert(profiles).values(name=name, lock_version=0)
+        tx.conn.execute(stmt)
 
 
 def lock_profile(tx: Tx, name: str) -> None:

@@ -47,6 +47,7 @@ class QueryRecord:
     distributed: Mapping[str, Any] | None = None
     #: While queued: 1 for the next query its context runs, 2 for the one after, ...
     queue_position: int | None = None
+    runner_replica: str | None = None
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> QueryRecord:
@@ -162,6 +163,15 @@ def list_queries(
     return [QueryRecord.from_row(r) for r in tx.conn.execute(stmt)]
 
 
+def orphaned_queries(tx: Tx, *, alive: set[str]) -> list[QueryRecord]:
+    """Running queries whose runner is not one of the ``alive`` replicas."""
+    stmt = select(queries).where(
+        queries.c.state == QueryState.RUNNING.value,
+        or_(queries.c.runner_replica.is_(None), queries.c.runner_replica.not_in(alive)),
+    )
+    return [QueryRecord.from_row(r) for r in tx.conn.execute(stmt)]
+
+
 def transition_query(
     tx: Tx,
     query_id: str,
@@ -186,9 +196,12 @@ def transition_query(
     return None if row is None else QueryRecord.from_row(row)
 
 
-def start_query(tx: Tx, query_id: str, *, limit: int, actor: str) -> QueryRecord | None:
+def start_query(
+    tx: Tx, query_id: str, *, limit: int, actor: str, replica: str
+) -> QueryRecord | None:
     """Move a queued query to ``running`` if its context runs fewer than ``limit`` queries
-    (its profile's ``concurrent_queries``); None if it is not queued or the context is full.
+    (its profile's ``concurrent_queries``), as sent by ``replica``'s runner; None if it is
+    not queued or the context is full.
 
     The context's row is locked first, so two runners (replicas) counting at once cannot
     both take its last slot."""
@@ -214,10 +227,10 @@ def start_query(tx: Tx, query_id: str, *, limit: int, actor: str) -> QueryRecord
         query_sources(QueryState.RUNNING),
         QueryState.RUNNING,
         actor=actor,
-        reason="sent to its context",
+        reason=f"sent to its context by replica {replica}",
         only_from=[QueryState.QUEUED],
         where=[busy < limit],
-        values={"started_at": tx.now},
+        values={"started_at": tx.now, "runner_replica": replica},
     )
     return None if row is None else QueryRecord.from_row(row)
 

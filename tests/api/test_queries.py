@@ -10,10 +10,13 @@ from typing import Any
 
 import polars as pl
 import pytest
+from sqlalchemy import update
 
 from pclease_client import build_submission
 from pclease_client.plans import Submission
 from pclease_service.backends.base import QueryOutcome
+from pclease_service.db import schema
+from pclease_service.store import replicas
 from tests.harness import PROFILES, Harness
 
 
@@ -220,13 +223,51 @@ async def test_plans_over_the_limit_get_413(make_harness: Any) -> None:
     assert "plan" in response.json()["error"]["message"]
 
 
-async def test_queries_of_a_previous_process_fail_on_restart(h: Harness) -> None:
+async def test_running_queries_fail_only_when_the_replica_running_them_is_gone(
+    h: Harness,
+) -> None:
     h.backend.query_gate = asyncio.Event()
     lease = await active_lease(h)
     q = (await submit(h, lease["id"])).json()
     await h.tick()
     assert (await query(h, q["id"]))["state"] == "running"
-    await h.service.runner.recover()  # what a restarted service does first
+
+    # Another replica starting (or this one's periodic check) leaves a live one's alone.
+    await h.service.runner.recover()
+    assert (await query(h, q["id"]))["state"] == "running"
+
+    # Its replica stops heartbeating: after replica_ttl_s it counts as gone.
+    other = "replica-that-dies"
+    await h.service.db.write(
+        lambda tx: (
+            replicas.register(tx, other, host="elsewhere", pid=1),
+            tx.conn.execute(
+                update(schema.queries)
+                .where(schema.queries.c.id == q["id"])
+                .values(runner_replica=other)
+            ),
+        )
+    )
+    await h.service.runner.recover()
+    assert (await query(h, q["id"]))["state"] == "running"
+    h.clock.advance(h.service.settings.replica_ttl_s + 1)
+    await h.service.liveness.tick()  # this replica is still alive
+    await h.service.runner.recover()
+    failed = await query(h, q["id"])
+    assert failed["state"] == "failed"
+    assert failed["error"]["type"] == "ServiceRestarted"
+    h.backend.query_gate.set()
+
+
+async def test_a_restart_under_the_same_replica_id_fails_its_own_earlier_queries(
+    h: Harness,
+) -> None:
+    h.backend.query_gate = asyncio.Event()
+    lease = await active_lease(h)
+    q = (await submit(h, lease["id"])).json()
+    await h.tick()
+    assert (await query(h, q["id"]))["state"] == "running"
+    await h.service.runner.recover(at_start=True)  # what a process under this id does first
     failed = await query(h, q["id"])
     assert failed["state"] == "failed"
     assert failed["error"]["type"] == "ServiceRestarted"

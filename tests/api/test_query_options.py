@@ -122,7 +122,7 @@ async def test_the_limit_holds_in_sql_whoever_starts_the_query(h: Harness) -> No
 
     def start(query_id: str) -> Any:
         def unit(tx: Tx) -> Any:
-            return store.queries.start_query(tx, query_id, limit=1, actor="runner-b")
+            return store.queries.start_query(tx, query_id, limit=1, actor="runner-b", replica="b")
 
         return h.service.db.write_sync(unit)
 

@@ -225,10 +225,10 @@ def test_restart_stops_workers_the_database_does_not_know(env: Env) -> None:
     asyncio.run(backend.stop(handle))  # reaps the child this test spawned; already gone
 
 
-def test_graceful_shutdown_leaves_no_worker_behind(env: Env) -> None:
+def test_sigterm_changes_no_lease_and_the_next_process_takes_the_worker_over(env: Env) -> None:
     server = env.server()
     lease = httpx.post(
-        f"{server.url}/v1/leases", json={"profile": "small"}, headers=env.headers
+        f"{server.url}/v1/leases", json={"profile": "small", "ttl_s": 120}, headers=env.headers
     ).json()
     wait_active(server.url, env.headers, lease["id"])
     [pid] = env.worker_pids()
@@ -236,11 +236,51 @@ def test_graceful_shutdown_leaves_no_worker_behind(env: Env) -> None:
     # uvicorn re-raises SIGTERM after a clean shutdown, so -15 is a clean exit too.
     assert server.proc is not None
     assert server.proc.returncode in (0, -15), server.log()
-    assert "Application shutdown complete" in server.log()
+    assert alive(pid), "a replica's SIGTERM must not stop the worker"
+    [row] = env.rows(contexts)
+    assert row["state"] == "running"
+    assert row["claimed_by"] is None, "a replica gives its claims up when it exits"
+
+    again = env.server()
+    r = httpx.post(f"{again.url}/v1/leases/{lease['id']}/heartbeat", headers=env.headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["state"] == "active"
+
+    def taken_over() -> bool:
+        [row] = env.rows(contexts)
+        return bool(row["host_replica"] and row["claimed_by"] == row["host_replica"])
+
+    wait_until(taken_over, what="the new process to take the worker over")
+    assert env.worker_pids() == [pid]
+    again.stop()
+    os.kill(pid, 9)  # left running by design; the test must not leave it behind
+
+
+def test_pclease_shutdown_stops_every_context_and_its_worker(env: Env) -> None:
+    server = env.server()
+    lease = httpx.post(
+        f"{server.url}/v1/leases", json={"profile": "small"}, headers=env.headers
+    ).json()
+    wait_active(server.url, env.headers, lease["id"])
+    [pid] = env.worker_pids()
+    out = run_cli(env.config, "shutdown")
+    assert "shutdown requested" in out
+
+    def stopped() -> bool:
+        [row] = env.rows(contexts)
+        return bool(row["state"] == "stopped")
+
+    wait_until(stopped, what="the context to stop")
     assert not alive(pid)
-    [row] = [r for r in env.rows(contexts)]
-    assert row["state"] == "stopped"
+    [row] = env.rows(contexts)
     assert row["stop_reason"] == "the service is shutting down"
+    assert row["stop_kind"] == "shutdown"
+    r = httpx.get(f"{server.url}/v1/leases/{lease['id']}", headers=env.headers)
+    assert r.status_code == 200
+    assert r.json()["state"] == "revoked"
+    server.stop()
+    assert server.proc is not None
+    assert server.proc.returncode in (0, -15), server.log()
 
 
 def test_a_killed_worker_fails_its_context_and_the_next_lease_gets_a_new_one(env: Env) -> None:

@@ -398,7 +398,7 @@ def test_injected_failures_end_in_clear_errors(
     client.close()
 
 
-def test_bad_credentials_fail_readiness_and_leases_naming_the_source(
+def test_bad_credentials_show_on_healthz_and_fail_leases_naming_the_source(
     make_env: Callable[..., Env], cloud: FakePolarsCloud
 ) -> None:
     wrong = "wrong-" + secrets.token_urlsafe(16)
@@ -406,13 +406,15 @@ def test_bad_credentials_fail_readiness_and_leases_naming_the_source(
     server = env.server(ready=False)
     ready = wait_until(
         lambda: (
-            (r := httpx.get(f"{server.url}/readyz")).status_code == 503
-            and "credentials" in r.json()["checks"]
+            (r := httpx.get(f"{server.url}/healthz")).status_code == 200
+            and r.json()["checks"].get("credentials", "ok") != "ok"
             and r
         ),
         20,
-        "readyz to report the credentials",
+        "healthz to report the credentials",
     )
+    # The replica itself can serve: a load balancer must not pull it (nor all of them).
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
     problem = ready.json()["checks"]["credentials"]
     assert "POLARS_CLOUD_CLIENT_SECRET" in problem, problem
     r = httpx.post(
