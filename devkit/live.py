@@ -75,6 +75,16 @@ class LiveServer:
         self._log: Any = None
 
     def start(self, timeout_s: float = 30.0) -> LiveServer:
+        self.launch()
+        return self.wait_ready(timeout_s)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (see :meth:`wait_ready`)."""
+        self._close_log()
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [
@@ -90,6 +100,10 @@ class LiveServer:
             stderr=subprocess.STDOUT,
             env=self.env,
         )
+
+    def wait_ready(self, timeout_s: float = 30.0) -> LiveServer:
+        """Wait until the launched process answers ``/readyz`` with 200."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -24,7 +24,8 @@
     │   ├── InternalError             500 internal_error (the message names an incident id)
     │   └── ServiceUnavailable        503, or 502/504 from a proxy in front of the service
     │       ├── BackendUnavailable    503 backend_unavailable
-    │       └── DatabaseBusy          503 database_busy
+    │       ├── DatabaseBusy          503 database_busy
+    │       └── StorageUnavailable    503 storage_unavailable
     ├── RequestFailed                 no answer at all: refused, timed out, dropped
     ├── UnexpectedResponse            an answer not in the API's shape (a proxy's page)
     ├── LeaseLost                     the lease ended underneath its holder: state and reason
@@ -173,6 +174,10 @@ class DatabaseBusy(ServiceUnavailable):
     code = "database_busy"
 
 
+class StorageUnavailable(ServiceUnavailable):
+    code = "storage_unavailable"
+
+
 class RequestFailed(PcleaseClientError):
     """The request got no answer (connection refused or dropped, a timeout), after the
     client's retries; ``__cause__`` is httpx's error."""
@@ -297,6 +302,7 @@ _BY_CODE: dict[str, type[ApiError]] = {
         InternalError,
         BackendUnavailable,
         DatabaseBusy,
+        StorageUnavailable,
     ),
     **{refusal.value: PlanRefused for refusal in PlanRefusal},
 }

@@ -216,11 +216,75 @@ class PolarsCloudSettings(BaseModel):
     )
 
 
+class StorageKind(StrEnum):
+    LOCAL = "local"
+    DATABASE = "database"
+    S3 = "s3"
+
+
+class StorageSettings(BaseModel):
+    """Where query plans (until they run) and collect results (until ``result_ttl_s``
+    after their lease ends) are kept. Every replica of a deployment must reach the same
+    storage: ``local`` suits one replica, or replicas sharing one mounted directory."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: StorageKind = Field(
+        StorageKind.LOCAL,
+        description="local: a directory; database: the service database (small plans and "
+        "results); s3: an S3-compatible bucket.",
+    )
+    directory: Path | None = Field(
+        None, description="local: the directory (default: data_dir/spool)."
+    )
+    url: str | None = Field(
+        None, description="s3: where to keep them, as s3://bucket/prefix/ (the prefix is optional)."
+    )
+    endpoint_url: str | None = Field(
+        None, description="s3: an S3-compatible endpoint (MinIO, Ceph, ...) instead of AWS."
+    )
+    region: str | None = Field(None, description="s3: the bucket's region.")
+    max_database_blob_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="database: plans and results larger than this are refused (they are "
+        "held in memory and in one row); use s3 for larger ones.",
+    )
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_is_http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> Self:
+        if self.kind is StorageKind.S3:
+            if not self.url or not re.match(
+                r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", self.url
+            ):
+                raise ValueError(
+                    'storage.kind = "s3" needs url = "s3://bucket/prefix/" (a bucket name '
+                    "of lowercase letters, digits, dots and dashes)"
+                )
+        elif self.url or self.endpoint_url or self.region:
+            raise ValueError(
+                f'storage.url, endpoint_url and region are for kind = "s3", not "{self.kind.value}"'
+            )
+        if self.kind is not StorageKind.LOCAL and self.directory is not None:
+            raise ValueError(f'storage.directory is for kind = "local", not "{self.kind.value}"')
+        if self.directory is not None and not self.directory.is_absolute():
+            raise ValueError("storage.directory must be an absolute path")
+        return self
+
+
 def polars_cloud_call_budget_s(request_timeout_s: float) -> float:
     """The longest one polars_cloud backend call can take, so ``backend_call_timeout_s``
     never cancels it half-way. The slowest is a start: the workspace and user lookups
-    (each retried), then up to ``POLARS_CLOUD_START_ATTEMPTS`` start requests, each failed
-    one followed by a wait for concurrent starts and one listing, with pauses between."""
+    (each retried), a wait for an earlier start of the same context and a listing, then up
+    to ``POLARS_CLOUD_START_ATTEMPTS`` start requests, each failed one followed by a wait
+    for concurrent starts and one listing, with pauses between."""
     retried = (len(POLARS_CLOUD_RETRY_DELAYS_S) + 1) * request_timeout_s + sum(
         POLARS_CLOUD_RETRY_DELAYS_S
     )
@@ -228,8 +292,11 @@ def polars_cloud_call_budget_s(request_timeout_s: float) -> float:
         POLARS_CLOUD_RETRY_DELAYS_S[min(i, len(POLARS_CLOUD_RETRY_DELAYS_S) - 1)]
         for i in range(POLARS_CLOUD_START_ATTEMPTS - 1)
     )
+    # Before all that, a start may wait for an earlier start of its context (another
+    # replica's) to pass the time its request could still answer, and list once.
+    earlier = 2 * request_timeout_s + 2.0
     # A few seconds for the ledger writes between the calls.
-    return float(math.ceil(2 * retried + attempts + 5.0))
+    return float(math.ceil(2 * retried + attempts + earlier + 5.0))
 
 
 class Settings(BaseSettings):
@@ -301,6 +368,7 @@ class Settings(BaseSettings):
         LogFormat.TEXT, description="json: one JSON object a line, with lease and context ids."
     )
 
+    storage: StorageSettings = Field(default_factory=StorageSettings)
     profiles: dict[str, Profile] = Field(default_factory=dict)
     polars_cloud: PolarsCloudSettings = Field(default_factory=PolarsCloudSettings)
 

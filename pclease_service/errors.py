@@ -22,7 +22,8 @@
     │   ├── PayloadTooLarge               413 payload_too_large
     │   ├── CapacityExhausted             429 capacity_exhausted (Retry-After)
     │   ├── BackendUnavailable            503 backend_unavailable
-    │   └── DatabaseBusy                  503 database_busy
+    │   ├── DatabaseBusy                  503 database_busy
+    │   └── StorageUnavailable            503 storage_unavailable
     ├── BackendError                      a backend call failed (the reconciler retries or
     │                                     fails the context; never reaches a client as is)
     ├── CredentialsError                  the Polars Cloud service account cannot be read or
@@ -204,6 +205,13 @@ class DatabaseBusy(PcleaseError):
 
     status = 503
     code = "database_busy"
+
+
+class StorageUnavailable(PcleaseError):
+    """The storage of query plans and results (``storage`` in the config) failed."""
+
+    status = 503
+    code = "storage_unavailable"
 
 
 class BackendError(PcleaseException):

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from sqlalchemy import make_url
 
 from pclease_service.backends import create_backend
 from pclease_service.backends.base import Backend, Credentials
+from pclease_service.blobs import create_blob_store
 from pclease_service.clock import Clock, SystemClock
 from pclease_service.config import Settings
 from pclease_service.contexts.manager import ContextManager
@@ -32,13 +34,16 @@ from pclease_service.queries.manager import QueryManager
 from pclease_service.queries.runner import QueryRunner
 from pclease_service.queries.spool import Spool
 from pclease_service.reconciler.loop import Reconciler
-from pclease_service.store import profiles
+from pclease_service.reconciler.starts import DatabaseStartLedger
+from pclease_service.store import keys, profiles
 
 log = logging.getLogger("pclease")
 
 # How often the background check asks for a token while the credentials fail / work.
 _CHECK_FAILS_S = 5.0
 _CHECK_WORKS_S = 60.0
+# Where releases before the shared key kept the dashboard's session key.
+_LEGACY_SESSION_KEY_FILE = "session.key"
 
 
 def _local_reader() -> Reader:
@@ -60,10 +65,12 @@ class Service:
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
-        self.backend = backend or create_backend(settings, self.clock)
         self.engine = create_db_engine(settings.resolved_database_url)
         self.notifier = Notifier()
         self.db = Database(self.engine, self.clock, on_commit=self.notifier.publish)
+        self.backend = backend or create_backend(
+            settings, self.clock, ledger=DatabaseStartLedger(self.db, self.clock)
+        )
         instruments = PrometheusInstruments()
         self.principals = Principals(self.db, self.clock, settings.token_cache_s)
         self.leases = LeaseManager(
@@ -80,7 +87,8 @@ class Service:
         self.reconciler = Reconciler(
             settings, self.db, self.backend, self.notifier, self.clock, instruments=instruments
         )
-        self.spool = Spool(settings.data_dir / "spool")
+        blobs = create_blob_store(settings, self.db, self.clock)
+        self.spool = Spool(blobs, settings.data_dir / "spool" / "scratch")
         denied = self._denied_paths()
         self.queries = QueryManager(
             settings,
@@ -109,6 +117,7 @@ class Service:
         self._loop_task: asyncio.Task[None] | None = None
         self._runner_task: asyncio.Task[None] | None = None
         self.loop_error: BaseException | None = None
+        self._session_key: bytes | None = None
 
     @property
     def credentials(self) -> Credentials | None:
@@ -118,6 +127,8 @@ class Service:
     def _denied_paths(self) -> tuple[str, ...]:
         """The service's own files: never readable or writable by a query."""
         denied = [str(self.settings.data_dir.resolve())]
+        if self.settings.storage.directory is not None:
+            denied.append(str(self.settings.storage.directory.resolve()))
         config = os.environ.get("PCLEASE_CONFIG")
         if config:
             denied.append(str(Path(config).resolve()))
@@ -133,7 +144,8 @@ class Service:
         if self._migrate:
             await asyncio.to_thread(upgrade, url)
         await self.db.write(lambda tx: profiles.sync_profiles(tx, self.settings.profiles))
-        self.spool.prepare()
+        self._session_key = await self._load_session_key()
+        await asyncio.to_thread(self.spool.prepare)
         await self.runner.recover()
         credentials = self.credentials
         if credentials is not None:
@@ -155,6 +167,30 @@ class Service:
             self._loop_task.add_done_callback(self._loop_died)
             self._runner_task = asyncio.create_task(self.runner.run(), name="query-runner")
             self._runner_task.add_done_callback(self._loop_died)
+
+    @property
+    def session_key(self) -> bytes:
+        """The dashboard's session signing key: ``session_secret``, or the deployment's
+        shared key in the database (made by the first replica that started)."""
+        if self._session_key is None:
+            raise RuntimeError("the service has not started: no session key yet")
+        return self._session_key
+
+    async def _load_session_key(self) -> bytes:
+        if self.settings.session_secret is not None:
+            return self.settings.session_secret.get_secret_value().encode()
+        candidate = await asyncio.to_thread(self._new_session_key)
+        key = await self.db.write(lambda tx: keys.shared_key(tx, keys.DASHBOARD_SESSION, candidate))
+        return key.encode()
+
+    def _new_session_key(self) -> str:
+        """The key an earlier release kept in ``data_dir/session.key`` (its sessions stay
+        valid after the upgrade), or a new random one."""
+        try:
+            kept = (self.settings.data_dir / _LEGACY_SESSION_KEY_FILE).read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            kept = ""
+        return kept if 32 <= len(kept) <= 200 else secrets.token_hex(32)
 
     def _loop_died(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():

@@ -9,13 +9,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pclease_service.backends.base import Backend
+    from pclease_service.backends.base import Backend, StartLedger
     from pclease_service.clock import Clock
     from pclease_service.config import Settings
 
 
-def create_backend(settings: Settings, clock: Clock) -> Backend:
-    """The backend the settings name."""
+def create_backend(
+    settings: Settings, clock: Clock, *, ledger: StartLedger | None = None
+) -> Backend:
+    """The backend the settings name. ``polars_cloud`` needs the service's start ledger."""
     from pclease_service.config import BackendKind
 
     if settings.backend is BackendKind.MEMORY:
@@ -40,5 +42,7 @@ def create_backend(settings: Settings, clock: Clock) -> Backend:
             timeout_s=options.request_timeout_s / 2,
             deadline_s=options.request_timeout_s / 2,
         )
-        return PolarsCloudBackend(settings, provider)
+        if ledger is None:
+            raise ValueError("the polars_cloud backend needs a start ledger")
+        return PolarsCloudBackend(settings, provider, ledger=ledger)
     raise NotImplementedError(f"backend {settings.backend.value!r} is not available")

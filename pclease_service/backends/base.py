@@ -50,7 +50,10 @@ and declares what the service may rely on, instead of being probed:
     None for backends that need none.
 
 Backends never touch the database, and blocking SDK calls run in threads: the reconciler
-adds its own timeouts around every call.
+adds its own timeouts around every call. A backend that must record a start *before*
+making it (because what it starts cannot be labelled and read back) is handed a
+:class:`StartLedger`: the service keeps it in the database, so every replica sees every
+start.
 """
 
 from __future__ import annotations
@@ -99,6 +102,11 @@ class ContextSpec:
     workspace: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: The fence of the claim under which this start is made (``contexts.fence``): a
+    #: backend that records a start before making it (the Polars Cloud start ledger)
+    #: stores it, so that a later claim of the same context can tell its own start from
+    #: one a deposed replica made. 0 when no claim is involved (tests driving a backend).
+    fence: int = 0
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,48 @@ class QueryOutcome:
     output: str | None = None
     error_type: str | None = None
     error_message: str | None = None
+
+
+@dataclass(frozen=True)
+class StartEntry:
+    """A start a backend recorded before making it (see :class:`StartLedger`): where it
+    asked, for what shape, when, and what it got (``compute_id``, None until the answer)."""
+
+    context_id: str
+    workspace_id: str
+    compute_id: str | None
+    requested_at: float
+    cpus: int | None
+    memory_gb: float | None
+    cluster_size: int
+    #: Until then (seconds since the epoch) the start request may still answer: nobody
+    #: but its maker resolves it.
+    answer_due_at: float = 0.0
+    #: The fence of the claim the start was made under (``ContextSpec.fence``).
+    fence: int = 0
+    #: The replica that made it, for people.
+    replica: str | None = None
+
+    def handle(self) -> dict[str, Any]:
+        """The backend handle of a completed entry."""
+        return {"workspace_id": self.workspace_id, "compute_id": self.compute_id}
+
+
+class StartLedger(Protocol):
+    """Where a backend records its starts. Every method blocks (call it in a thread)."""
+
+    def write(self, entry: StartEntry) -> None:
+        """Insert or replace the entry of ``entry.context_id``."""
+        ...
+
+    def forget(self, entry: StartEntry) -> None:
+        """Delete the entry of ``entry.context_id`` if it still records the same compute
+        (or is still pending, for a pending ``entry``): a newer entry is kept."""
+        ...
+
+    def entries(self) -> list[StartEntry]:
+        """Every entry, of every replica."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ Knobs (plain attributes, change them at any time):
 - ``hang_s``: every call sleeps this long first (for timeout tests)
 - ``query_gate``: an ``asyncio.Event`` every query waits for (to hold queries running)
 - ``query_outcome``: what every query returns (it runs nothing)
+- ``query_result``: bytes a successful collect query writes as its result file (none
+  when None)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import itertools
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from pclease_service.backends.base import (
     LABEL_CONTEXT_ID,
@@ -61,6 +64,7 @@ class MemoryBackend(Backend):
         self._names = itertools.count(1)
         self.query_gate: asyncio.Event | None = None
         self.query_outcome = QueryOutcome(ok=True, rows=0, result_bytes=0)
+        self.query_result: bytes | None = None
         self.executed: list[QuerySpec] = []
         self.cancelled: list[str] = []
 
@@ -151,4 +155,6 @@ class MemoryBackend(Backend):
         except asyncio.CancelledError:
             self.cancelled.append(query.query_id)
             raise
+        if self.query_outcome.ok and query.result_path and self.query_result is not None:
+            await asyncio.to_thread(Path(query.result_path).write_bytes, self.query_result)
         return self.query_outcome

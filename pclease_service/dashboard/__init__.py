@@ -41,12 +41,12 @@ def install(app: FastAPI, service: Service, ledger: InstanceLedger) -> None:
 
     from pclease_service.dashboard import actions, pages, signin
     from pclease_service.dashboard.render import FRAGMENT_HEADER, HERE, Dashboard
-    from pclease_service.dashboard.sessions import SESSION_COOKIE, SessionSigner, load_secret
+    from pclease_service.dashboard.sessions import SESSION_COOKIE, SessionSigner
     from pclease_service.errors import PageError, SignInRequired
     from pclease_service.text import message_of
     from pclease_service.web import allowed_methods
 
-    signer = SessionSigner(load_secret(service.settings), service.settings.session_ttl_s)
+    signer = SessionSigner(lambda: service.session_key, service.settings.session_ttl_s)
     dash = Dashboard(service, signer, ledger)
     app.state.dashboard = dash
     for module in (signin, pages, actions):

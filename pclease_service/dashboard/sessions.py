@@ -10,8 +10,10 @@ session yet, uses a double-submit cookie. Cookies are HttpOnly, SameSite=Lax (so
 Airflow extra link, a cross-site GET, arrives signed in, while cross-site POSTs carry no
 cookie) and Secure when the request came over https.
 
-The signing key is ``session_secret`` or, if unset, 32 random bytes kept in
-``data_dir/session.key`` (mode 0600), so sessions survive a restart.
+The signing key is ``session_secret`` or, if unset, 32 random bytes made once and kept in
+the database (``service_keys``), so sessions survive a restart and every replica of a
+deployment accepts the cookies the others issued. Whoever can read the database can then
+sign cookies: set ``session_secret`` (from a secret store) to keep the key out of it.
 """
 
 from __future__ import annotations
@@ -20,37 +22,13 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-
-from pclease_service.config import Settings
 
 SESSION_COOKIE = "pclease_session"
 LOGIN_COOKIE = "pclease_login"
-_KEY_FILE = "session.key"
-
-
-def load_secret(settings: Settings) -> bytes:
-    if settings.session_secret is not None:
-        return settings.session_secret.get_secret_value().encode()
-    path = Path(settings.data_dir) / _KEY_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        os.chmod(path, 0o600)
-        key = path.read_bytes().strip()
-        if len(key) >= 32:
-            return key
-        path.unlink()
-        return load_secret(settings)
-    with os.fdopen(fd, "wb") as f:
-        key = secrets.token_hex(32).encode()
-        f.write(key)
-    return key
 
 
 def _b64(data: bytes) -> str:
@@ -69,11 +47,32 @@ class Session:
 
 
 class SessionSigner:
-    def __init__(self, secret: bytes, ttl_s: float) -> None:
-        # Separate keys per purpose, so a signature made for one can never pass as another.
-        self._session_key = hmac.new(secret, b"pclease session", hashlib.sha256).digest()
-        self._csrf_key = hmac.new(secret, b"pclease csrf", hashlib.sha256).digest()
+    """Signs and reads session cookies. ``secret`` may be a function, called once on first
+    use: the service reads its shared key from the database only when it starts."""
+
+    def __init__(self, secret: bytes | Callable[[], bytes], ttl_s: float) -> None:
+        self._secret = secret
+        self._keys: tuple[bytes, bytes] | None = None
         self.ttl_s = ttl_s
+
+    def _derived(self) -> tuple[bytes, bytes]:
+        if self._keys is None:
+            secret = self._secret() if callable(self._secret) else self._secret
+            # Separate keys per purpose, so a signature made for one can never pass as
+            # another.
+            self._keys = (
+                hmac.new(secret, b"pclease session", hashlib.sha256).digest(),
+                hmac.new(secret, b"pclease csrf", hashlib.sha256).digest(),
+            )
+        return self._keys
+
+    @property
+    def _session_key(self) -> bytes:
+        return self._derived()[0]
+
+    @property
+    def _csrf_key(self) -> bytes:
+        return self._derived()[1]
 
     def _sign(self, payload: bytes) -> str:
         return _b64(hmac.new(self._session_key, payload, hashlib.sha256).digest())

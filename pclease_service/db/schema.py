@@ -18,6 +18,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -116,6 +117,14 @@ contexts = Table(
     # A StopKind: why it stopped, for metrics, the dashboard and the stop fence (the reason
     # beside it is for people and may be reworded).
     Column("stop_kind", String(16)),
+    # One actor per context: the replica that claims it acts on it until the claim
+    # expires; every write recording a backend side effect checks ``fence`` (bumped by
+    # each new claim), so a deposed or paused replica can never overwrite a newer one.
+    Column("fence", BigInteger, nullable=False, default=0, server_default="0"),
+    Column("claimed_by", String(100)),
+    Column("claim_expires_at", UTCDateTime),
+    # Backends whose contexts live on one replica's machine (local workers): which one.
+    Column("host_replica", String(100)),
     Index(None, "profile", "state"),
     Index(None, "state"),
 )
@@ -192,7 +201,91 @@ queries = Table(
     Column("output", Text),
     Column("error_type", String(100)),
     Column("error_message", Text),
+    # The replica whose runner sends it (while it runs); a dead replica's are failed.
+    Column("runner_replica", String(100)),
     Index(None, "lease_id", "state"),
     Index(None, "state"),
     Index(None, "context_id", "created_at"),
+)
+
+#: What the polars_cloud backend asked Polars Cloud to start, one row per context, written
+#: *before* the start request (compute id still unknown) and completed when it answers, so
+#: that any replica can tell which live computes are this deployment's and can resolve a
+#: start whose answer was lost (``backends/polars_cloud/ledger.py``). No secrets.
+cloud_starts = Table(
+    "cloud_starts",
+    metadata,
+    Column("context_id", ID, primary_key=True),
+    Column("workspace_id", String(64), nullable=False),
+    Column("compute_id", String(64)),
+    # Seconds since the epoch (compared with the request_time Polars Cloud reports).
+    Column("requested_at", Float, nullable=False),
+    # Until then the start request may still answer: nobody else claims a compute for it.
+    Column("answer_due_at", Float, nullable=False),
+    Column("cpus", Integer),
+    Column("memory_gb", Float),
+    Column("cluster_size", Integer, nullable=False),
+    # Who made the start (the replica id) and under which fencing token, when known.
+    Column("replica", String(100)),
+    Column("fence", BigInteger),
+    Index(None, "workspace_id"),
+    Index(None, "compute_id"),
+)
+
+#: Query plans and results when ``storage.kind = "database"``: small blobs, by key.
+blobs = Table(
+    "blobs",
+    metadata,
+    Column("key", String(200), primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+#: Keys the replicas of a deployment share, generated once by whichever asks first (the
+#: dashboard's session signing key, unless ``session_secret`` is set).
+service_keys = Table(
+    "service_keys",
+    metadata,
+    Column("name", String(63), primary_key=True),
+    Column("value", String(200), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("id", String(100), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    # A ReplicaState: serving, draining, stopped.
+    Column("state", String(16), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("heartbeat_at", UTCDateTime, nullable=False),
+)
+
+# One row (id 1) once anyone asked: whether the service as a whole is being shut down
+# (``pclease shutdown``), which is what makes replicas stop contexts and the workers they
+# host; a replica's own SIGTERM never does.
+fleet = Table(
+    "fleet",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("shutdown_requested_at", UTCDateTime),
+    Column("shutdown_requested_by", String(120)),
+)
+
+# A lease request waiting for capacity, on any replica; the smallest id of a profile is
+# the oldest waiter, and only it may take freed capacity.
+waiting_tickets = Table(
+    "waiting_tickets",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("profile", String(63), ForeignKey("profiles.name"), nullable=False),
+    Column("replica", String(100), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Index(None, "profile", "id"),
 )

@@ -5,10 +5,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import anyio.to_thread
 
+from pclease_service.blobs import BlobNotFound, Readable
 from pclease_service.clock import Clock
 from pclease_service.config import Settings
 from pclease_service.db.session import Database
@@ -122,7 +122,7 @@ class QueryManager:
         try:
             query = await self.db.write(unit)
         except BaseException:
-            self.spool.discard_plan(query_id)
+            await anyio.to_thread.run_sync(self.spool.discard_plan, query_id)
             raise
         return query
 
@@ -176,7 +176,8 @@ class QueryManager:
 
         return await self.db.write(unit)
 
-    async def result_file(self, principal: Principal, query_id: str) -> Path:
+    async def result(self, principal: Principal, query_id: str) -> Readable:
+        """A collect query's stored result, as a stream (read as it is sent)."""
         query = self._visible(
             principal, await self.db.read(lambda tx: queries.get_query(tx, query_id)), query_id
         )
@@ -190,10 +191,10 @@ class QueryManager:
                 f"query {query_id} is {query.state.value}; wait for it with "
                 f"GET /v1/queries/{query_id}?wait_s=30 before fetching its result"
             )
-        path = self.spool.result_path(query_id)
-        if not path.exists():
+        try:
+            return await anyio.to_thread.run_sync(self.spool.open_result, query_id)
+        except BlobNotFound:
             raise NotFound(
                 f"the result of query {query_id} has been deleted (results are kept "
                 f"{self.settings.result_ttl_s:g} s after their lease ends); run it again"
-            )
-        return path
+            ) from None

@@ -5,6 +5,7 @@ backend's ``execute`` and records the outcome."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -13,11 +14,12 @@ from datetime import timedelta
 import anyio.to_thread
 
 from pclease_service.backends.base import Backend, QueryOutcome, QuerySpec
+from pclease_service.blobs import BlobNotFound
 from pclease_service.clock import Clock, within
 from pclease_service.config import Settings
 from pclease_service.db.session import Database
 from pclease_service.db.tx import Tx
-from pclease_service.errors import BackendError
+from pclease_service.errors import BackendError, PayloadTooLarge, StorageUnavailable
 from pclease_service.instruments import Instruments, NoInstruments
 from pclease_service.loops import tick_forever
 from pclease_service.notify import Notifier
@@ -203,6 +205,7 @@ class QueryRunner:
                 self.backend.execute(handle, spec),
             )
         except asyncio.CancelledError:
+            await self._forget_plan(query.id)
             await self._finish_cancelled(query)
             return
         except TimeoutError:
@@ -213,16 +216,46 @@ class QueryRunner:
             )
         except BackendError as exc:
             outcome = QueryOutcome(ok=False, error_type="BackendError", error_message=str(exc))
-        except FileNotFoundError:
+        except BlobNotFound:
             outcome = QueryOutcome(
                 ok=False,
                 error_type="PlanLost",
-                error_message="the spooled plan is gone (was the data directory cleaned?); "
-                "submit the query again",
+                error_message="the stored plan is gone (was the storage of plans and results "
+                "cleaned, or is it not shared by every replica?); submit the query again",
             )
-        finally:
-            self.spool.discard_plan(query.id)
+        except StorageUnavailable as exc:
+            outcome = QueryOutcome(
+                ok=False, error_type="StorageUnavailable", error_message=exc.message
+            )
+        await self._forget_plan(query.id)
+        if outcome.ok and query.target == QueryTarget.COLLECT.value:
+            try:
+                await anyio.to_thread.run_sync(self.spool.keep_result, query.id)
+            except PayloadTooLarge as exc:
+                outcome = QueryOutcome(
+                    ok=False, error_type="ResultTooLarge", error_message=exc.message
+                )
+            except StorageUnavailable as exc:
+                outcome = QueryOutcome(
+                    ok=False, error_type="StorageUnavailable", error_message=exc.message
+                )
+            except FileNotFoundError:
+                outcome = QueryOutcome(
+                    ok=False,
+                    error_type="ResultLost",
+                    error_message="the backend reported a result but wrote no result file",
+                )
         await self._finish(query, outcome)
+
+    async def _forget_plan(self, query_id: str) -> None:
+        # On failure the spool has logged it; housekeeping deletes it later.
+        with contextlib.suppress(StorageUnavailable):
+            await anyio.to_thread.run_sync(self.spool.discard_plan, query_id)
+
+    async def _forget_result(self, query_id: str) -> None:
+        # On failure the spool has logged it; housekeeping deletes it later.
+        with contextlib.suppress(StorageUnavailable):
+            await anyio.to_thread.run_sync(self.spool.discard_result, query_id)
 
     def _ran_for(self, query: QueryRecord) -> float:
         assert query.started_at is not None
@@ -267,10 +300,10 @@ class QueryRunner:
             outcome_name = QueryState.SUCCEEDED if outcome.ok else QueryState.FAILED
             self.instruments.query_finished(outcome_name.value, self._ran_for(query))
         if not outcome.ok and collect:
-            self.spool.result_path(query.id).unlink(missing_ok=True)
+            await self._forget_result(query.id)
 
     async def _finish_cancelled(self, query: QueryRecord) -> None:
-        self.spool.result_path(query.id).unlink(missing_ok=True)
+        await self._forget_result(query.id)
 
         def unit(tx: Tx) -> None:
             current = queries.get_query(tx, query.id)
@@ -292,9 +325,13 @@ class QueryRunner:
         """Delete spooled plans of finished queries and results whose lease ended long ago."""
         cutoff = self.clock.now() - timedelta(seconds=self.settings.result_ttl_s)
 
+        try:
+            plan_ids = await anyio.to_thread.run_sync(self.spool.plan_ids)
+            result_ids = await anyio.to_thread.run_sync(self.spool.result_ids)
+        except StorageUnavailable:
+            return  # logged by the spool; next time
+
         def stale(tx: Tx) -> tuple[list[str], list[str]]:
-            plan_ids = [p.stem for p in self.spool.plans.glob("*.plan")]
-            result_ids = [p.stem for p in self.spool.results.glob("*.arrow")]
             dead_plans = []
             for qid in plan_ids:
                 query = queries.get_query(tx, qid)
@@ -310,6 +347,6 @@ class QueryRunner:
 
         dead_plans, dead_results = await self.db.read(stale)
         for qid in dead_plans:
-            self.spool.discard_plan(qid)
+            await self._forget_plan(qid)
         for qid in dead_results:
-            self.spool.result_path(qid).unlink(missing_ok=True)
+            await self._forget_result(qid)

@@ -45,6 +45,10 @@ class ContextRecord:
     stopped_at: datetime | None
     stop_reason: str | None
     stop_kind: StopKind | None = None
+    fence: int = 0
+    claimed_by: str | None = None
+    claim_expires_at: datetime | None = None
+    host_replica: str | None = None
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> ContextRecord:

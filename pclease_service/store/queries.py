@@ -39,6 +39,7 @@ class QueryRecord:
     output: str | None
     error_type: str | None
     error_message: str | None
+    runner_replica: str | None = None
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> QueryRecord:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -17,7 +15,7 @@ from pclease_service import principals, store
 from pclease_service.backends.memory import MemoryBackend
 from pclease_service.config import Settings
 from pclease_service.dashboard import charts
-from pclease_service.dashboard.sessions import SESSION_COOKIE, SessionSigner, load_secret, safe_next
+from pclease_service.dashboard.sessions import SESSION_COOKIE, SessionSigner, safe_next
 from pclease_service.db.tx import Tx
 from pclease_service.errors import BackendError
 from pclease_service.ledger import Interval
@@ -177,14 +175,36 @@ def test_session_signer_refuses_tampering_and_age() -> None:
     assert not signer.check_csrf(other, signer.csrf_token(session))
 
 
-def test_session_key_is_private_and_kept(tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path / "data", profiles={})
-    key = load_secret(settings)
-    path = tmp_path / "data" / "session.key"
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert load_secret(settings) == key
-    configured = Settings(data_dir=tmp_path, session_secret="s" * 40, profiles={})
-    assert load_secret(configured) == b"s" * 40
+async def test_the_session_key_is_made_once_and_shared_through_the_database(
+    make_harness: Any, tmp_path: Path
+) -> None:
+    # Two services on one database, as two replicas: a cookie one issued is good at the
+    # other, and the key is in no file of the data directory.
+    first: Harness = await make_harness()
+    second: Harness = await make_harness()
+    assert first.service.session_key == second.service.session_key
+    assert len(first.service.session_key) >= 32
+    assert not (tmp_path / "data" / "session.key").exists()
+    client = await signed_in(first, "read")
+    elsewhere = browser(second)
+    elsewhere.cookies.set(SESSION_COOKIE, client.cookies[SESSION_COOKIE])
+    page = await elsewhere.get("/ui/")
+    assert_page(page, 200)
+    await client.aclose()
+    await elsewhere.aclose()
+    # session_secret wins over the shared key.
+    configured: Harness = await make_harness(session_secret="s" * 40)
+    assert configured.service.session_key == b"s" * 40
+
+
+async def test_an_earlier_release_s_session_key_file_becomes_the_shared_key(
+    make_harness: Any, tmp_path: Path
+) -> None:
+    settings_dir = tmp_path / "data"
+    settings_dir.mkdir(parents=True, exist_ok=True)
+    (settings_dir / "session.key").write_text("k" * 64 + "\n")
+    h: Harness = await make_harness(data_dir=settings_dir)
+    assert h.service.session_key == b"k" * 64
 
 
 def test_a_short_session_secret_is_refused() -> None:

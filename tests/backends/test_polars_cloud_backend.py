@@ -8,9 +8,12 @@ and stops whatever the previous test left running.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import secrets
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -37,10 +40,15 @@ from pclease_service.backends.base import (
 from pclease_service.backends.memory import MemoryBackend
 from pclease_service.backends.polars_cloud import PolarsCloudBackend
 from pclease_service.backends.polars_cloud.host import ClientHost, client_environment
+from pclease_service.clock import SystemClock
 from pclease_service.config import ConfigError, Settings, load_settings
 from pclease_service.credentials import ServiceAccount, TokenProvider, create_source
+from pclease_service.db.engine import create_db_engine
+from pclease_service.db.migrate import upgrade
+from pclease_service.db.session import Database
 from pclease_service.errors import BackendError
 from pclease_service.plans.targets import QueryTarget
+from pclease_service.reconciler.starts import DatabaseStartLedger
 from tests.fakepc import FakePolarsCloud
 from tests.harness import Harness
 
@@ -71,6 +79,7 @@ def cloud(fake: FakePolarsCloud) -> Iterator[FakePolarsCloud]:
 
 
 _made: list[PolarsCloudBackend] = []
+_databases: list[Database] = []
 
 
 @pytest.fixture(autouse=True)
@@ -78,6 +87,18 @@ async def _close_backends() -> Any:
     yield
     while _made:
         await _made.pop().close()
+    while _databases:
+        _databases.pop().engine.dispose()
+
+
+def start_ledger(tmp_path: Path) -> DatabaseStartLedger:
+    """The service's start ledger on a SQLite database of ``tmp_path`` (the same one for
+    every backend of a test: a restarted service, or a second replica)."""
+    url = f"sqlite:///{tmp_path / 'pclease.db'}"
+    upgrade(url)
+    db = Database(create_db_engine(url), SystemClock())
+    _databases.append(db)
+    return DatabaseStartLedger(db, SystemClock())
 
 
 def make_backend(
@@ -89,6 +110,7 @@ def make_backend(
     host: ClientHost | None = None,
     **pc: Any,
 ) -> PolarsCloudBackend:
+    tmp_path.mkdir(exist_ok=True)
     id_file, secret_file = tmp_path / "client_id", tmp_path / "client_secret"
     id_file.write_text(CLIENT_ID)
     secret_file.write_text(secret)
@@ -117,7 +139,7 @@ def make_backend(
         refresh_margin_s=options.token_refresh_margin_s,
         retry_delays_s=(0.1,),
     )
-    backend = PolarsCloudBackend(settings, provider, host=host)
+    backend = PolarsCloudBackend(settings, provider, ledger=start_ledger(tmp_path), host=host)
     _made.append(backend)
     return backend
 
@@ -709,13 +731,13 @@ async def test_client_calls_run_on_the_backends_own_threads(
 
 def test_backend_call_timeout_must_cover_the_slowest_start(tmp_path: Path) -> None:
     base = {"backend": "polars_cloud", "polars_cloud": {"workspace": "ws", "request_timeout_s": 10}}
-    assert Settings(**base).backend_call_timeout_s == 159  # unset: the minimum
+    assert Settings(**base).backend_call_timeout_s == 181  # unset: the minimum
     with pytest.raises(ConfigError) as caught:
         load_settings(backend_call_timeout_s=60, **base)
     message = str(caught.value)
     assert "backend_call_timeout_s = 60" in message
     assert "polars_cloud.request_timeout_s = 10" in message
-    assert "at least 159" in message
+    assert "at least 181" in message
     assert Settings(**base, backend_call_timeout_s=200).backend_call_timeout_s == 200
 
 
@@ -794,3 +816,98 @@ async def test_failing_credentials_refuse_only_leases_that_need_a_new_context(
     assert refused.status_code == 503, refused.text
     assert refused.json()["error"]["code"] == "backend_unavailable"
     assert problem in refused.json()["error"]["message"]
+
+
+# -- several replicas on one start ledger ------------------------------------------------------
+
+
+async def test_replicas_sharing_the_ledger_never_take_each_others_computes_for_unknown(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    a = make_backend(cloud, tmp_path, stop_unknown_computes=True)
+    b = make_backend(cloud, tmp_path / "b", stop_unknown_computes=True)
+    b.ledger = a.ledger  # two data directories, one database
+    await running(a, spec("from-a"))
+    [seen] = await b.list()
+    assert seen.context_id == "from-a"  # known, not an orphan to stop
+
+    # While A's next start waits for its answer, its compute is on Polars Cloud and in no
+    # entry yet: B neither claims it nor reports it as unknown.
+    cloud.hang_start_answers_s = 3
+    starting = asyncio.create_task(a.start(spec("also-from-a")))
+    await wait_for(lambda: len(cloud.running()) == 2, "the second compute to exist")
+    assert {o.context_id for o in await b.list()} == {"from-a"}
+    handle = await starting
+    assert {o.context_id for o in await b.list()} == {"from-a", "also-from-a"}
+    assert dict(handle)["compute_id"] in {c["id"] for c in cloud.running()}
+    # A compute nobody recorded is still stopped: the setting keeps its meaning.
+    user = cloud.auth.subject_for(CLIENT_ID)
+    orphan = cloud.start_compute(cloud.workspace_id, user, {"cluster_size": 1})
+    unknown = [o for o in await b.list() if o.context_id is None]
+    assert [o.handle["compute_id"] for o in unknown] == [orphan.id]
+
+
+async def test_a_start_whose_maker_died_is_resolved_by_another_replica(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    def of_context(context_id: str) -> list[dict[str, Any]]:
+        return [c for c in cloud.computes() if c["labels"].get(LABEL_CONTEXT_ID) == context_id]
+
+    ctx = f"ctx-{uuid.uuid4().hex[:8]}"  # the fake keeps the computes of earlier tests
+    a = make_backend(cloud, tmp_path, request_timeout_s=2)
+    b = make_backend(cloud, tmp_path / "b", request_timeout_s=2)
+    b.ledger = a.ledger
+    # A sends the start and dies before the answer comes (its task is cancelled mid-call,
+    # as SIGKILL would leave it): the compute exists, the entry is pending.
+    cloud.hang_start_answers_s = 4
+    dying = asyncio.create_task(a.start(replace(spec(ctx), fence=1)))
+    await wait_for(lambda: len(cloud.running()) == 1, "the compute to exist")
+    dying.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await dying
+    cloud.hang_start_answers_s = 0.0
+    [pending] = await asyncio.to_thread(a.ledger.entries)
+    assert (pending.context_id, pending.compute_id, pending.fence) == (ctx, None, 1)
+
+    # A stale claim of the context (an older fence) may not start it at all.
+    with pytest.raises(BackendError, match="claimed again"):
+        await b.start(replace(spec(ctx), fence=0))
+    # The newer claim waits until A's request could no longer answer, then finds what it
+    # made instead of starting a second compute.
+    handle = await b.start(replace(spec(ctx), fence=2))
+    [compute] = cloud.running()
+    assert dict(handle) == {"workspace_id": cloud.workspace_id, "compute_id": compute["id"]}
+    assert len(of_context(ctx)) == 1
+    [entry] = await asyncio.to_thread(b.ledger.entries)
+    assert entry.compute_id == compute["id"]
+    # Starting it again (the handle was not saved) returns the same compute.
+    assert dict(await b.start(replace(spec(ctx), fence=3))) == dict(handle)
+    assert len(of_context(ctx)) == 1
+
+
+async def test_the_ledger_files_of_an_earlier_release_move_into_the_database(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    old = make_backend(cloud, tmp_path)
+    handle = await running(old, spec("from-files"))
+    await asyncio.to_thread(old.ledger.forget, (await asyncio.to_thread(old.ledger.entries))[0])
+    folder = tmp_path / "svc" / "polars_cloud" / "ledger"
+    folder.mkdir(parents=True)
+    entry = {
+        "context_id": "from-files",
+        "workspace_id": cloud.workspace_id,
+        "compute_id": handle["compute_id"],
+        "requested_at": time.time() - 60,
+        "cpus": 2,
+        "memory_gb": 3.5,
+        "cluster_size": 1,
+    }
+    (folder / "from-files.json").write_text(json.dumps(entry))
+    (folder / "broken.json").write_text("{not json")
+    upgraded = make_backend(cloud, tmp_path, stop_unknown_computes=True)
+    [seen] = await upgraded.list()
+    assert (seen.context_id, seen.handle["compute_id"]) == ("from-files", handle["compute_id"])
+    # Moved; an unreadable file is left for people to look at (and logged).
+    assert [p.name for p in folder.glob("*.json")] == ["broken.json"]
+    [kept] = await asyncio.to_thread(upgraded.ledger.entries)
+    assert kept.compute_id == handle["compute_id"]

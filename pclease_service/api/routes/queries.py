@@ -7,7 +7,7 @@ import json
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from pclease_service.api.deps import LeaseId, PrincipalDep, QueryId, ServiceDep
@@ -103,7 +103,7 @@ async def cancel_query(query_id: QueryId, service: ServiceDep, principal: Princi
 
 @router.get(
     "/queries/{query_id}/result",
-    response_class=FileResponse,
+    response_class=StreamingResponse,
     responses={
         200: {"content": {"application/vnd.apache.arrow.file": {}}},
         **errors(404, 409),
@@ -111,11 +111,14 @@ async def cancel_query(query_id: QueryId, service: ServiceDep, principal: Princi
 )
 async def query_result(
     query_id: QueryId, service: ServiceDep, principal: PrincipalDep
-) -> FileResponse:
+) -> StreamingResponse:
     """A collect query's result as an Arrow IPC file (``pl.read_ipc``)."""
-    path = await service.queries.result_file(principal, query_id)
-    return FileResponse(
-        path,
+    result = await service.queries.result(principal, query_id)
+    return StreamingResponse(
+        result.chunks,
         media_type="application/vnd.apache.arrow.file",
-        filename=f"{query_id}.arrow",
+        headers={
+            "Content-Length": str(result.size),
+            "Content-Disposition": f'attachment; filename="{query_id}.arrow"',
+        },
     )

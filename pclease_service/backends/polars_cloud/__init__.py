@@ -8,7 +8,7 @@
     calls.py    how a call is made: token, thread, timeout, retries
     host.py     the polars-cloud client in a process of its own
     client.py   every use of the client's undocumented layer (runs in that process)
-    ledger.py   what this deployment started
+    ledger.py   what this deployment started: entries and the rules that match them
 
 Talks to Polars Cloud through the pinned ``polars-cloud`` client; every call into its
 undocumented layer is in ``client.py`` (read its docstring for why and for the client
@@ -43,25 +43,40 @@ manifest.
 (``pclease.managed-by=pclease``, ``pclease.instance``, ``pclease.context-id``,
 ``pclease.profile`` as ``key=value`` strings) so they can be told apart in Polars Cloud's
 own UI, but polars-cloud 0.12.0's compute model does not return labels, so :meth:`list`
-cannot read them back. Instead the backend keeps a ledger under
-``data_dir/polars_cloud/ledger/`` (one small JSON file per context, no secrets): an entry
-is written *before* the start request (compute id still unknown) and completed when the
-start returns. :meth:`list` reports
+cannot read them back. Instead the backend keeps a start ledger (one entry per context,
+no secrets) in the service database, through the
+:class:`~pclease_service.backends.base.StartLedger` the service hands it, so every replica
+sees every start: an entry is written *before* the start request (compute id still
+unknown, with the fence of the claim it is made under and the time until which its
+request may still answer) and completed when the start returns. :meth:`list` reports
 
 - live computes whose id is in the ledger, with their context id;
 - a live compute that the service account started and no entry knows, if exactly one
   pending entry of the same workspace could have asked for it and it is the only such
   compute for that entry (same cpus, memory and cluster size, requested after the entry);
   the entry is completed, so the reconciler adopts or stops it. Nothing is matched in a
-  workspace while a start of this process is still waiting for its answer there: until it
-  has recorded its compute, that compute cannot be told from the one a lost answer made.
+  workspace while a start of this process is still waiting for its answer there, and no
+  entry is matched while its own request (another replica's) may still answer: until its
+  maker has recorded its compute, that compute cannot be told from the one a lost answer
+  made.
   A start that fails before sending its request (credentials) forgets its entry, so a
   stale entry never claims a compute that someone else started;
 - with ``polars_cloud.stop_unknown_computes`` on, any other live compute the service
-  account started, without a context id, so the reconciler stops it. That setting is for
+  account started that no pending entry (of any replica) could have made, without a
+  context id, so the reconciler stops it. That setting is for
   a service account this deployment has to itself: computes the account starts elsewhere
   would count as orphans. Off (the default), they are left alone and Polars Cloud's own
   ``idle_timeout_mins`` is the backstop for a lost ledger.
+
+**A start of a context that already has an entry** (its maker died or was deposed before
+the handle was saved, and another replica took the context over): an entry with a newer
+fence than the start's refuses it; a completed entry's compute is returned; a pending one
+is waited for until its request can no longer answer, then the workspace is listed and the
+one compute it could have made is returned (and recorded) instead of starting a second.
+Only if it made none is a new start sent.
+
+Entries of releases that kept the ledger as files (``data_dir/polars_cloud/ledger/``) are
+moved into the database the first time the backend lists or starts.
 
 **Failures.** Status, list and stop are retried on errors (they are safe to repeat); a
 stop whose compute has vanished succeeds, and one workspace that cannot be listed does not

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from pclease_service.backends.base import (
     Phase,
     QueryOutcome,
     QuerySpec,
+    StartLedger,
 )
 from pclease_service.backends.polars_cloud.calls import (
     RETRY_DELAYS_S,
@@ -31,7 +33,7 @@ from pclease_service.backends.polars_cloud.calls import (
 )
 from pclease_service.backends.polars_cloud.client import COMPUTE_LIVE, CloudError, Compute
 from pclease_service.backends.polars_cloud.host import ClientHost, client_environment
-from pclease_service.backends.polars_cloud.ledger import Entry, Ledger, handle_of, matches
+from pclease_service.backends.polars_cloud.ledger import Entry, handle_of, legacy_entries, matches
 from pclease_service.backends.polars_cloud.manifests import ManifestStarts
 from pclease_service.backends.polars_cloud.queries import CloudQueries
 from pclease_service.config import POLARS_CLOUD_START_ATTEMPTS, Profile, Settings
@@ -52,6 +54,8 @@ _PHASES = {
 _START_ATTEMPTS = POLARS_CLOUD_START_ATTEMPTS
 # Pending ledger entries nobody claimed are dropped after this long.
 _PENDING_TTL_S = 3600.0
+# How often a start waits to see whether another replica's start request answered.
+_RESOLVE_POLL_S = 0.5
 
 
 class PolarsCloudBackend(Backend):
@@ -65,6 +69,7 @@ class PolarsCloudBackend(Backend):
         settings: Settings,
         provider: TokenProvider,
         *,
+        ledger: StartLedger,
         state_dir: Path | None = None,
         host: ClientHost | None = None,
     ) -> None:
@@ -72,7 +77,8 @@ class PolarsCloudBackend(Backend):
         self.options = settings.polars_cloud
         self.provider = provider
         self.state_dir = (state_dir or settings.data_dir / "polars_cloud").resolve()
-        self.ledger = Ledger(self.state_dir / "ledger")
+        self.ledger = ledger
+        self._legacy_imported = False
         if host is None:
             config_dir = self.state_dir / "client"
             config_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -129,6 +135,10 @@ class PolarsCloudBackend(Backend):
         if self.options.use_manifests:
             return await self.manifests.start(spec, workspace_id)
         user_id = await self._our_user()
+        await self._import_legacy()
+        earlier = await self._earlier_start(spec, user_id)
+        if earlier is not None:
+            return earlier
         entry = Entry(
             context_id=spec.context_id,
             workspace_id=workspace_id,
@@ -137,6 +147,8 @@ class PolarsCloudBackend(Backend):
             cpus=spec.cpus,
             memory_gb=spec.memory_gb,
             cluster_size=spec.cluster_size,
+            answer_due_at=self._answer_due_at(),
+            fence=spec.fence,
         )
         # Marked before the entry exists, so no listing ever matches it while unresolved.
         starts = self._starts.setdefault(workspace_id, {})
@@ -147,6 +159,50 @@ class PolarsCloudBackend(Backend):
         finally:
             starts.pop(spec.context_id, None)
             self._start_changed()
+
+    def _answer_due_at(self) -> float:
+        """Until when a start request sent now may still answer (one request's timeout,
+        and a little for the answer to be recorded)."""
+        return time.time() + self.calls.timeout_s + 2.0
+
+    async def _earlier_start(self, spec: ContextSpec, user_id: str) -> Handle | None:
+        """The compute an earlier start of this context made, if it made one: another
+        replica (dead, or deposed by a newer claim) may have sent the request and never
+        recorded its answer. Waits until that request can no longer answer, then looks.
+        None if there was no earlier start or it made nothing."""
+        while True:
+            earlier = next(
+                (
+                    e
+                    for e in await asyncio.to_thread(self.ledger.entries)
+                    if e.context_id == spec.context_id
+                ),
+                None,
+            )
+            if earlier is None:
+                return None
+            if earlier.fence > spec.fence:
+                raise BackendError(
+                    f"context {spec.context_id} was claimed again (fence {earlier.fence} > "
+                    f"{spec.fence}); this replica's start is stale and is not made"
+                )
+            if earlier.compute_id is not None:
+                log.info(
+                    "context %s was already started (compute %s); using it",
+                    spec.context_id,
+                    earlier.compute_id,
+                )
+                return earlier.handle()
+            wait_s = earlier.answer_due_at - time.time()
+            if wait_s <= 0:
+                break
+            await asyncio.sleep(min(wait_s, _RESOLVE_POLL_S))
+        found = await self._find_started(earlier, user_id, "an earlier start's answer was lost")
+        if found is not None:
+            log.info("an earlier start of %s did create compute %s", spec.context_id, found)
+            return {"workspace_id": earlier.workspace_id, "compute_id": found}
+        await asyncio.to_thread(self.ledger.forget, earlier)
+        return None
 
     def _start_changed(self) -> None:
         self._starts_changed.set()
@@ -161,6 +217,8 @@ class PolarsCloudBackend(Backend):
         for attempt in range(_START_ATTEMPTS):
             if attempt:
                 await asyncio.sleep(RETRY_DELAYS_S[min(attempt - 1, len(RETRY_DELAYS_S) - 1)])
+                entry = replace(entry, answer_due_at=self._answer_due_at())
+                await asyncio.to_thread(self.ledger.write, entry)
             starts[spec.context_id] = True
             try:
                 compute_id = await self.calls.once(
@@ -179,11 +237,14 @@ class PolarsCloudBackend(Backend):
             except NotSent as exc:
                 # Nothing was started: an entry left behind could only ever claim a
                 # compute someone else started.
-                await asyncio.to_thread(self.ledger.forget, spec.context_id)
+                await asyncio.to_thread(self.ledger.forget, entry)
                 raise BackendError(str(exc)) from None
             except CallTimeout as exc:
                 # The request may still create a compute; the pending entry lets the next
-                # sweep find it. Another attempt now could make a second one.
+                # sweep (of any replica) find it, from now on: nobody will record an
+                # answer. Another attempt now could make a second one.
+                lost = replace(entry, answer_due_at=time.time())
+                await asyncio.to_thread(self.ledger.write, lost)
                 raise BackendError(
                     f"{exc} to the start request; not retrying, so that no second context "
                     "is started (a context it created is found and stopped by the next sweep)"
@@ -203,11 +264,11 @@ class PolarsCloudBackend(Backend):
                     log.info("the failed start of %s did create compute %s", spec.context_id, found)
                     return {"workspace_id": entry.workspace_id, "compute_id": found}
                 continue
-            done = Entry(**{**entry.__dict__, "compute_id": compute_id})
+            done = replace(entry, compute_id=compute_id)
             await asyncio.to_thread(self.ledger.write, done)
             log.info("started Polars Cloud compute %s for context %s", compute_id, spec.context_id)
             return done.handle()
-        await asyncio.to_thread(self.ledger.forget, spec.context_id)
+        await asyncio.to_thread(self.ledger.forget, entry)
         raise BackendError(
             f"Polars Cloud refused to start the context {_START_ATTEMPTS} times: {last}"
         )
@@ -241,18 +302,27 @@ class PolarsCloudBackend(Backend):
                 f"start failed ({failure}) and listing the workspace to see whether it "
                 f"created a context failed too ({exc}); not retrying"
             ) from None
-        known = {e.compute_id for e in await asyncio.to_thread(self.ledger.entries)}
+        entries = await asyncio.to_thread(self.ledger.entries)
+        known = {e.compute_id for e in entries}
         candidates = [c for c in computes if c.id not in known and matches(entry, c, user_id)]
         if not candidates:
             return None
-        if len(candidates) > 1 or self._others_unresolved(entry, waiting_only=False):
+        # Another replica's pending start could have made the same compute.
+        rivals = [
+            e
+            for e in entries
+            if e.compute_id is None
+            and e.context_id != entry.context_id
+            and any(matches(e, c, user_id) for c in candidates)
+        ]
+        if len(candidates) > 1 or rivals or self._others_unresolved(entry, waiting_only=False):
             raise BackendError(
                 f"start failed ({failure}), and the workspace has a compute it may have "
                 "created that cannot be told apart from another start's; not retrying (the "
                 "next sweep finds and stops it once that is clear)"
             )
         found: Compute = candidates[0]
-        done = Entry(**{**entry.__dict__, "compute_id": found.id})
+        done = replace(entry, compute_id=found.id)
         await asyncio.to_thread(self.ledger.write, done)
         return found.id
 
@@ -303,7 +373,7 @@ class PolarsCloudBackend(Backend):
     def _forget_compute(self, compute_id: str) -> None:
         for entry in self.ledger.entries():
             if entry.compute_id == compute_id:
-                self.ledger.forget(entry.context_id)
+                self.ledger.forget(entry)
 
     async def list(self) -> builtins.list[Observed]:
         """See the module docstring. A workspace that cannot be looked up or listed is
@@ -320,6 +390,7 @@ class PolarsCloudBackend(Backend):
                 if isinstance(exc, NotSent):
                     raise
                 problems.append(f"workspace {name!r}: {exc}")
+        await self._import_legacy()
         entries = await asyncio.to_thread(self.ledger.entries)
         workspace_ids |= {e.workspace_id for e in entries}
         user_id = await self._our_user() if workspace_ids else ""
@@ -360,7 +431,15 @@ class PolarsCloudBackend(Backend):
                 entry = by_compute.get(compute.id) or claimed.get(compute.id)
                 if entry is not None:
                     found.append(Observed(entry.handle(), phase, entry.context_id))
-                elif compute.user_id == user_id and self.options.stop_unknown_computes:
+                elif (
+                    compute.user_id == user_id
+                    and self.options.stop_unknown_computes
+                    and not any(
+                        matches(e, compute, user_id) for e in entries if e.compute_id is None
+                    )
+                ):
+                    # Unknown, and no start still unresolved (of any replica) could have
+                    # made it.
                     handle = {"workspace_id": compute.workspace_id, "compute_id": compute.id}
                     found.append(Observed(handle, phase, None))
         for problem in problems:
@@ -385,14 +464,17 @@ class PolarsCloudBackend(Backend):
         pending = [e for e in entries if e.compute_id is None and e.workspace_id == workspace_id]
         unknown = [c for c in live if c.id not in by_compute]
         claimed: dict[str, Entry] = {}
+        now = time.time()
         for entry in pending:
+            if entry.answer_due_at > now:
+                continue  # its start request (on another replica) may still answer
             candidates = [c for c in unknown if matches(entry, c, user_id)]
             if len(candidates) != 1:
                 continue
             compute = candidates[0]
             if sum(matches(other, compute, user_id) for other in pending) != 1:
                 continue
-            done = Entry(**{**entry.__dict__, "compute_id": compute.id})
+            done = replace(entry, compute_id=compute.id)
             await asyncio.to_thread(self.ledger.write, done)
             claimed[compute.id] = done
         return claimed
@@ -405,7 +487,28 @@ class PolarsCloudBackend(Backend):
             gone = entry.compute_id is not None and entry.compute_id not in live
             stale = entry.compute_id is None and now - entry.requested_at > _PENDING_TTL_S
             if gone or stale:
-                self.ledger.forget(entry.context_id)
+                self.ledger.forget(entry)
+
+    async def _import_legacy(self) -> None:
+        """Entries an earlier release kept as files in ``data_dir``: into the ledger (an
+        entry the ledger has already is newer), once per process."""
+        if self._legacy_imported:
+            return
+        directory = self.state_dir / "ledger"
+
+        def move() -> int:
+            known = {e.context_id for e in self.ledger.entries()}
+            moved = 0
+            for path, entry in legacy_entries(directory):
+                if entry.context_id not in known:
+                    self.ledger.write(entry)
+                    moved += 1
+                path.unlink(missing_ok=True)
+            return moved
+
+        if moved := await asyncio.to_thread(move):
+            log.info("moved %d start ledger entries from %s into the database", moved, directory)
+        self._legacy_imported = True
 
     # -- Backend: queries ----------------------------------------------------------------
     async def execute(self, handle: Handle, query: QuerySpec) -> QueryOutcome:
