@@ -818,14 +818,14 @@ async def test_failing_credentials_refuse_only_leases_that_need_a_new_context(
     assert problem in refused.json()["error"]["message"]
 
 
-# -- several replicas on one start ledger ------------------------------------------------------
+# -- several replicas on one start ledger (without manifests) -------------------------------
 
 
 async def test_replicas_sharing_the_ledger_never_take_each_others_computes_for_unknown(
     cloud: FakePolarsCloud, tmp_path: Path
 ) -> None:
-    a = make_backend(cloud, tmp_path, stop_unknown_computes=True)
-    b = make_backend(cloud, tmp_path / "b", stop_unknown_computes=True)
+    a = make_backend(cloud, tmp_path, stop_unknown_computes=True, use_manifests=False)
+    b = make_backend(cloud, tmp_path / "b", stop_unknown_computes=True, use_manifests=False)
     b.ledger = a.ledger  # two data directories, one database
     await running(a, spec("from-a"))
     [seen] = await b.list()
@@ -854,8 +854,8 @@ async def test_a_start_whose_maker_died_is_resolved_by_another_replica(
         return [c for c in cloud.computes() if c["labels"].get(LABEL_CONTEXT_ID) == context_id]
 
     ctx = f"ctx-{uuid.uuid4().hex[:8]}"  # the fake keeps the computes of earlier tests
-    a = make_backend(cloud, tmp_path, request_timeout_s=2)
-    b = make_backend(cloud, tmp_path / "b", request_timeout_s=2)
+    a = make_backend(cloud, tmp_path, request_timeout_s=2, use_manifests=False)
+    b = make_backend(cloud, tmp_path / "b", request_timeout_s=2, use_manifests=False)
     b.ledger = a.ledger
     # A sends the start and dies before the answer comes (its task is cancelled mid-call,
     # as SIGKILL would leave it): the compute exists, the entry is pending.
@@ -888,7 +888,7 @@ async def test_a_start_whose_maker_died_is_resolved_by_another_replica(
 async def test_the_ledger_files_of_an_earlier_release_move_into_the_database(
     cloud: FakePolarsCloud, tmp_path: Path
 ) -> None:
-    old = make_backend(cloud, tmp_path)
+    old = make_backend(cloud, tmp_path, use_manifests=False)
     handle = await running(old, spec("from-files"))
     await asyncio.to_thread(old.ledger.forget, (await asyncio.to_thread(old.ledger.entries))[0])
     folder = tmp_path / "svc" / "polars_cloud" / "ledger"
@@ -904,6 +904,7 @@ async def test_the_ledger_files_of_an_earlier_release_move_into_the_database(
     }
     (folder / "from-files.json").write_text(json.dumps(entry))
     (folder / "broken.json").write_text("{not json")
+    # The upgraded release starts through manifests; the ledger still knows this compute.
     upgraded = make_backend(cloud, tmp_path, stop_unknown_computes=True)
     [seen] = await upgraded.list()
     assert (seen.context_id, seen.handle["compute_id"]) == ("from-files", handle["compute_id"])
