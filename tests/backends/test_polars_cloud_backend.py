@@ -466,6 +466,17 @@ async def test_slots_are_the_lowest_free_and_follow_the_profile(
     assert owners == {"b": "pclease-small-1", "big": "pclease-large-0", "c": "pclease-small-0"}
 
 
+async def test_concurrent_starts_of_one_profile_take_distinct_slots(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    cloud.hang_start_answers_s = 0.5
+    handles = await asyncio.gather(*(backend.start(spec(f"c{i}")) for i in range(3)))
+    cloud.hang_start_answers_s = 0
+    assert sorted(h["manifest"] for h in handles) == [f"pclease-small-{i}" for i in range(3)]
+    assert len({h["compute_id"] for h in handles}) == len(cloud.running()) == 3
+
+
 async def test_a_slot_another_process_took_meanwhile_is_left_to_it(
     cloud: FakePolarsCloud, tmp_path: Path
 ) -> None:

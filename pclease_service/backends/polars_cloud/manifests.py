@@ -111,6 +111,8 @@ class ManifestStarts:
         free: str | None = None
         for slot in range(_MAX_SLOTS):
             name = manifest_name(self.instance, spec.profile, slot)
+            if (workspace_id, name) in self._starting:
+                continue  # another start of this process has it (maybe not registered yet)
             manifest = await self._find(workspace_id, name)
             if manifest is None:
                 return free or name, False
@@ -118,11 +120,7 @@ class ManifestStarts:
                 continue
             if manifest.env.get(CONTEXT_ENV) == spec.context_id:
                 return name, manifest.live_cluster_id is not None
-            if (
-                free is None
-                and manifest.live_cluster_id is None
-                and (workspace_id, name) not in self._starting
-            ):
+            if free is None and manifest.live_cluster_id is None:
                 free = name
         if free is not None:
             return free, False
