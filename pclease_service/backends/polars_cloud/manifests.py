@@ -111,7 +111,7 @@ class ManifestStarts:
         free: str | None = None
         for slot in range(_MAX_SLOTS):
             name = manifest_name(self.instance, spec.profile, slot)
-            if (workspace_id, name) in self._starting:
+            if self._starting.get((workspace_id, name), spec.context_id) != spec.context_id:
                 continue  # another start of this process has it (maybe not registered yet)
             manifest = await self._find(workspace_id, name)
             if manifest is None:
