@@ -404,6 +404,13 @@ class PolarsCloudSettings(BaseModel):
         description="Every single call to Polars Cloud is abandoned after this; a token "
         "fetch gets at most half of it.",
     )
+    use_manifests: bool = Field(
+        True,
+        description="Start contexts through Polars Cloud manifests (named compute "
+        "contexts, one per profile and slot): a repeated or lost start reconnects to the "
+        "cluster it made instead of starting a second one. Off: plain starts and the start "
+        "ledger.",
+    )
     stop_unknown_computes: bool = Field(
         False,
         description="Stop live computes the service account started that this deployment "

@@ -333,6 +333,106 @@ def test_fail_compute_turns_a_running_compute_failed(fake: FakePolarsCloud, tmp_
     assert fake.running() == []
 
 
+# manifests (named compute contexts) through the real client ----------------------------
+
+
+def test_manifests_register_find_start_once_and_unregister(
+    fake: FakePolarsCloud, tmp_path: Path
+) -> None:
+    out = run_client(
+        fake,
+        tmp_path,
+        """
+        ws = pc.Workspace(name="pclease-ws")
+        out["missing"] = error_of(lambda: pc.ComputeContext(workspace=ws, name="m"))
+        spec = context(labels=["a=b"], env_vars={"X": "1"}, idle_timeout_mins=20)
+        spec.register("m")
+        named = pc.ComputeContext(workspace=ws, name="m")
+        out["before"] = str(named.get_status())
+        named.start()
+        out["first"] = str(named._compute_id)
+        # Starting the manifest again answers its live cluster; so does connecting by name.
+        out["again"] = str(pc.constants.API_CLIENT.start_compute_cluster_manifest(ws.id, "m").id)
+        out["by_name"] = str(pc.ComputeContext(workspace=ws, name="m")._compute_id)
+        m = pc.constants.API_CLIENT.get_compute_cluster_manifest(ws.id, "m")
+        out["manifest"] = [
+            m.name, m.req_cpu_cores, m.req_ram_gb, str(m.mode), m.idle_timeout_mins,
+            m.env_vars, m.polars_version, m.python_version, str(m.live_cluster_id),
+        ]
+        context(cpus=4, memory=8).register("m")  # registering again replaces the specs
+        out["grown"] = pc.constants.API_CLIENT.get_compute_cluster_manifest(
+            ws.id, "m"
+        ).req_cpu_cores
+        named.stop()
+        out["after_stop"] = str(
+            pc.constants.API_CLIENT.get_compute_cluster_manifest(ws.id, "m").live_cluster_id
+        )
+        named2 = pc.ComputeContext(workspace=ws, name="m")
+        named2.start()
+        out["second"] = str(named2._compute_id)
+        named2.stop()
+        named2.unregister()
+        out["gone"] = error_of(lambda: pc.ComputeContext(workspace=ws, name="m"))
+        """,
+    )
+    assert out["missing"][0] == "NotFoundError"
+    assert out["before"] == "ComputeContextStatus.UNINITIALIZED"
+    assert out["again"] == out["by_name"] == out["first"]
+    name, cpus, ram, mode, idle, env, polars, python, live = out["manifest"]
+    assert (name, cpus, ram, mode, idle, env) == (
+        "m",
+        2,
+        4,
+        "DBClusterModeModel.Proxy",
+        20,
+        {"X": "1"},
+    )
+    assert polars == pl.__version__ and python.count(".") == 2
+    assert live == out["first"]
+    assert out["grown"] == 4
+    assert out["after_stop"] == "None"
+    assert out["second"] != out["first"]
+    assert out["gone"][0] == "NotFoundError"
+    first, second = fake.computes()
+    assert (first["name"], first["cpus"], second["name"], second["cpus"]) == ("m", 2, "m", 4)
+    assert first["labels"] == {"a": "b"}
+    assert fake.manifests.snapshot() == []
+    paths = {
+        (c.method, c.path.rsplit("/manifest", 1)[-1]) for c in fake.calls if "/manifest" in c.path
+    }
+    assert paths == {("POST", ""), ("GET", "/find"), ("POST", "/start"), ("DELETE", "")}
+
+
+def test_a_lost_manifest_start_made_the_one_cluster_a_retry_answers(
+    fake: FakePolarsCloud, tmp_path: Path
+) -> None:
+    fake.lose_start_answers = 1
+    fake.fail_starts = 1
+    out = run_client(
+        fake,
+        tmp_path,
+        """
+        ws = pc.Workspace(name="pclease-ws")
+        context().register("m")
+        start = lambda: pc.constants.API_CLIENT.start_compute_cluster_manifest(ws.id, "m")
+        out["failed"] = error_of(start)
+        out["lost"] = error_of(start)
+        out["retry"] = str(start().id)
+        """,
+    )
+    assert "compute start failed" in out["failed"][1]
+    assert "answer was lost" in out["lost"][1]
+    [compute] = fake.computes()
+    assert out["retry"] == compute["id"]
+    [m] = fake.manifests.snapshot()
+    assert m["live_cluster_id"] == compute["id"]
+    assert m["starts"] == [compute["id"], compute["id"]]
+    statuses = [c.status for c in fake.calls if c.path.endswith("/manifest/start")]
+    assert statuses == [500, 500, 200]
+    fake.reset()
+    assert fake.manifests.snapshot() == [] and fake.running() == []
+
+
 # queries through the real client -------------------------------------------------------
 
 

@@ -187,14 +187,21 @@ async def test_start_status_list_stop(cloud: FakePolarsCloud, tmp_path: Path) ->
     backend = make_backend(cloud, tmp_path)
     s = spec(requirements=["pyarrow==16"], env={"A": "1"}, idle_timeout_mins=45)
     handle = await running(backend, s)
-    assert set(handle) == {"workspace_id", "compute_id"}
+    assert set(handle) == {"workspace_id", "compute_id", "manifest"}
+    assert handle["manifest"] == "pclease-small-0"
     [compute] = [c for c in cloud.computes() if c["id"] == handle["compute_id"]]
+    assert compute["name"] == "pclease-small-0"
     assert compute["labels"][LABEL_CONTEXT_ID] == "ctx-1"
     assert compute["labels"][LABEL_MANAGED_BY] == "pclease"
     assert compute["mode"] == "Proxy"
     assert (compute["cpus"], compute["ram_gb"]) == (2, 4)
     assert compute["idle_timeout_mins"] == 45
-    assert compute["env_vars"] == {"A": "1"}
+    # The manifest's environment names the context it was registered for.
+    assert compute["env_vars"] == {
+        "A": "1",
+        "PCLEASE_CONTEXT_ID": "ctx-1",
+        "PCLEASE_INSTANCE": "pclease",
+    }
     assert "pyarrow==16" in compute["requirements_txt"]
 
     [observed] = await backend.list()
@@ -433,13 +440,164 @@ async def wait_for(predicate: Any, what: str, timeout_s: float = 15.0) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-# -- starts whose answer was lost ------------------------------------------------------------
+# -- starts through manifests -----------------------------------------------------------------
+
+
+def manifest(cloud: FakePolarsCloud, name: str) -> dict[str, Any]:
+    [found] = [m for m in cloud.manifests.snapshot() if m["name"] == name]
+    return found
+
+
+async def test_a_repeated_start_reconnects_to_the_manifests_cluster(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    before = {c["id"] for c in cloud.computes()}
+    handle = await running(backend, spec("ctx-1"))
+    m = manifest(cloud, "pclease-small-0")
+    assert m["live_cluster_id"] == handle["compute_id"]
+    assert m["env_vars"]["PCLEASE_CONTEXT_ID"] == "ctx-1"
+    assert (m["req_cpu_cores"], m["req_ram_gb"], m["mode"]) == (2, 4, "Proxy")
+    assert "pclease.context-id=ctx-1" in m["labels"]
+
+    # The same start again, and from a restarted service: the cluster it made.
+    assert await backend.start(spec("ctx-1")) == handle
+    restarted = make_backend(cloud, tmp_path)
+    assert await restarted.start(spec("ctx-1")) == handle
+    assert [c["id"] for c in cloud.computes() if c["id"] not in before] == [handle["compute_id"]]
+    assert manifest(cloud, "pclease-small-0")["registrations"] == 1  # live: left as it is
+    [observed] = await restarted.list()
+    assert (observed.context_id, dict(observed.handle)) == ("ctx-1", dict(handle))
+
+
+async def test_a_lost_or_timed_out_manifest_start_reconnects(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path, request_timeout_s=1)
+    cloud.lose_start_answers = 1
+    lost = await backend.start(spec("answer-lost"))
+    [compute] = cloud.running()
+    assert lost["compute_id"] == compute["id"]
+
+    cloud.hang_start_answers_s = 2  # longer than request_timeout_s
+    timed_out = await backend.start(spec("answer-late"))
+    cloud.hang_start_answers_s = 0
+    assert len(cloud.running()) == 2
+    assert timed_out["manifest"] == "pclease-small-1"
+    assert timed_out["compute_id"] == manifest(cloud, "pclease-small-1")["live_cluster_id"]
+    owners = {o.context_id: o.handle["compute_id"] for o in await backend.list()}
+    assert owners == {"answer-lost": lost["compute_id"], "answer-late": timed_out["compute_id"]}
+
+
+async def test_slots_are_the_lowest_free_and_follow_the_profile(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    large = {"cpus": 8, "memory_gb": 16}
+    backend = make_backend(cloud, tmp_path, profiles={"large": large})
+    a = await running(backend, spec("a"))
+    b = await running(backend, spec("b"))
+    big = await running(backend, replace(spec("big"), profile="large", cpus=8, memory_gb=16))
+    assert (a["manifest"], b["manifest"]) == ("pclease-small-0", "pclease-small-1")
+    assert big["manifest"] == "pclease-large-0"  # two profiles, two manifests
+    assert manifest(cloud, "pclease-large-0")["req_cpu_cores"] == 8
+
+    # Slot 0 is freed when its cluster stops; the next context takes it, registered
+    # with the profile as it is now.
+    await backend.stop(a)
+    grown = replace(spec("c"), cpus=4, memory_gb=8)
+    c = await running(backend, grown)
+    assert c["manifest"] == "pclease-small-0"
+    assert c["compute_id"] != a["compute_id"]
+    m = manifest(cloud, "pclease-small-0")
+    assert (m["registrations"], m["req_cpu_cores"], m["req_ram_gb"]) == (2, 4, 8)
+    assert m["env_vars"]["PCLEASE_CONTEXT_ID"] == "c"
+    assert m["starts"] == [a["compute_id"], c["compute_id"]]
+    owners = {o.context_id: o.handle["manifest"] for o in await backend.list()}
+    assert owners == {"b": "pclease-small-1", "big": "pclease-large-0", "c": "pclease-small-0"}
+
+
+async def test_concurrent_starts_of_one_profile_take_distinct_slots(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    cloud.hang_start_answers_s = 0.5
+    handles = await asyncio.gather(*(backend.start(spec(f"c{i}")) for i in range(3)))
+    cloud.hang_start_answers_s = 0
+    assert sorted(h["manifest"] for h in handles) == [f"pclease-small-{i}" for i in range(3)]
+    assert len({h["compute_id"] for h in handles}) == len(cloud.running()) == 3
+
+
+async def test_a_slot_another_process_took_meanwhile_is_left_to_it(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    real = backend.manifests._start
+
+    async def start_while_a_rival_registers(
+        spec: ContextSpec, workspace_id: str, name: str
+    ) -> Handle:
+        handle = await real(spec, workspace_id, name)
+        if name == "pclease-small-0":  # another replica took the same free slot, later
+            rival = {"PCLEASE_CONTEXT_ID": "rival", "PCLEASE_INSTANCE": "pclease"}
+            cloud.manifests.register(
+                cloud.workspace_id,
+                {
+                    "name": name,
+                    "env_vars": rival,
+                    "polars_version": "2.0.0",
+                    "python_version": "3.11.7",
+                },
+            )
+        return handle
+
+    backend.manifests._start = start_while_a_rival_registers  # type: ignore[method-assign]
+    handle = await backend.start(spec("ctx-1"))
+    assert handle["manifest"] == "pclease-small-1"
+    owners = {o.context_id: o.handle["manifest"] for o in await backend.list()}
+    assert owners == {"rival": "pclease-small-0", "ctx-1": "pclease-small-1"}
+    assert len(cloud.running()) == 2
+
+
+async def test_manifests_of_others_are_never_taken_nor_listed(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    # Another deployment's manifest (its instance name is "x") and one registered by hand.
+    versions = {"polars_version": "2.0.0", "python_version": {"major": 3, "minor": 11}}
+    cloud.manifests.register(
+        cloud.workspace_id,
+        {"name": "pclease-small-0", "env_vars": {"PCLEASE_INSTANCE": "x"}, **versions},
+    )
+    user = cloud.auth.subject_for(CLIENT_ID)
+    theirs, _ = cloud.manifests.start(cloud.workspace_id, user, "pclease-small-0")
+    cloud.manifests.register(cloud.workspace_id, {"name": "pclease-small-1", **versions})
+    backend = make_backend(cloud, tmp_path, stop_unknown_computes=True)
+    ours = await backend.start(spec("ctx-1"))
+    assert ours["manifest"] == "pclease-small-2"
+    assert [o.context_id for o in await backend.list()] == ["ctx-1"]
+    assert manifest(cloud, "pclease-small-0")["live_cluster_id"] == theirs
+
+
+async def test_a_cluster_no_longer_its_manifests_is_reported_without_a_context(
+    cloud: FakePolarsCloud, tmp_path: Path
+) -> None:
+    backend = make_backend(cloud, tmp_path)
+    first = await running(backend, spec("first"))
+    # The manifest forgets its cluster (as if it had been replaced): the cluster is still
+    # this deployment's, by its name, but no context's.
+    cloud.manifests.unregister(cloud.workspace_id, "pclease-small-0")
+    second = await running(backend, spec("second"))
+    assert second["manifest"] == "pclease-small-0"
+    owners = {o.handle["compute_id"]: o.context_id for o in await backend.list()}
+    assert owners == {first["compute_id"]: None, second["compute_id"]: "second"}
+
+
+# -- starts whose answer was lost, without manifests (the start ledger) ---------------------
 
 
 async def test_a_start_whose_answer_was_lost_is_found_and_owned_once(
     cloud: FakePolarsCloud, tmp_path: Path
 ) -> None:
-    backend = make_backend(cloud, tmp_path)
+    backend = make_backend(cloud, tmp_path, use_manifests=False)
     cloud.lose_start_answers = 1
     handle = await backend.start(spec("lost"))
     [compute] = cloud.running()
@@ -453,7 +611,7 @@ async def test_a_start_whose_answer_was_lost_is_found_and_owned_once(
 async def test_concurrent_starts_never_share_a_compute(
     cloud: FakePolarsCloud, tmp_path: Path
 ) -> None:
-    backend = make_backend(cloud, tmp_path)
+    backend = make_backend(cloud, tmp_path, use_manifests=False)
     await running(backend, spec("warm-up"))  # workspace and user known: both go straight on
     warm = {c["id"] for c in cloud.running()}
     # B's request creates its compute but its answer is held back; meanwhile A's creates
@@ -475,7 +633,7 @@ async def test_concurrent_starts_never_share_a_compute(
 async def test_a_stale_pending_entry_never_claims_someone_elses_compute(
     cloud: FakePolarsCloud, tmp_path: Path
 ) -> None:
-    backend = make_backend(cloud, tmp_path)
+    backend = make_backend(cloud, tmp_path, use_manifests=False)
     await running(backend, spec("first"))
     # The credentials stop working just before the next start sends its request.
     cloud.rotate("pcs_" + secrets.token_urlsafe(8))
@@ -488,7 +646,7 @@ async def test_a_stale_pending_entry_never_claims_someone_elses_compute(
     theirs = cloud.start_compute(
         cloud.workspace_id, user, {"specs": {"cpus": 2, "ram_gb": 4}, "cluster_size": 1}
     )
-    restarted = make_backend(cloud, tmp_path)
+    restarted = make_backend(cloud, tmp_path, use_manifests=False)
     owners = {o.handle["compute_id"]: o.context_id for o in await restarted.list()}
     assert theirs.id not in owners
     assert list(owners.values()) == ["first"]
@@ -497,7 +655,7 @@ async def test_a_stale_pending_entry_never_claims_someone_elses_compute(
 async def test_a_pending_entry_claims_nothing_when_two_computes_could_be_its(
     cloud: FakePolarsCloud, tmp_path: Path
 ) -> None:
-    backend = make_backend(cloud, tmp_path)
+    backend = make_backend(cloud, tmp_path, use_manifests=False)
     cloud.hang_start_answers_s = 12  # longer than request_timeout_s: the start times out
     with pytest.raises(BackendError, match="not retrying"):
         await backend.start(spec("timed-out"))
@@ -725,14 +883,14 @@ async def test_failing_credentials_refuse_only_leases_that_need_a_new_context(
     assert problem in refused.json()["error"]["message"]
 
 
-# -- several replicas on one start ledger ------------------------------------------------------
+# -- several replicas on one start ledger (without manifests) -------------------------------
 
 
 async def test_replicas_sharing_the_ledger_never_take_each_others_computes_for_unknown(
     cloud: FakePolarsCloud, tmp_path: Path
 ) -> None:
-    a = make_backend(cloud, tmp_path, stop_unknown_computes=True)
-    b = make_backend(cloud, tmp_path / "b", stop_unknown_computes=True)
+    a = make_backend(cloud, tmp_path, stop_unknown_computes=True, use_manifests=False)
+    b = make_backend(cloud, tmp_path / "b", stop_unknown_computes=True, use_manifests=False)
     b.ledger = a.ledger  # two data directories, one database
     await running(a, spec("from-a"))
     [seen] = await b.list()
@@ -761,8 +919,8 @@ async def test_a_start_whose_maker_died_is_resolved_by_another_replica(
         return [c for c in cloud.computes() if c["labels"].get(LABEL_CONTEXT_ID) == context_id]
 
     ctx = f"ctx-{uuid.uuid4().hex[:8]}"  # the fake keeps the computes of earlier tests
-    a = make_backend(cloud, tmp_path, request_timeout_s=2)
-    b = make_backend(cloud, tmp_path / "b", request_timeout_s=2)
+    a = make_backend(cloud, tmp_path, request_timeout_s=2, use_manifests=False)
+    b = make_backend(cloud, tmp_path / "b", request_timeout_s=2, use_manifests=False)
     b.ledger = a.ledger
     # A sends the start and dies before the answer comes (its task is cancelled mid-call,
     # as SIGKILL would leave it): the compute exists, the entry is pending.
@@ -795,7 +953,7 @@ async def test_a_start_whose_maker_died_is_resolved_by_another_replica(
 async def test_the_ledger_files_of_an_earlier_release_move_into_the_database(
     cloud: FakePolarsCloud, tmp_path: Path
 ) -> None:
-    old = make_backend(cloud, tmp_path)
+    old = make_backend(cloud, tmp_path, use_manifests=False)
     handle = await running(old, spec("from-files"))
     await asyncio.to_thread(old.ledger.forget, (await asyncio.to_thread(old.ledger.entries))[0])
     folder = tmp_path / "svc" / "polars_cloud" / "ledger"
@@ -811,6 +969,7 @@ async def test_the_ledger_files_of_an_earlier_release_move_into_the_database(
     }
     (folder / "from-files.json").write_text(json.dumps(entry))
     (folder / "broken.json").write_text("{not json")
+    # The upgraded release starts through manifests; the ledger still knows this compute.
     upgraded = make_backend(cloud, tmp_path, stop_unknown_computes=True)
     [seen] = await upgraded.list()
     assert (seen.context_id, seen.handle["compute_id"]) == ("from-files", handle["compute_id"])

@@ -23,13 +23,15 @@ nothing), ``lose_start_answers`` (create the compute, then answer 500),
 ``reset(**knobs)`` (every knob to its default, no error burst, the original credentials,
 no running compute), ``error_burst(n, status)``, ``rotate(client_secret, client_id)``,
 ``revoke_tokens()``, ``fail_compute(compute_id, message)``. Inspection (snapshots):
-``computes()``, ``running()``, ``queries()``, ``calls`` (:class:`Call`), ``tokens_issued``,
-``workspace_id``, ``organization_id``.
+``computes()``, ``running()``, ``queries()``, ``manifests.snapshot()``, ``calls``
+(:class:`Call`), ``tokens_issued``, ``workspace_id``, ``organization_id``.
 
-Layout: ``control`` holds the state and JSON shapes, ``rest`` the HTTP/1.1 routes, ``grpc_api``
-the gRPC ClientService on raw bytes (``protowire`` hand-codes the few messages), ``front``
-splices each connection on the public port to one or the other by its first bytes
-(``PRI `` = HTTP/2), ``plans`` runs submitted plans with Polars, ``tokens`` the OAuth side.
+Layout: ``control`` holds the state and JSON shapes, ``rest`` the HTTP/1.1 routes,
+``manifests`` the named compute contexts (state, shapes and routes; its docstring has what
+the client sends), ``grpc_api`` the gRPC ClientService on raw bytes (``protowire``
+hand-codes the few messages), ``front`` splices each connection on the public port to one
+or the other by its first bytes (``PRI `` = HTTP/2), ``plans`` runs submitted plans with
+Polars, ``tokens`` the OAuth side.
 
 Wire facts verified by driving the real client (beyond the shared reference):
 
@@ -48,10 +50,11 @@ Wire facts verified by driving the real client (beyond the shared reference):
   compute model parses ``label_ids`` (a list of UUIDs: a non-UUID there breaks decoding), but
   the Python ``ComputeModel`` exposes no labels at all and ``ComputeContext.list()`` sets
   ``labels=None``. So a backend cannot recognise its contexts from ``list`` by label: it must
-  remember the compute ids it started (``name`` exists on the model but only named manifests
-  set it). The fake answers ``label_ids`` as a stable uuid5 per label name
-  (``fake.label_id(name)``), keeps the list (``computes()[i]["label_list"]``) and a dict of
-  ``key=value``/``key:value`` pairs (``["labels"]``; a bare label maps to ``""``).
+  remember the compute ids it started, or start them from manifests (``name`` on the model
+  is the manifest's name, null for computes started without one). The fake answers
+  ``label_ids`` as a stable uuid5 per label name (``fake.label_id(name)``), keeps the list
+  (``computes()[i]["label_list"]``) and a dict of ``key=value``/``key:value`` pairs
+  (``["labels"]``; a bare label maps to ``""``).
 - ``compute_plane_version`` must be semver or null.
 - SubmitQuery field 4 (query labels, from ``lf.remote(ctx).labels([...])``) is
   ``{1: repeated {1: label}}``, an empty message without labels; ``queries()[i]["labels"]``.
@@ -71,8 +74,9 @@ Wire facts verified by driving the real client (beyond the shared reference):
 Behaviour and limits: computes go Starting -> Running after ``start_delay_s`` (or -> Failed
 with ``start_ends_failed``), stop gives Stopping -> Stopped after ``stop_delay_s`` with
 ``termination.termination_reason = "StoppedByUser"``. No idle timeout, no Idle status, no
-manifests (named contexts), no direct mode. Queries are accepted only on Running computes
-(else gRPC FAILED_PRECONDITION), run for real in a worker thread, and report one stage.
+direct mode; manifests keep one cluster each (see ``manifests``). Queries are accepted only
+on Running computes (else gRPC FAILED_PRECONDITION), run for real in a worker thread, and
+report one stage.
 Errors are ``{"scheduler": "Class: msg"}``. ``error_burst`` hits REST only, not gRPC.
 Cancel marks a query Canceled at once and a query still waiting out ``query_delay_s`` never
 runs; but polars 2.0's ``InProcessQuery.cancel()`` does not interrupt a running sink

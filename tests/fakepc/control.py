@@ -49,6 +49,9 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+now = _now
+
+
 def _iso(t: datetime | None) -> str | None:
     return None if t is None else t.isoformat().replace("+00:00", "Z")
 
@@ -81,6 +84,7 @@ class Compute:
     stop_at: float | None = None  # monotonic; Stopping ends here
     termination: dict[str, Any] | None = None
     updated_at: datetime = field(default_factory=_now)
+    name: str | None = None  # the manifest it was started from
 
     @property
     def specs(self) -> dict[str, Any]:
@@ -149,6 +153,10 @@ class ControlPlane:
         self.query_error: str | None = None
         self.query_delay_s = 0.0
         self.hang_submit_answers_s = 0.0
+        # Imported here: the manifests module builds on this one.
+        from tests.fakepc.manifests import Manifests
+
+        self.manifests = Manifests(self)
 
     #: Every failure knob and its default.
     KNOBS: ClassVar[dict[str, Any]] = {
@@ -166,7 +174,8 @@ class ControlPlane:
 
     def reset(self, **knobs: Any) -> None:
         """Every knob back to its default (``knobs`` overrides some), no pending error
-        burst, the credentials the fake was made with, and no running compute."""
+        burst, the credentials the fake was made with, no running compute and no
+        manifest."""
         unknown = set(knobs) - set(self.KNOBS)
         if unknown:
             raise TypeError(f"unknown knob(s) {sorted(unknown)}; known: {sorted(self.KNOBS)}")
@@ -178,6 +187,7 @@ class ControlPlane:
         self.rotate(client_secret, client_id)
         for compute in self.running():
             self.stop_compute(compute["workspace_id"], compute["id"])
+        self.manifests.clear()
 
     # knobs and bookkeeping ------------------------------------------------------------
 
@@ -312,7 +322,9 @@ class ControlPlane:
         self._advance(c)
         return c
 
-    def start_compute(self, workspace_id: str, user_id: str, body: dict[str, Any]) -> Compute:
+    def start_compute(
+        self, workspace_id: str, user_id: str, body: dict[str, Any], *, name: str | None = None
+    ) -> Compute:
         labels = body.get("labels") or []
         c = Compute(
             id=str(uuid.uuid4()),
@@ -323,6 +335,7 @@ class ControlPlane:
             request_time=_now(),
             ready_at=time.monotonic() + self.start_delay_s,
             ends_failed=self.start_ends_failed,
+            name=name,
         )
         with self._lock:
             self._computes[c.id] = c
@@ -375,7 +388,7 @@ class ControlPlane:
             "id": c.id,
             "user_id": c.user_id,
             "workspace_id": c.workspace_id,
-            "name": None,
+            "name": c.name,
             "instance_type": c.body.get("instance_type"),
             "cpu_architectures": arch,
             "req_ram_gb": ram_gb,
@@ -416,6 +429,7 @@ class ControlPlane:
                 out.append(
                     {
                         "id": c.id,
+                        "name": c.name,
                         "status": c.status,
                         "labels": labels_to_dict(c.labels),
                         "label_list": list(c.labels),

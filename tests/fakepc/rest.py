@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
+from tests.fakepc import manifests
 from tests.fakepc.control import Call, ControlPlane, NotFound
 from tests.fakepc.tokens import bearer_of, client_credentials
 
@@ -174,6 +175,8 @@ def create_app(plane: ControlPlane) -> FastAPI:
         except NotFound as exc:
             return _error(404, str(exc))
         return Response(status_code=200)
+
+    app.include_router(manifests.router(plane))
 
     @app.api_route(
         "/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False

@@ -298,6 +298,46 @@ def test_restart_adopts_its_context_and_stops_unknown_ones(
     client.close()
 
 
+def test_a_start_killed_before_its_answer_leaves_one_cluster_and_the_leases_go_active(
+    make_env: Callable[..., Env], cloud: FakePolarsCloud
+) -> None:
+    env = make_env()
+    server = env.server()
+    client = env.client(server)
+    # The start request reaches Polars Cloud, which makes the cluster; the service is
+    # killed before the answer arrives.
+    before = {c["id"] for c in cloud.computes()}
+    cloud.hang_start_answers_s = 60
+    leases = [client.create_lease("small", holder=HOLDER, ttl_s=60) for _ in range(2)]
+    wait_until(lambda: cloud.running(), 20, "the start request to make a cluster")
+    assert {env.lease_state(server, lease.id)["state"] for lease in leases} == {"pending"}
+    server.kill()
+    client.close()
+    cloud.hang_start_answers_s = 0
+
+    server = env.server()
+    for lease in leases:
+        wait_until(
+            lambda lease=lease: env.lease_state(server, lease.id)["state"] == "active",
+            20,
+            "the pending lease to become active",
+        )
+    [m] = cloud.manifests.snapshot()
+    assert m["name"] == "pclease-small-0"
+    assert m["env_vars"]["PCLEASE_CONTEXT_ID"] == leases[0].context_id
+    [compute] = [c for c in cloud.computes() if c["id"] not in before]  # one cluster, ever
+    assert m["live_cluster_id"] == compute["id"] and compute["status"] == "Running"
+    client = env.client(server)
+    assert client.attach(leases[0].id).remote(pl.LazyFrame({"a": [1]})).collect().height == 1
+    context = client.get_context(leases[0].context_id)
+    assert context.state.value == "running"
+    for lease in leases:
+        client.release(lease.id)
+    wait_until(lambda: not cloud.running(), 20, "the context to stop")
+    assert cloud.manifests.snapshot()[0]["live_cluster_id"] is None  # the slot is free
+    client.close()
+
+
 def test_secret_rotation_mid_lease(make_env: Callable[..., Env], cloud: FakePolarsCloud) -> None:
     env = make_env(
         credentials={

@@ -3,6 +3,7 @@
 ::
 
     backend.py  the Backend: contexts (start, status, stop, list) and the ledger's use
+    manifests.py starts through manifests (an idempotent start by name) and their computes
     queries.py  queries: forwarded in proxy mode, followed, cancelled, results fetched
     calls.py    how a call is made: token, thread, timeout, retries
     host.py     the polars-cloud client in a process of its own
@@ -29,6 +30,14 @@ once. The client secret never reaches the client: its process's environment has 
 client-credentials exchange with them.
 
 **Handles** are ``{"workspace_id": str, "compute_id": str}``.
+
+**Manifests.** With ``polars_cloud.use_manifests`` (the default) a context is started
+through a manifest named for its profile and slot, which Polars Cloud starts at most once
+at a time: a repeated, lost or timed-out start reconnects to the cluster it made, and the
+computes carry the manifest's name, whose registration names the context. ``manifests.py``
+has the rules (slots, re-registration, which named computes are ours). What follows about
+the ledger applies to starts with ``use_manifests`` off and to computes started without a
+manifest.
 
 **Which contexts are ours.** Contexts are started with the deployment's labels
 (``pclease.managed-by=pclease``, ``pclease.instance``, ``pclease.context-id``,

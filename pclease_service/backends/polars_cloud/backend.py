@@ -34,6 +34,7 @@ from pclease_service.backends.polars_cloud.calls import (
 from pclease_service.backends.polars_cloud.client import COMPUTE_LIVE, CloudError, Compute
 from pclease_service.backends.polars_cloud.host import ClientHost, client_environment
 from pclease_service.backends.polars_cloud.ledger import Entry, handle_of, legacy_entries, matches
+from pclease_service.backends.polars_cloud.manifests import ManifestStarts
 from pclease_service.backends.polars_cloud.queries import CloudQueries
 from pclease_service.config import POLARS_CLOUD_START_ATTEMPTS, Profile, Settings
 from pclease_service.credentials import TokenProvider
@@ -92,6 +93,10 @@ class PolarsCloudBackend(Backend):
         self.host = host
         self.calls = CloudCalls(provider, host, self.options.request_timeout_s)
         self.queries = CloudQueries(self.calls)
+        # Always there to recognise the computes of this deployment's manifests (a
+        # deployment that turned use_manifests off may still run some); starts use it
+        # only with use_manifests on.
+        self.manifests = ManifestStarts(self.calls, settings.instance_name)
         self._user_id: str | None = None
         # Starts of this process not yet resolved, by workspace: context id -> whether its
         # request is still waiting for an answer (True) or the answer was lost (False).
@@ -129,6 +134,8 @@ class PolarsCloudBackend(Backend):
     # -- Backend: contexts ---------------------------------------------------------------
     async def start(self, spec: ContextSpec) -> Handle:
         workspace_id = await self._workspace_id(self._workspace_name(spec.workspace))
+        if self.options.use_manifests:
+            return await self.manifests.start(spec, workspace_id)
         user_id = await self._our_user()
         await self._import_legacy()
         earlier = await self._earlier_start(spec, user_id)
@@ -403,9 +410,23 @@ class PolarsCloudBackend(Backend):
                     raise
                 problems.append(f"workspace {workspace_id}: {exc}")
                 continue
+            live = [c for c in computes if c.status in COMPUTE_LIVE]
+            try:
+                named = await self.manifests.owners(workspace_id, live)
+            except BackendError as exc:
+                if isinstance(exc, NotSent):
+                    raise
+                problems.append(f"workspace {workspace_id}: {exc}")
+                continue
             listed.add(workspace_id)
             seen.update(c.id for c in computes)
-            live = [c for c in computes if c.status in COMPUTE_LIVE]
+            for compute in sorted(live, key=lambda c: c.request_time):
+                if compute.id in named:
+                    handle, context_id = named[compute.id]
+                    phase = _PHASES.get(compute.status, Phase.STARTING)
+                    found.append(Observed(handle, phase, context_id))
+            # Computes of manifests are never a ledger entry's, nor unknown.
+            live = [c for c in live if c.id not in named and not self.manifests.named(c)]
             claimed = await self._claim(workspace_id, live, entries, by_compute, user_id)
             for compute in sorted(live, key=lambda c: c.request_time):
                 phase = _PHASES.get(compute.status, Phase.STARTING)

@@ -70,6 +70,17 @@ class Compute:
     cpus: int | None
     ram_gb: int | None
     cluster_size: int
+    #: The manifest it was started from (None for a compute started without one).
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A registered manifest (named compute context): what :mod:`.manifests` reads."""
+
+    name: str
+    live_cluster_id: str | None
+    env: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -194,8 +205,40 @@ class CloudClient:
         idle_timeout_mins: int,
     ) -> str:
         """Launch a proxy-mode compute and return its id without waiting for it."""
+        ctx = self._context(
+            workspace_id,
+            cpus=cpus,
+            memory_gb=memory_gb,
+            instance_type=instance_type,
+            storage_gb=storage_gb,
+            cluster_size=cluster_size,
+            requirements=requirements,
+            env=env,
+            labels=labels,
+            idle_timeout_mins=idle_timeout_mins,
+        )
+        ctx.start(wait=False)
+        compute_id = ctx._compute_id  # private: the public API exposes no compute id
+        if compute_id is None:
+            raise CloudError("Polars Cloud accepted the start but returned no compute id")
+        return str(compute_id)
+
+    def _context(
+        self,
+        workspace_id: str,
+        *,
+        cpus: int | None,
+        memory_gb: float | None,
+        instance_type: str | None,
+        storage_gb: int | None,
+        cluster_size: int,
+        requirements: list[str],
+        env: dict[str, str],
+        labels: list[str],
+        idle_timeout_mins: int,
+    ) -> Any:
         pc = self._pc
-        ctx = pc.ComputeContext(
+        return pc.ComputeContext(
             workspace=pc.Workspace(id=UUID(workspace_id)),
             cpus=cpus,
             memory=math.ceil(memory_gb) if memory_gb is not None else None,
@@ -208,11 +251,53 @@ class CloudClient:
             labels=labels,
             idle_timeout_mins=idle_timeout_mins,
         )
-        ctx.start(wait=False)
-        compute_id = ctx._compute_id  # private: the public API exposes no compute id
-        if compute_id is None:
-            raise CloudError("Polars Cloud accepted the start but returned no compute id")
-        return str(compute_id)
+
+    # -- manifests (named compute contexts) ----------------------------------------------
+    def register_manifest(
+        self,
+        workspace_id: str,
+        name: str,
+        *,
+        cpus: int | None,
+        memory_gb: float | None,
+        instance_type: str | None,
+        storage_gb: int | None,
+        cluster_size: int,
+        requirements: list[str],
+        env: dict[str, str],
+        labels: list[str],
+        idle_timeout_mins: int,
+    ) -> None:
+        """Register (or re-register: the specs are replaced) the proxy-mode manifest
+        ``name``; starts nothing."""
+        ctx = self._context(
+            workspace_id,
+            cpus=cpus,
+            memory_gb=memory_gb,
+            instance_type=instance_type,
+            storage_gb=storage_gb,
+            cluster_size=cluster_size,
+            requirements=requirements,
+            env=env,
+            labels=labels,
+            idle_timeout_mins=idle_timeout_mins,
+        )
+        ctx.register(name)
+
+    def find_manifest(self, workspace_id: str, name: str) -> Manifest:
+        """The manifest ``name``; a CloudError with ``not_found`` if none is registered."""
+        model = self._api.get_compute_cluster_manifest(UUID(workspace_id), name)
+        live = model.live_cluster_id
+        return Manifest(
+            name=str(model.name),
+            live_cluster_id=str(live) if live is not None else None,
+            env=dict(model.env_vars or {}),
+        )
+
+    def start_manifest(self, workspace_id: str, name: str) -> Compute:
+        """Start manifest ``name``: Polars Cloud answers its live cluster if it has one
+        (at most one per manifest), else starts one. Does not wait for it."""
+        return self._compute(self._api.start_compute_cluster_manifest(UUID(workspace_id), name))
 
     def _compute(self, model: Any) -> Compute:
         termination = getattr(model, "termination", None)
@@ -231,6 +316,7 @@ class CloudClient:
             cpus=model.req_cpu_cores,
             ram_gb=model.req_ram_gb,
             cluster_size=model.cluster_size,
+            name=getattr(model, "name", None),
         )
 
     def get(self, workspace_id: str, compute_id: str) -> Compute:
