@@ -16,12 +16,15 @@ import boto3
 import httpx
 import polars as pl
 import pytest
+from sqlalchemy import select
 
 from devkit.airflow_deployment import create_database, drop_database
 from devkit.live import wait_for
 from devkit.replicas import ReplicaSet
 from pclease_client import PcleaseClient, build_submission
 from pclease_service.backends.base import LABEL_CONTEXT_ID
+from pclease_service.db.engine import create_db_engine
+from pclease_service.db.schema import cloud_starts
 from tests.fakepc import FakePolarsCloud
 from tests.moto import moto_server
 
@@ -144,6 +147,14 @@ def test_sigkill_of_the_replica_starting_a_context_leaves_one_compute(
             )
         [compute] = of_context(cloud, context_id)
         assert compute["status"] in ("Starting", "Running", "Idle")
+        # The ledger says who made the start: r1, which died before it heard the answer.
+        engine = create_db_engine(database, pool_size=1)
+        with engine.connect() as conn:
+            row = conn.execute(
+                select(cloud_starts).where(cloud_starts.c.context_id == context_id)
+            ).one()
+        engine.dispose()
+        assert (row.replica, row.compute_id) == ("r1", compute["id"])
         live = [c for c in cloud.running() if c["labels"].get(LABEL_CONTEXT_ID) == context_id]
         assert len(live) == 1
 
