@@ -214,11 +214,19 @@ def test_a_query_submitted_through_one_replica_is_read_through_another(
         assert len(stored.get("Contents", [])) == 2
 
 
+@pytest.mark.parametrize("use_manifests", [True, False], ids=["manifests", "ledger"])
 def test_sigkill_of_the_replica_starting_a_context_leaves_one_compute(
-    tmp_path: Path, cloud: FakePolarsCloud, database: str
+    tmp_path: Path, cloud: FakePolarsCloud, database: str, use_manifests: bool
 ) -> None:
     # All three run; the claims make one of them the context's only actor.
-    replicas = fleet(tmp_path, cloud, database, replica_ttl_s=3, replica_heartbeat_s=0.5)
+    replicas = fleet(
+        tmp_path,
+        cloud,
+        database,
+        cloud_options={"use_manifests": use_manifests},
+        replica_ttl_s=3,
+        replica_heartbeat_s=0.5,
+    )
     with replicas:
         token = replicas.token("etl", "admin")
         cloud.hang_start_answers_s = 8  # the compute exists, the answer has not come
@@ -245,12 +253,23 @@ def test_sigkill_of_the_replica_starting_a_context_leaves_one_compute(
             )
         [compute] = of_context(cloud, context_id)
         assert compute["status"] in ("Starting", "Running", "Idle")
+        if use_manifests:
+            # The other replica's start by name reconnected to the cluster the dead one made.
+            [manifest] = [
+                m
+                for m in cloud.manifests.snapshot()
+                if m["env_vars"].get("PCLEASE_CONTEXT_ID") == context_id
+            ]
+            assert manifest["live_cluster_id"] == compute["id"]
+            return
         # The ledger says who made the start (the replica that died before it heard the
         # answer) and which compute it made (recorded by another replica).
         engine = create_db_engine(database, pool_size=1)
-        with engine.connect() as conn:
-            row = conn.execute(
-                select(cloud_starts).where(cloud_starts.c.context_id == context_id)
-            ).one()
-        engine.dispose()
+        try:
+            with engine.connect() as conn:
+                row = conn.execute(
+                    select(cloud_starts).where(cloud_starts.c.context_id == context_id)
+                ).one()
+        finally:
+            engine.dispose()
         assert (row.replica, row.compute_id) == (f"r{starter + 1}", compute["id"])
