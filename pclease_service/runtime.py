@@ -72,7 +72,9 @@ class Service:
         self.notifier = Notifier()
         self.db = Database(self.engine, self.clock, on_commit=self.notifier.publish)
         self.backend = backend or create_backend(
-            settings, self.clock, ledger=DatabaseStartLedger(self.db, self.clock)
+            settings,
+            self.clock,
+            ledger=DatabaseStartLedger(self.db, self.clock, replica=self.replica_id),
         )
         instruments = PrometheusInstruments()
         self.principals = Principals(self.db, self.clock, settings.token_cache_s)

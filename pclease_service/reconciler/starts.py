@@ -34,9 +34,11 @@ class DatabaseStartLedger:
     """A :class:`~pclease_service.backends.base.StartLedger` on ``cloud_starts``. Its
     methods block (the backend calls them in threads), one transaction each."""
 
-    def __init__(self, db: Database, clock: Clock) -> None:
+    def __init__(self, db: Database, clock: Clock, *, replica: str | None = None) -> None:
         self.db = db
         self.clock = clock
+        #: Stamped on the entries this replica writes (for people reading the table).
+        self.replica = replica
 
     def _run(self, fn: Callable[[Tx], T]) -> T:
         with self.db.engine.begin() as conn:
@@ -44,6 +46,7 @@ class DatabaseStartLedger:
 
     def write(self, entry: StartEntry) -> None:
         values = {name: getattr(entry, name) for name in _FIELDS}
+        values["replica"] = entry.replica or self.replica
         self._run(lambda tx: cloud_starts.put_start(tx, values))
 
     def forget(self, entry: StartEntry) -> None:

@@ -16,12 +16,15 @@ import boto3
 import httpx
 import polars as pl
 import pytest
+from sqlalchemy import select
 
 from devkit.airflow_deployment import create_database, drop_database
 from devkit.live import wait_for
 from devkit.replicas import ReplicaSet
 from pclease_client import PcleaseClient, build_submission
 from pclease_service.backends.base import LABEL_CONTEXT_ID
+from pclease_service.db.engine import create_db_engine
+from pclease_service.db.schema import cloud_starts
 from tests.fakepc import FakePolarsCloud
 from tests.moto import moto_server
 
@@ -117,37 +120,6 @@ def lease_state(url: str, token: str, lease_id: str) -> str:
     return str(response.json()["state"])
 
 
-def test_sigkill_of_the_replica_starting_a_context_leaves_one_compute(
-    tmp_path: Path, cloud: FakePolarsCloud, database: str
-) -> None:
-    replicas = fleet(tmp_path, cloud, database)
-    # Only r1 runs when the lease arrives: it is the one that starts the context.
-    with replicas.start(only=[0]):
-        token = replicas.token("etl", "admin")
-        starter = replicas.replicas[0]
-        cloud.hang_start_answers_s = 8  # the compute exists, the answer has not come
-        with PcleaseClient(starter.url, token, retries=1) as client:
-            leases = [client.create_lease("small", holder=HOLDER, ttl_s=60) for _ in range(2)]
-        [context_id] = {lease.context_id for lease in leases}
-        wait_for(lambda: of_context(cloud, context_id), what="the start request to arrive")
-        replicas.kill(0)  # mid-start: the handle was never saved
-        cloud.hang_start_answers_s = 0.0
-
-        replicas.restart(1)
-        replicas.restart(2)
-        other = replicas.replicas[1].url
-        for lease in leases:
-            wait_for(
-                lambda lease_id=lease.id: lease_state(other, token, lease_id) == "active",
-                timeout_s=60,
-                what="the pending lease to become active through another replica",
-            )
-        [compute] = of_context(cloud, context_id)
-        assert compute["status"] in ("Starting", "Running", "Idle")
-        live = [c for c in cloud.running() if c["labels"].get(LABEL_CONTEXT_ID) == context_id]
-        assert len(live) == 1
-
-
 def test_stop_unknown_computes_on_two_replicas_stops_nothing_the_other_started(
     tmp_path: Path, cloud: FakePolarsCloud, database: str
 ) -> None:
@@ -240,3 +212,45 @@ def test_a_query_submitted_through_one_replica_is_read_through_another(
             aws_secret_access_key="testing",
         ).list_objects_v2(Bucket=bucket, Prefix="spool/results/")
         assert len(stored.get("Contents", [])) == 2
+
+
+def test_sigkill_of_the_replica_starting_a_context_leaves_one_compute(
+    tmp_path: Path, cloud: FakePolarsCloud, database: str
+) -> None:
+    # All three run; the claims make one of them the context's only actor.
+    replicas = fleet(tmp_path, cloud, database, replica_ttl_s=3, replica_heartbeat_s=0.5)
+    with replicas:
+        token = replicas.token("etl", "admin")
+        cloud.hang_start_answers_s = 8  # the compute exists, the answer has not come
+        with PcleaseClient(replicas.url, token, retries=1) as client:
+            leases = [client.create_lease("small", holder=HOLDER, ttl_s=60) for _ in range(2)]
+        [context_id] = {lease.context_id for lease in leases}
+        wait_for(lambda: of_context(cloud, context_id), what="the start request to arrive")
+        [starter] = wait_for(
+            lambda: [
+                i
+                for i, server in enumerate(replicas.replicas)
+                if f"starting context {context_id}" in server.log()
+            ],
+            what="the replica that starts the context",
+        )
+        replicas.kill(starter)  # mid-start: the handle was never saved
+        cloud.hang_start_answers_s = 0.0
+        other = replicas.replicas[(starter + 1) % 3].url
+        for lease in leases:
+            wait_for(
+                lambda lease_id=lease.id: lease_state(other, token, lease_id) == "active",
+                timeout_s=60,
+                what="the pending lease to become active through another replica",
+            )
+        [compute] = of_context(cloud, context_id)
+        assert compute["status"] in ("Starting", "Running", "Idle")
+        # The ledger says who made the start (the replica that died before it heard the
+        # answer) and which compute it made (recorded by another replica).
+        engine = create_db_engine(database, pool_size=1)
+        with engine.connect() as conn:
+            row = conn.execute(
+                select(cloud_starts).where(cloud_starts.c.context_id == context_id)
+            ).one()
+        engine.dispose()
+        assert (row.replica, row.compute_id) == (f"r{starter + 1}", compute["id"])
