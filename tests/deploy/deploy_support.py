@@ -119,11 +119,6 @@ def load_deployed_settings(toml_text: str, env: Mapping[str, str], tmp_path: Pat
         return load_settings(config)
 
 
-def longest_held_request_s(settings: Settings) -> float:
-    """The longest a client may keep one request open: what a stop has to wait for."""
-    return max(settings.long_poll_max_s, settings.lease_wait_max_s)
-
-
 def replica_stop_s(settings: Settings) -> float:
     """How long a replica with these settings may take from SIGTERM to exit, by the
     service's own rule (long-polls and waiting lease requests end when it begins)."""
