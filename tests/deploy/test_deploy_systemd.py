@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from devkit.live import LiveServer, write_config
-from pclease_service.config import Settings
+from pclease_service.config import Settings, load_settings
 from tests.deploy.deploy_support import DEPLOY, parse_cli, replica_stop_s, settings_field_for_env
 
 UNIT = DEPLOY / "systemd" / "pclease.service"
@@ -70,6 +70,9 @@ def test_exec_reload_sends_sighup_and_the_service_keeps_running(tmp_path: Path) 
             assert time.monotonic() < deadline, server.log()
             time.sleep(0.1)
         assert server.proc.poll() is None, "SIGHUP must not end the service"
+        # The replica states the stop bound the unit's TimeoutStopSec is checked against.
+        budget_s = replica_stop_s(load_settings(config))
+        assert f"drains and exits within {budget_s:g} s" in server.log()
     finally:
         server.stop()
     # After a graceful stop uvicorn re-raises SIGTERM: systemd counts that as a clean exit.
