@@ -46,7 +46,7 @@ COPY deploy/docker/healthcheck.py /opt/pclease/healthcheck.py
 ENV PATH=/opt/pclease/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
-# data_dir (spool, session key) defaults to .pclease under the working directory; the
+# data_dir (this replica's own files) defaults to .pclease under the working directory; the
 # deployment configs set data_dir = "/var/lib/pclease" and mount a volume there.
 WORKDIR /var/lib/pclease
 USER 10001:10001

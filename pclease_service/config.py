@@ -593,7 +593,8 @@ class Settings(BaseSettings):
     session_secret: SecretStr | None = Field(
         None,
         description="Signs dashboard session cookies (32+ characters). Default: a random key "
-        "kept in data_dir/session.key (mode 0600); set it when replicas share one database.",
+        "made once and kept in the database, shared by every replica; set it to keep the key "
+        "out of the database.",
     )
     session_ttl_s: float = Field(8 * 3600.0, ge=60, le=30 * 86400)
     log_format: LogFormat = Field(

@@ -6,7 +6,8 @@ SIGTERM (or SIGINT) makes the replica drain at once (``Service.begin_drain``: 50
 ``draining`` with ``Connection: close``, long-polls and waiting lease requests end, /readyz
 fails) for ``drain_notice_s``; then uvicorn stops as usual (it closes its listener and
 waits for the requests in flight) and the lifespan's ``Service.stop`` finishes the drain.
-A second signal stops at once.
+A second signal stops at once. :func:`stop_budget_s` is how long all that can take, the
+figure a deployment's stop timeout must exceed.
 
 With ``--workers N`` this process only supervises: it migrates the database once, then
 runs N ``pclease serve`` processes, each its own replica (its own ``replica_id``: the
@@ -32,6 +33,8 @@ from typing import Any
 
 import uvicorn
 
+from pclease_service.backends.base import Capabilities
+from pclease_service.config import Settings
 from pclease_service.runtime import Service
 
 log = logging.getLogger("pclease")
@@ -39,6 +42,38 @@ log = logging.getLogger("pclease")
 REPLICA_ID_ENV = "PCLEASE_REPLICA_ID"
 # A worker that keeps dying is started again no faster than this.
 _RESTART_BACKOFF_S = 2.0
+# The database writes of a replica's last moments (its row, its claims), with room to spare.
+_STOP_WRITES_S = 5.0
+
+
+def graceful_requests_s(settings: Settings) -> int:
+    """How long uvicorn waits for the requests in flight once the port is closed (a
+    result download, a plan upload; long-polls and waiting lease requests end when the
+    drain begins), then cancels them."""
+    return max(1, int(settings.drain_timeout_s))
+
+
+def stop_budget_s(settings: Settings, capabilities: Capabilities) -> float:
+    """The longest one replica takes from SIGTERM to exit: ``drain_notice_s`` of
+    answering 503, then the requests in flight (:func:`graceful_requests_s`), then its
+    queries (``drain_timeout_s``, then cancelled) while its backend calls in flight finish
+    (``backend_call_timeout_s`` each), then, under ``pclease shutdown`` and for a backend
+    that stops its contexts with the service, the stops of the contexts it holds (one more
+    backend call, in parallel), and its last database writes.
+
+    A deployment's stop timeout (``terminationGracePeriodSeconds``, ``stop_grace_period``,
+    ``TimeoutStopSec``) must exceed this plus any ``preStop`` delay; a replica killed
+    earlier loses nothing either, but its contexts and queries wait ``replica_ttl_s`` for
+    another replica instead of being handed over at once."""
+    queries_and_calls_s = max(settings.drain_timeout_s, settings.backend_call_timeout_s)
+    shutdown_stops_s = settings.backend_call_timeout_s if capabilities.stop_on_shutdown else 0.0
+    return (
+        settings.drain_notice_s
+        + graceful_requests_s(settings)
+        + queries_and_calls_s
+        + shutdown_stops_s
+        + _STOP_WRITES_S
+    )
 
 
 class _DrainingServer(uvicorn.Server):
@@ -88,9 +123,13 @@ def run_replica(
         port=port,
         log_level=log_level,
         **UVICORN_OPTIONS,
-        timeout_graceful_shutdown=max(1, int(service.settings.drain_timeout_s)),
+        timeout_graceful_shutdown=graceful_requests_s(service.settings),
     )
     server = _DrainingServer(config, service)
+    log.info(
+        "on SIGTERM this replica drains and exits within %g s (stop timeouts must be longer)",
+        stop_budget_s(service.settings, service.backend.capabilities),
+    )
     sockets = [reuse_port_socket(host, port)] if reuse_port else None
     server.run(sockets=sockets)
 

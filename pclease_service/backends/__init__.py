@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pclease_service.backends.base import Backend, StartLedger
+    from pclease_service.backends.base import Backend, Capabilities, StartLedger
     from pclease_service.clock import Clock
-    from pclease_service.config import Settings
+    from pclease_service.config import BackendKind, Settings
 
 
 def create_backend(
@@ -46,3 +46,22 @@ def create_backend(
             raise ValueError("the polars_cloud backend needs a start ledger")
         return PolarsCloudBackend(settings, provider, ledger=ledger)
     raise NotImplementedError(f"backend {settings.backend.value!r} is not available")
+
+
+def backend_capabilities(kind: BackendKind) -> Capabilities:
+    """What a backend of ``kind`` offers, without making one (its class attribute)."""
+    from pclease_service.config import BackendKind
+
+    if kind is BackendKind.MEMORY:
+        from pclease_service.backends.memory import MemoryBackend
+
+        return MemoryBackend.capabilities
+    if kind is BackendKind.LOCAL:
+        from pclease_service.backends.local import LocalBackend
+
+        return LocalBackend.capabilities
+    if kind is BackendKind.POLARS_CLOUD:
+        from pclease_service.backends.polars_cloud import PolarsCloudBackend
+
+        return PolarsCloudBackend.capabilities
+    raise NotImplementedError(f"backend {kind.value!r} is not available")

@@ -25,9 +25,11 @@ import pytest
 from pydantic import BaseModel
 
 from pclease_service.api.app import create_app
+from pclease_service.backends import backend_capabilities
 from pclease_service.cli import main as pclease_cli
 from pclease_service.config import CONFIG_ENV_VAR, Settings, load_settings
 from pclease_service.runtime import Service
+from pclease_service.serving import stop_budget_s
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -117,9 +119,10 @@ def load_deployed_settings(toml_text: str, env: Mapping[str, str], tmp_path: Pat
         return load_settings(config)
 
 
-def longest_held_request_s(settings: Settings) -> float:
-    """The longest a client may keep one request open: what a stop has to wait for."""
-    return max(settings.long_poll_max_s, settings.lease_wait_max_s)
+def replica_stop_s(settings: Settings) -> float:
+    """How long a replica with these settings may take from SIGTERM to exit, by the
+    service's own rule (long-polls and waiting lease requests end when it begins)."""
+    return stop_budget_s(settings, backend_capabilities(settings.backend))
 
 
 def kubectl() -> str:

@@ -29,9 +29,9 @@ from tests.deploy.deploy_support import (
     compose_variables,
     interpolate,
     load_deployed_settings,
-    longest_held_request_s,
     merge_compose,
     parse_cli,
+    replica_stop_s,
     settings_field_for_env,
 )
 
@@ -217,8 +217,35 @@ def test_pclease_services_run_commands_pclease_has_with_settings_it_reads(
     mounted = {f"/run/secrets/{name}" for name in serve["secrets"]}
     assert {str(credentials.client_id_file), str(credentials.client_secret_file)} == mounted
     grace_s = int(serve["stop_grace_period"].removesuffix("s"))
-    assert grace_s > longest_held_request_s(settings)
+    assert grace_s > replica_stop_s(settings), (
+        "stop_grace_period must outlast what a replica does between SIGTERM and its exit "
+        "(pclease_service.serving.stop_budget_s)"
+    )
+    assert f"stop_grace_period ({grace_s} s)" in toml_text, "the TOML names the grace period"
     assert "/healthz" in app_routes()
+
+
+def test_the_pclease_container_runs_replicas_that_share_what_they_must(tmp_path: Path) -> None:
+    merged = _merged()
+    serve = merged["services"]["pclease"]
+    _, params = parse_cli(serve["command"])
+    assert params["workers"] >= 2, "compose runs replicas as --workers in one container"
+    assert "deploy" not in serve and "scale" not in serve, (
+        "one container: several would need a replica id each, and one host port"
+    )
+    env = {k: str(v) for k, v in serve["environment"].items()}
+    settings = load_deployed_settings((COMPOSE_DIR / "pclease.toml").read_text(), env, tmp_path)
+    # Each worker is named from it (pclease-1, pclease-2), the same after every restart.
+    assert settings.replica_id == "pclease"
+    # --workers needs PostgreSQL; the replicas of one container share data_dir (a named
+    # volume), so a local storage directory under it is shared too.
+    assert settings.database_url is not None
+    assert settings.database_url.startswith("postgresql")
+    assert settings.storage.kind.value in {"local", "database", "s3"}
+    if settings.storage.kind.value == "local":
+        assert settings.storage.directory is None or settings.storage.directory.is_relative_to(
+            settings.data_dir
+        )
 
 
 def test_only_files_and_images_that_exist_are_referenced() -> None:

@@ -18,10 +18,10 @@ from tests.deploy.deploy_support import (
     ROOT,
     app_routes,
     load_deployed_settings,
-    longest_held_request_s,
     overlays,
     parse_cli,
     render,
+    replica_stop_s,
     settings_field_for_env,
 )
 
@@ -30,6 +30,8 @@ KUBERNETES_VERSIONS = ("1.29.0", "1.33.0")
 #: Objects from CRDs, which Kubernetes' own schemas do not cover; checked by hand below.
 CUSTOM_KINDS = {"ServiceMonitor"}
 SERVER_LABELS = {"app.kubernetes.io/name": "pclease", "app.kubernetes.io/component": "server"}
+#: What the downward API gives a pod of the Deployment for metadata.name.
+POD_NAME = "pclease-7c9d8f6b5d-x2x9z"
 
 pytestmark = pytest.mark.parametrize("overlay", overlays())
 
@@ -75,6 +77,9 @@ def _env(docs: tuple[dict[str, Any], ...], container: dict[str, Any]) -> dict[st
     for var in container.get("env", []):
         if "value" in var:
             env[var["name"]] = var["value"]
+        elif "fieldRef" in var["valueFrom"]:
+            assert var["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", var
+            env[var["name"]] = POD_NAME
         else:
             assert var["name"] in stand_ins, f"no stand-in for secret variable {var['name']}"
             env[var["name"]] = stand_ins[var["name"]]
@@ -172,11 +177,22 @@ def test_environment_and_config_are_what_the_service_reads(overlay: str, tmp_pat
         )
     settings = _settings(docs, deployment["spec"]["template"], container, tmp_path)
     assert settings.backend.value == "polars_cloud"
+    # Each replica its own stable id: the pod's name, which the service accepts.
+    [replica_id] = [v for v in container["env"] if v["name"] == "PCLEASE_REPLICA_ID"]
+    assert settings_field_for_env(replica_id["name"])
+    assert replica_id["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert settings.replica_id == POD_NAME
+    # What replicas share is shared: PostgreSQL, and plans and results in storage every
+    # replica reaches (not a directory of its own pod).
+    assert settings.database_url is not None
+    assert settings.database_url.startswith("postgresql")
+    assert settings.storage.kind.value in {"database", "s3"}
 
     pod = deployment["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    # data_dir (spool, session key) is writable although the root filesystem is not.
+    # data_dir (this replica's scratch files) is writable although the root filesystem
+    # is not.
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     data = mounts[str(settings.data_dir)]
     assert "emptyDir" in volumes[data["name"]] or "persistentVolumeClaim" in volumes[data["name"]]
@@ -198,11 +214,18 @@ def test_environment_and_config_are_what_the_service_reads(overlay: str, tmp_pat
     grace = pod["terminationGracePeriodSeconds"]
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    assert grace > float(pre_stop[1]) + longest_held_request_s(settings), (
-        "terminationGracePeriodSeconds must outlast preStop plus the longest request a "
-        "client may hold open (lease_wait_max_s, long_poll_max_s)"
+    assert grace > float(pre_stop[1]) + replica_stop_s(settings), (
+        "terminationGracePeriodSeconds must outlast preStop plus what a replica does "
+        "between SIGTERM and its exit (pclease_service.serving.stop_budget_s)"
+    )
+    assert f"terminationGracePeriodSeconds ({grace})" in _config_text(), (
+        "the ConfigMap's TOML names the grace period"
     )
     assert settings.instance_name != "pclease", "each deployment names its own instance"
+
+
+def _config_text() -> str:
+    return (ROOT / "deploy" / "kubernetes" / "base" / "pclease.toml").read_text()
 
 
 def test_the_migration_job_migrates_and_provisions_the_airflow_token(
