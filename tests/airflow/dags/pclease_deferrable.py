@@ -79,8 +79,9 @@ def long_query_dag(dag_id: str, n: int) -> Any:
     return long_query()
 
 
-# Seconds of CPU: the query outlasts the triggerer's restart and ends on its own.
-triggerer_restarted = long_query_dag("pclease_deferred_restart", 40_000)
+# Tens of seconds of CPU (40,000 ended in 3 s on an idle machine, before the triggerer
+# held the lease): the query outlasts the triggerer's restart and ends on its own.
+triggerer_restarted = long_query_dag("pclease_deferred_restart", 150_000)
 # Minutes of CPU: it ends only when the test ends its lease or kills its task.
 revoked = long_query_dag("pclease_deferred_revoked", 200_000)
 killed = long_query_dag("pclease_deferred_killed", 200_000)
