@@ -9,6 +9,7 @@ import os
 import secrets
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -273,3 +274,38 @@ def test_sigkill_of_the_replica_starting_a_context_leaves_one_compute(
         finally:
             engine.dispose()
         assert (row.replica, row.compute_id) == (f"r{starter + 1}", compute["id"])
+
+
+def test_a_cold_burst_spread_over_the_replicas_starts_exactly_one_compute(
+    tmp_path: Path, cloud: FakePolarsCloud, database: str
+) -> None:
+    before = {c["id"] for c in cloud.computes()}
+    replicas = fleet(tmp_path, cloud, database)
+    with replicas:
+        token = replicas.token("etl", "lease")
+        auth = {"Authorization": f"Bearer {token}"}
+
+        def lease(i: int) -> httpx.Response:
+            # A new connection each: the balancer hands them to the replicas in turn.
+            return httpx.post(
+                f"{replicas.url}/v1/leases",
+                json={"profile": "small", "holder": {**HOLDER, "task_id": str(i)}},
+                headers={**auth, "Idempotency-Key": f"burst-{i}"},
+                timeout=60,
+            )
+
+        with ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(lease, range(24)))
+        assert [r.status_code for r in answers] == [201] * 24, [r.text for r in answers]
+        [context_id] = {r.json()["context_id"] for r in answers}
+        served = [replicas.balancer.connections.get(port, 0) for port in replicas.ports()]
+        assert all(n >= 6 for n in served), served
+        for lease_id in [r.json()["id"] for r in answers]:
+            wait_for(
+                lambda lease_id=lease_id: lease_state(replicas.url, token, lease_id) == "active",
+                timeout_s=60,
+                what="every lease of the burst to become active",
+            )
+        started = [c for c in cloud.computes() if c["id"] not in before]
+        assert [c["id"] for c in started] == [c["id"] for c in of_context(cloud, context_id)]
+        assert len(started) == 1, started
