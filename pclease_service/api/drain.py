@@ -24,6 +24,11 @@ class DrainGate:
             and self.service.draining
             and not scope.get("path", "").startswith(_ALWAYS)
         ):
+            # Read the body first: closing a socket with unread request bytes makes the
+            # kernel send a reset, which can destroy this answer before the client (or a
+            # load balancer in between) has read it; the client then cannot tell that the
+            # request was refused and may be sent again.
+            await _discard_body(receive)
             refusal = Draining()
             response = error_response(
                 refusal.status,
@@ -35,3 +40,10 @@ class DrainGate:
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+async def _discard_body(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
