@@ -19,6 +19,7 @@ from airflow.sdk import BaseHook
 
 from airflow_plugin import UI_FIELD_BEHAVIOUR, lineage
 from pclease_client import (
+    ApiError,
     AsyncPcleaseClient,
     Lease,
     LeaseInfo,
@@ -261,6 +262,14 @@ class PcleaseHook(BaseHook):
         who = {**task_holder(context), **dict(holder or {})}
         client = self.get_conn()
         self.log.info("leasing pclease profile %r for %s", profile, _describe(who))
+        created = False
+
+        def hold(lease: Lease) -> None:
+            nonlocal created
+            created = True
+            if on_created is not None:
+                on_created(lease)
+
         try:
             with client.lease(
                 profile,
@@ -271,7 +280,7 @@ class PcleaseHook(BaseHook):
                 labels=holder_labels(who),
                 polars_errors=True,
                 on_progress=self.log.info,
-                on_created=on_created,
+                on_created=hold,
             ) as lease:
                 lease.on_query = functools.partial(lineage.report, self)
                 self.log.info("lease %s on the dashboard: %s", lease.id, self.lease_url(lease.id))
@@ -287,6 +296,27 @@ class PcleaseHook(BaseHook):
             raise
         except LeaseLost as exc:  # while waiting for the context to start
             raise PcleaseLeaseLostError.from_lost(exc) from exc
+        except BaseException as exc:
+            if not created and not isinstance(exc, ApiError):
+                self._release_unborn(who)
+            raise
+
+    def _release_unborn(self, who: Mapping[str, Any]) -> None:
+        """The lease request was interrupted (``execution_timeout``, a signal, a dropped
+        connection) after it may have reached the service: the lease may exist although
+        its id never arrived. Release the task instance's live leases by its holder, in one
+        short attempt on a connection of its own, as ``on_kill`` does."""
+        if not {"dag_id", "run_id", "task_id"} <= who.keys():
+            return
+        try:
+            released = self.get_conn().release_holder_once(
+                who["dag_id"], who["run_id"], task_id=who["task_id"], map_index=who.get("map_index")
+            )
+        except Exception as exc:  # the scheduler's listener releases it when the run ends
+            self.log.warning("could not release an interrupted pclease lease request: %s", exc)
+            return
+        for info in released:
+            self.log.info("released pclease lease %s, whose request was interrupted", info.id)
 
     def release(self, lease_id: str) -> LeaseInfo:
         """Release one lease (a lease that ended already is answered as it is)."""

@@ -199,7 +199,24 @@ class PcleaseClient:
         this client's connection pool, whose lock is not reentrant, and the process may be
         killed within seconds, so there is no time for retries.
         """
-        call = calls.release(lease_id)
+        return self._send_once(calls.release(lease_id), timeout_s)
+
+    def release_holder_once(
+        self,
+        dag_id: str,
+        run_id: str,
+        *,
+        task_id: str | None = None,
+        map_index: int | None = None,
+        timeout_s: float = 3.0,
+    ) -> list[LeaseInfo]:
+        """:meth:`release_holder` in one attempt on a connection of its own (see
+        :meth:`release_once`): for a lease whose creation was interrupted before its id
+        reached the caller."""
+        call = calls.release_holder(dag_id, run_id, task_id=task_id, map_index=map_index)
+        return self._send_once(call, timeout_s)
+
+    def _send_once(self, call: Call[T], timeout_s: float) -> T:
         with httpx.Client(
             base_url=self.base_url,
             headers=self._headers,

@@ -406,14 +406,34 @@ class Lease(LeaseHandle):
         without another request once that returns."""
         first, ended = self._mark_closed(why)
         self._stop.set()
-        if first and self.owned and not ended:
-            try:
-                self.info = self.client.release(self.id)
-            except Exception as exc:  # the service-side TTL ends it anyway
-                log.warning("could not release lease %s (its TTL will end it): %s", self.id, exc)
+        if first and self.owned and not ended and not self._release():
+            # Leave the watchdog armed: it releases the lease when this process exits.
+            return
         if self._watchdog is not None:  # disarmed by release_now maybe, but not reaped
             self._watchdog.disarm()
             self._watchdog = None
+
+    def _release(self) -> bool:
+        """Release through the client; once more on a connection of its own if that fails
+        (an interrupted request can leave the pooled one unusable). False if neither did."""
+        try:
+            self.info = self.client.release(self.id)
+            return True
+        except Exception as exc:
+            first_error = exc
+        try:
+            self.info = self.client.release_once(self.id)
+            return True
+        except Exception as exc:
+            after = "when this process exits" if self._watchdog is not None else "after its TTL"
+            log.warning(
+                "could not release lease %s (%s; then %s): it ends %s",
+                self.id,
+                first_error,
+                exc,
+                after,
+            )
+            return False
 
     def release_now(self, *, timeout_s: float = 3.0) -> None:
         """Release at once from a signal handler: stop heartbeating, then one short request

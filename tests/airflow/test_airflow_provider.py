@@ -208,6 +208,46 @@ def test_a_context_that_cannot_start_fails_the_task(pclease: Pclease) -> None:
     hook.close()
 
 
+class Interrupted(BaseException):
+    """What ``execution_timeout`` raises from its SIGALRM handler: AirflowTaskTimeout."""
+
+
+def test_a_lease_request_interrupted_after_it_reached_the_service_is_released(
+    pclease: Pclease, context: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = pclease.fake
+    hook = pclease.hook()
+    client = hook.get_conn()
+    create = client.create_lease
+
+    def interrupted_on_the_way_back(*args: Any, **kwargs: Any) -> Any:
+        create(*args, **kwargs)  # the service made the lease; its id never arrives
+        raise Interrupted
+
+    monkeypatch.setattr(client, "create_lease", interrupted_on_the_way_back)
+    with pytest.raises(Interrupted), hook.lease("small", context=context):
+        raise AssertionError("the body never runs")
+    hook.close()
+    (lease,) = fake.leases()
+    assert lease.state is LeaseState.RELEASED
+    assert dict(lease.holder) == HOLDER
+    assert any(request.startswith("DELETE /v1/leases?") for request in fake.requests)
+
+
+def test_a_refused_lease_request_releases_nothing_else(
+    pclease: Pclease, context: dict[str, Any]
+) -> None:
+    fake = pclease.fake
+    hook = pclease.hook()
+    with hook.lease("tiny", context=context) as held:
+        # The service answered: no lease was made, so the one the task holds stays.
+        with pytest.raises(CapacityExhausted), hook.lease("tiny", context=context):
+            raise AssertionError("the body never runs")
+        assert fake.lease(held.id).state is LeaseState.ACTIVE
+    hook.close()
+    assert not any(request.startswith("DELETE /v1/leases?") for request in fake.requests)
+
+
 def test_a_profile_at_capacity_fails_the_lease_request_clearly(pclease: Pclease) -> None:
     hook = pclease.hook()
     hook.get_conn().create_lease("tiny")

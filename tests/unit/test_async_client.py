@@ -28,7 +28,7 @@ from pclease_client.errors import LeaseNotFound, UnknownProfile
 from pclease_client.testing import FakePclease, QueryOutcome
 
 #: What the synchronous client has that an event loop has no use for (see pclease_client.aio).
-SYNC_ONLY = {"close", "release_once", "watchdog_for"}
+SYNC_ONLY = {"close", "release_once", "release_holder_once", "watchdog_for"}
 #: Same name, an asynchronous way to do it.
 ASYNC_ONLY = {"aclose"}
 

@@ -404,6 +404,39 @@ def test_the_watchdog_releases_the_lease_when_its_holder_is_gone(fake: FakePclea
         assert f"DELETE /v1/leases/{lease.id}" in fake.requests
 
 
+def test_a_release_that_fails_is_tried_again_on_a_connection_of_its_own(
+    fake: FakePclease, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with fake.serve() as url, PcleaseClient(url, fake.token) as client:
+        monkeypatch.setattr(client, "release", broken_release)
+        with client.lease("small", holder=HOLDER, watchdog=False) as lease:
+            pass
+        assert fake.lease(lease.id).state is LeaseState.RELEASED
+        assert lease.state is LeaseState.RELEASED
+
+
+def test_a_lease_nobody_could_release_is_left_to_its_watchdog(
+    fake: FakePclease, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with fake.serve() as url, PcleaseClient(url, fake.token) as client:
+        monkeypatch.setattr(client, "release", broken_release)
+        monkeypatch.setattr(client, "release_once", broken_release)
+        with client.lease("small", holder=HOLDER) as lease:
+            watchdog = lease._watchdog
+        assert watchdog is not None
+        assert fake.lease(lease.id).state is LeaseState.ACTIVE
+        # Still armed: when this process dies (its pipe closes without "done"), it releases.
+        process = watchdog._process
+        assert process.stdin is not None
+        process.stdin.close()
+        assert process.wait(30) == 0
+        assert fake.lease(lease.id).state is LeaseState.RELEASED
+
+
+def broken_release(lease_id: str, **_: object) -> LeaseInfo:
+    raise RequestFailed("DELETE", f"/v1/leases/{lease_id}", "the connection broke")
+
+
 # -- the handle's own life -------------------------------------------------------------------
 
 
