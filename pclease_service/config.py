@@ -547,6 +547,14 @@ class Settings(BaseSettings):
         "this long (a single failed sweep only shows up in its JSON).",
     )
     token_cache_s: float = Field(5.0, ge=0, le=300)
+    heartbeat_flush_s: float = Field(
+        0.25,
+        ge=0,
+        le=5,
+        description="Heartbeats on active leases are answered from memory and written in "
+        "one batch this often; a crash loses at most this much of them (see "
+        "docs/configuration.md). 0 writes every heartbeat before answering it.",
+    )
     max_request_bytes: int = Field(65536, ge=1024)
     max_plan_bytes: int = Field(
         512 * 1024 * 1024, ge=1024, description="Largest query plan a client may submit."
@@ -648,6 +656,11 @@ class Settings(BaseSettings):
             )
         if self.lease_wait_default_s > self.lease_wait_max_s:
             problems.append("lease_wait_default_s must not exceed lease_wait_max_s")
+        if self.heartbeat_flush_s * 4 > self.lease_ttl_min_s:
+            problems.append(
+                "heartbeat_flush_s must be at most a quarter of lease_ttl_min_s, so that "
+                "heartbeats lost in a crash leave their leases most of their TTL"
+            )
         if self.reconcile_interval_s * 2 > self.lease_ttl_min_s:
             problems.append(
                 "reconcile_interval_s must be at most half of lease_ttl_min_s, or leases "
@@ -704,6 +717,13 @@ class Settings(BaseSettings):
                 "set polars_cloud.workspace, or workspace in each of those profiles"
             )
         return self
+
+    @property
+    def lease_expiry_grace_s(self) -> float:
+        """How long past its written deadline a lease may still have an acknowledged
+        heartbeat on its way to the database (see ``heartbeat_flush_s``): expiry waits
+        that long."""
+        return 2 * self.heartbeat_flush_s
 
     @property
     def resolved_database_url(self) -> str:

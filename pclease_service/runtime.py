@@ -23,6 +23,7 @@ from pclease_service.credentials import install_sighup
 from pclease_service.db.engine import create_db_engine, redacted
 from pclease_service.db.migrate import upgrade
 from pclease_service.db.session import Database
+from pclease_service.db.tx import Tx
 from pclease_service.history import History
 from pclease_service.leases.manager import LeaseManager
 from pclease_service.metrics import PrometheusInstruments
@@ -75,7 +76,7 @@ class Service:
         self.replica_id = new_replica_id(settings)
         self.engine = create_db_engine(settings.resolved_database_url)
         self.notifier = Notifier()
-        self.db = Database(self.engine, self.clock, on_commit=self.notifier.publish)
+        self.db = Database(self.engine, self.clock, on_commit=self._committed)
         self.backend = backend or create_backend(
             settings,
             self.clock,
@@ -139,6 +140,7 @@ class Service:
         self._loop_task: asyncio.Task[None] | None = None
         self._runner_task: asyncio.Task[None] | None = None
         self._liveness_task: asyncio.Task[None] | None = None
+        self._heartbeats_task: asyncio.Task[None] | None = None
         #: Set once this replica drains (SIGTERM): it takes no request and no new work.
         self.draining = False
         self.loop_error: BaseException | None = None
@@ -184,6 +186,11 @@ class Service:
             self._check_task = asyncio.create_task(
                 self._watch_credentials(credentials), name="credentials-check"
             )
+        if self.leases.active.enabled:
+            self._heartbeats_task = asyncio.create_task(
+                self.leases.active.run(), name="heartbeat-writer"
+            )
+            self._heartbeats_task.add_done_callback(self._loop_died)
         if threading.current_thread() is threading.main_thread():
             self._uninstall_sighup = install_sighup(self)
         log.info(
@@ -269,7 +276,7 @@ class Service:
         if task.cancelled():
             return
         self.loop_error = task.exception()
-        log.critical("the reconciler loop died: %r; /readyz now fails", self.loop_error)
+        log.critical("the %s loop died: %r; /readyz now fails", task.get_name(), self.loop_error)
 
     @property
     def reconciler_alive(self) -> bool:
@@ -318,6 +325,24 @@ class Service:
         self.notifier.begin_drain()
         log.info("replica %s is draining", self.replica_id)
 
+    def _committed(self, tx: Tx) -> None:
+        """Every committed unit of work: leases it changed are read afresh next time, and
+        whoever waits on them wakes."""
+        self.leases.active.forget(tx.leases_changed)
+        self.notifier.publish(tx)
+
+    async def _stop_writing_heartbeats(self) -> None:
+        """Cancel the heartbeat writer, which writes what it still holds on its way out."""
+        task, self._heartbeats_task = self._heartbeats_task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("the last heartbeats could not be written")
+
     async def stop(self) -> None:
         """The replica exits: drain, finish (or, after ``drain_timeout_s``, cancel) the
         queries it runs and its backend calls, give its claims to the other replicas and
@@ -347,5 +372,6 @@ class Service:
             try:
                 await self.liveness.set_state(ReplicaState.STOPPED)
             finally:
+                await self._stop_writing_heartbeats()
                 await self.backend.close()
                 self.engine.dispose()

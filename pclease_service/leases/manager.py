@@ -30,6 +30,7 @@ from pclease_service.errors import (
 )
 from pclease_service.instruments import Instruments, NoInstruments
 from pclease_service.leases.grant import Grant, LeaseAsk, Turn, allocate, join, replay
+from pclease_service.leases.heartbeats import ActiveLeases
 from pclease_service.leases.waiting import Tickets, wait_in_line
 from pclease_service.notify import Notifier, long_poll
 from pclease_service.principals import Principal
@@ -87,6 +88,9 @@ class LeaseManager:
         self.ready_check = ready_check
         self.instruments = instruments or NoInstruments()
         self.quotas = quotas or QuotaBook(settings.quotas)
+        #: Heartbeats and reads of active leases answered from memory (see
+        #: :mod:`pclease_service.leases.heartbeats`); its ``run`` is the service's to start.
+        self.active = ActiveLeases(db, clock, flush_s=settings.heartbeat_flush_s)
 
     # -- acquire --------------------------------------------------------------------------
 
@@ -260,6 +264,12 @@ class LeaseManager:
                 f"wait_s must be between 0 and {self.settings.long_poll_max_s:g} seconds"
             )
         waiting_while = while_state
+        if wait_s == 0 or while_state not in (None, LeaseState.ACTIVE):
+            # An answer now (no wait, or the lease already left the state waited out):
+            # an active lease this replica trusts needs no database read.
+            known = self.active.read(principal, lease_id)
+            if known is not None:
+                return known
 
         async def read() -> LeaseRecord:
             nonlocal waiting_while
@@ -269,7 +279,7 @@ class LeaseManager:
                 waiting_while = lease.state
             return lease
 
-        return await long_poll(
+        lease = await long_poll(
             self.clock,
             wait_s,
             token=lambda: self.notifier.lease_token(lease_id),
@@ -277,6 +287,8 @@ class LeaseManager:
             done=lambda lease: lease.state is not waiting_while,
             ended=lambda: self.notifier.draining,
         )
+        self.active.remember(lease)
+        return lease
 
     async def list_leases(
         self,
@@ -304,6 +316,10 @@ class LeaseManager:
     # -- change ---------------------------------------------------------------------------
 
     async def heartbeat(self, principal: Principal, lease_id: str) -> LeaseRecord:
+        beaten = self.active.beat(principal, lease_id)
+        if beaten is not None:
+            return beaten
+
         def unit(tx: Tx) -> LeaseRecord:
             lease = self._owned(principal, leases.get_lease(tx, lease_id), lease_id)
             if lease.state.is_terminal:
@@ -320,7 +336,9 @@ class LeaseManager:
             tx.deferred_error = LeaseEnded(lease_id, ended.state.value, ended.end_reason)
             return ended
 
-        return await self.db.write(unit)
+        lease = await self.db.write(unit)
+        self.active.remember(lease)
+        return lease
 
     async def release(self, principal: Principal, lease_id: str) -> LeaseRecord:
         """End the lease; idempotent (an ended lease is returned as it is)."""

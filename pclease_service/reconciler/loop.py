@@ -226,7 +226,8 @@ class Reconciler:
     async def _expire_leases(self) -> None:
         def unit(tx: Tx) -> int:
             expired = 0
-            for lease_id in leases.due_lease_ids(tx):
+            grace_s = self.settings.lease_expiry_grace_s
+            for lease_id in leases.due_lease_ids(tx, grace_s=grace_s):
                 lease = leases.get_lease(tx, lease_id)
                 if lease is None:
                     continue

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, and_, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Row, and_, bindparam, case, func, insert, or_, select, update
 
 from pclease_service.db.schema import leases, queries
 from pclease_service.db.tx import Tx
@@ -244,6 +244,48 @@ def heartbeat(tx: Tx, lease_id: str) -> LeaseRecord | None:
     return LeaseRecord(**{**record.__dict__, "expires_at": expires_at})
 
 
+#: One batched heartbeat: only onto a lease still active, never moving its expiry back (a
+#: long query may have extended it meanwhile).
+_EXPIRES = bindparam("b_expires", type_=leases.c.expires_at.type)
+_WRITE_HEARTBEAT = (
+    update(leases)
+    .where(leases.c.id == bindparam("b_id"), leases.c.state == LeaseState.ACTIVE.value)
+    .values(
+        heartbeat_at=bindparam("b_beat", type_=leases.c.heartbeat_at.type),
+        expires_at=case((leases.c.expires_at < _EXPIRES, _EXPIRES), else_=leases.c.expires_at),
+    )
+)
+
+
+def write_heartbeats(tx: Tx, beats: Mapping[str, tuple[datetime, datetime]]) -> None:
+    """Heartbeats acknowledged from memory (see :mod:`pclease_service.leases.heartbeats`):
+    lease id -> (heartbeat_at, expires_at)."""
+    if beats:
+        tx.conn.execute(
+            _WRITE_HEARTBEAT,
+            [
+                {"b_id": lease_id, "b_beat": beat, "b_expires": expires}
+                for lease_id, (beat, expires) in beats.items()
+            ],
+        )
+
+
+def still_active(tx: Tx, lease_ids: Iterable[str], chunk: int = 500) -> set[str]:
+    """Those of ``lease_ids`` that are active."""
+    ids = list(lease_ids)
+    active: set[str] = set()
+    for start in range(0, len(ids), chunk):
+        active.update(
+            tx.conn.execute(
+                select(leases.c.id).where(
+                    leases.c.id.in_(ids[start : start + chunk]),
+                    leases.c.state == LeaseState.ACTIVE.value,
+                )
+            ).scalars()
+        )
+    return active
+
+
 def extend_lease(tx: Tx, lease_id: str) -> None:
     """Give a live lease a full TTL from now (after a long query, so the client can act)."""
     lease = get_lease(tx, lease_id)
@@ -258,13 +300,15 @@ def extend_lease(tx: Tx, lease_id: str) -> None:
         )
 
 
-def due_lease_ids(tx: Tx, limit: int = 500) -> list[str]:
+def due_lease_ids(tx: Tx, limit: int = 500, *, grace_s: float = 0.0) -> list[str]:
+    """Live leases whose deadline passed more than ``grace_s`` ago (see
+    :attr:`~pclease_service.leases.heartbeats.ActiveLeases.grace_s`)."""
     return list(
         tx.conn.execute(
             select(leases.c.id)
             .where(
                 leases.c.state.in_([s.value for s in LIVE_LEASE_STATES]),
-                leases.c.expires_at <= tx.now,
+                leases.c.expires_at <= tx.now - timedelta(seconds=grace_s),
                 # A running query keeps its lease alive; its timeout bounds that.
                 ~leases.c.id.in_(
                     select(queries.c.lease_id).where(queries.c.state == QueryState.RUNNING.value)
