@@ -13,13 +13,15 @@ reads the database again.
 What this costs, and what it does not:
 
 - **A crash** (SIGKILL, power loss) loses the heartbeats acknowledged since the last flush,
-  at most ``heartbeat_flush_s`` of them: those leases keep the deadline of their previous
-  heartbeat. A holder heartbeating at the advised interval (a third of its TTL) has two
-  more before that deadline. Nothing else is written behind: a lease is granted, released
-  or ended in its own transaction before the answer, as before.
+  about ``heartbeat_flush_s`` of them (plus the time a batch takes to write): those
+  leases keep the deadline of their previous heartbeat. A holder heartbeating at the
+  advised interval (a third of its TTL) has two more before that deadline. Nothing else
+  is written behind: a lease is granted, released or ended in its own transaction before
+  the answer, as before.
 - **An end made elsewhere** (another replica releases, revokes or expires a lease this one
   trusts) reaches this replica's answers at its next flush, and in any case within
-  ``trust_s``; ends made here are seen at once (:meth:`ActiveLeases.forget` runs on every commit that changes a lease).
+  ``trust_s``; ends made here are seen at once (:meth:`ActiveLeases.forget` runs on every
+  commit that changes a lease).
 - **Expiry** waits twice ``heartbeat_flush_s`` past a lease's deadline in the database
   (``Settings.lease_expiry_grace_s``), so that a heartbeat acknowledged just before the
   deadline but not yet written is not taken for a missing one.
