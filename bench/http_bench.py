@@ -3,6 +3,7 @@ endpoint measured in the same run as the ceiling.
 
     .venv/bin/python bench/http_bench.py [--db sqlite|postgres|both] [--runs 3]
         [--duration 10] [--connections 64] [--leases 100,10000] [--profile DIR]
+        [--workers N]
 
 For each database: a real ``pclease serve`` (uvicorn, one worker, the database migrated by
 Alembic, the local backend) and ``bench/ceiling.py`` (the same uvicorn options) run side by
@@ -16,6 +17,8 @@ answer, socket error or timeout fails the benchmark. Then it fills the database 
 ``--leases`` count of live leases and reports the server's RSS and the heartbeat and
 create + release figures there. ``--profile DIR`` also records a py-spy profile of the
 server during one heartbeat, GET and create + release run (py-spy: ``pip install py-spy``).
+``--workers N`` serves with ``pclease serve --workers N`` (N replicas of one process each
+on one port); memory and profiles are then not measured (they are per process).
 
 wrk is a Debian package: ``apt-get install wrk``. The load generator shares the machine's
 cores with the server (and PostgreSQL), so the ceiling is measured under the same handicap.
@@ -232,7 +235,8 @@ def bench_database(kind: str, args: argparse.Namespace) -> Result:
             )
             run_cli(config, "db", "upgrade")
             token = run_cli(config, "token", "create", "bench", "--scope", "lease").strip()
-            server = LiveServer(config, workdir / "server.log").start()
+            serve_args = ("--workers", str(args.workers)) if args.workers > 1 else ()
+            server = LiveServer(config, workdir / "server.log", serve_args=serve_args).start()
             port = free_port()
             ceiling = subprocess.Popen(
                 [sys.executable, str(ROOT / "bench" / "ceiling.py"), str(port)],
@@ -282,7 +286,12 @@ def bench_database(kind: str, args: argparse.Namespace) -> Result:
                 for run in range(args.runs):
                     for endpoint in ENDPOINTS:
                         spy = None
-                        if args.profile and run == 0 and endpoint != "ceiling":
+                        if (
+                            args.profile
+                            and args.workers == 1
+                            and run == 0
+                            and endpoint != "ceiling"
+                        ):
                             out = args.profile / f"{kind}-{endpoint}.txt"
                             spy = py_spy(pid, out, args.duration)
                         measured = measure(endpoint, args.duration)
@@ -294,7 +303,7 @@ def bench_database(kind: str, args: argparse.Namespace) -> Result:
                             f"p50 {measured.p50_ms:.1f} ms p99 {measured.p99_ms:.1f} ms",
                             flush=True,
                         )
-                for target in args.leases:
+                for target in args.leases if args.workers == 1 else []:
                     have = live_leases(url)
                     if target > have:
                         asyncio.run(create_leases(server.url, token, target - have))
@@ -324,7 +333,8 @@ def bench_database(kind: str, args: argparse.Namespace) -> Result:
 
 def report(results: list[Result], args: argparse.Namespace) -> str:
     lines = [
-        f"### {time.strftime('%Y-%m-%d')}: wrk -t1 -c{args.connections}, {args.duration} s, "
+        f"### {time.strftime('%Y-%m-%d')}: {args.workers} worker(s), wrk -t1 "
+        f"-c{args.connections}, {args.duration} s, "
         f"median of {args.runs} runs ({platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()})",
         "",
@@ -380,6 +390,7 @@ def main() -> None:
         help="leases the heartbeat and GET runs go through, one after the other",
     )
     parser.add_argument("--profile", type=Path, default=None, help="py-spy profiles here")
+    parser.add_argument("--workers", type=int, default=1, help="pclease serve --workers")
     args = parser.parse_args()
     args.leases = [int(n) for n in args.leases.split(",") if n]
     require_wrk()
