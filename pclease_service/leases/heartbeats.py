@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from time import monotonic
 
 from pclease_service.clock import Clock
 from pclease_service.db.session import Database
@@ -52,7 +52,7 @@ log = logging.getLogger("pclease.heartbeats")
 @dataclass
 class _Known:
     lease: LeaseRecord
-    #: ``time.monotonic()`` when the database last showed the lease active
+    #: ``monotonic()`` when the database last showed the lease active
     confirmed: float
 
 
@@ -87,7 +87,7 @@ class ActiveLeases:
         if not self.enabled:
             return
         if lease.state is LeaseState.ACTIVE:
-            self._known[lease.id] = _Known(lease, time.monotonic())
+            self._known[lease.id] = _Known(lease, monotonic())
         else:
             self.forget((lease.id,))
 
@@ -100,7 +100,7 @@ class ActiveLeases:
 
     def _trusted(self, principal: Principal, lease_id: str) -> LeaseRecord | None:
         known = self._known.get(lease_id)
-        if known is None or time.monotonic() - known.confirmed > self.trust_s:
+        if known is None or monotonic() - known.confirmed > self.trust_s:
             return None
         lease = known.lease
         if lease.token_id != principal.token_id:  # others' (an admin's) read the database
@@ -140,7 +140,7 @@ class ActiveLeases:
                 return
             pending, self._pending = self._pending, {}
             used, self._used = self._used, set()
-            checked_at = time.monotonic()
+            checked_at = monotonic()
             try:
                 active = await self.db.write(lambda tx: _write(tx, pending, used | pending.keys()))
             except BaseException:
@@ -156,6 +156,13 @@ class ActiveLeases:
                 known.confirmed = max(known.confirmed, checked_at)
             else:
                 del self._known[lease_id]
+        # Leases nobody used lately (another replica may have ended them): no longer
+        # trusted, and never re-confirmed unless used; read from the database next time.
+        stale = [
+            i for i, known in self._known.items() if checked_at - known.confirmed > self.trust_s
+        ]
+        for lease_id in stale:
+            del self._known[lease_id]
 
     async def run(self) -> None:
         """Flush every ``flush_s`` until cancelled; then a last flush."""

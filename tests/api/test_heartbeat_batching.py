@@ -165,3 +165,28 @@ async def test_with_a_flush_interval_of_zero_every_heartbeat_is_written_first(
         acknowledged = await beat(h, lease)
         assert written(h, lease)["expires_at"] == acknowledged["expires_at"]
     assert len(h.service.leases.active) == 0
+
+
+async def test_leases_unused_for_longer_than_the_trust_are_dropped_at_a_flush(
+    make_harness: Any, monkeypatch: Any
+) -> None:
+    from pclease_service.leases import heartbeats
+
+    h: Harness = await make_harness(**BATCHED)
+    idle, busy = await active_lease(h), await active_lease(h)
+    await beat(h, idle)
+    await beat(h, busy)
+    active = h.service.leases.active
+    assert len(active) == 2
+    # Another replica ends ``idle``, which nobody here asks about again.
+    h.service.db.write_sync(
+        lambda tx: store.leases.end_lease(
+            tx, idle["id"], LeaseState.RELEASED, actor="admin", reason="released elsewhere"
+        )
+    )
+    later = heartbeats.monotonic() + active.trust_s + 1
+    monkeypatch.setattr(heartbeats, "monotonic", lambda: later)
+    await beat(h, busy)  # read afresh (its trust ran out too), then used
+    await active.flush()
+    assert len(active) == 1
+    assert (await beat(h, idle, 410))["error"]["code"] == "lease_ended"
