@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from time import monotonic
@@ -72,6 +72,8 @@ class ActiveLeases:
         #: leases answered from memory since the last flush: the flush re-confirms them
         self._used: set[str] = set()
         self._flushing = asyncio.Lock()
+        #: leases whose heartbeat is being written through the database right now
+        self._writing: dict[str, asyncio.Future[None]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -129,6 +131,36 @@ class ActiveLeases:
         self._pending[lease_id] = (now, beaten.expires_at)
         self._used.add(lease_id)
         return beaten
+
+    async def heartbeat(
+        self,
+        principal: Principal,
+        lease_id: str,
+        through_database: Callable[[], Awaitable[LeaseRecord]],
+    ) -> LeaseRecord:
+        """A heartbeat from memory if it can be, else ``through_database`` (whose lease is
+        remembered). While one such write runs for a lease, the lease's other heartbeats
+        wait for it and are then answered from memory: a burst on leases this replica
+        does not know yet (after a restart, say) costs one write per lease, not one each."""
+        beaten = self.beat(principal, lease_id)
+        if beaten is not None:
+            return beaten
+        running = self._writing.get(lease_id)
+        if running is not None:
+            await asyncio.shield(running)
+            beaten = self.beat(principal, lease_id)
+            if beaten is not None:
+                return beaten
+            return await through_database()
+        done = asyncio.get_running_loop().create_future()
+        self._writing[lease_id] = done
+        try:
+            lease = await through_database()
+            self.remember(lease)
+            return lease
+        finally:
+            del self._writing[lease_id]
+            done.set_result(None)
 
     # -- writing --------------------------------------------------------------------------
 

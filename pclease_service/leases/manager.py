@@ -316,10 +316,6 @@ class LeaseManager:
     # -- change ---------------------------------------------------------------------------
 
     async def heartbeat(self, principal: Principal, lease_id: str) -> LeaseRecord:
-        beaten = self.active.beat(principal, lease_id)
-        if beaten is not None:
-            return beaten
-
         def unit(tx: Tx) -> LeaseRecord:
             lease = self._owned(principal, leases.get_lease(tx, lease_id), lease_id)
             if lease.state.is_terminal:
@@ -336,9 +332,7 @@ class LeaseManager:
             tx.deferred_error = LeaseEnded(lease_id, ended.state.value, ended.end_reason)
             return ended
 
-        lease = await self.db.write(unit)
-        self.active.remember(lease)
-        return lease
+        return await self.active.heartbeat(principal, lease_id, lambda: self.db.write(unit))
 
     async def release(self, principal: Principal, lease_id: str) -> LeaseRecord:
         """End the lease; idempotent (an ended lease is returned as it is)."""

@@ -190,3 +190,22 @@ async def test_leases_unused_for_longer_than_the_trust_are_dropped_at_a_flush(
     await active.flush()
     assert len(active) == 1
     assert (await beat(h, idle, 410))["error"]["code"] == "lease_ended"
+
+
+async def test_a_burst_on_a_lease_not_known_here_writes_once(
+    make_harness: Any, monkeypatch: Any
+) -> None:
+    h: Harness = await make_harness(**BATCHED)
+    lease = await active_lease(h)
+    h.service.leases.active.forget([lease["id"]])  # as after a restart
+    db = h.service.db
+    write, writes = db.write, []
+
+    async def counted(fn: Any) -> Any:
+        writes.append(fn)
+        return await write(fn)
+
+    monkeypatch.setattr(db, "write", counted)
+    answers = await asyncio.gather(*(beat(h, lease) for _ in range(20)))
+    assert {answer["state"] for answer in answers} == {"active"}
+    assert len(writes) == 1
