@@ -259,13 +259,14 @@ _WRITE_HEARTBEAT = (
 
 def write_heartbeats(tx: Tx, beats: Mapping[str, tuple[datetime, datetime]]) -> None:
     """Heartbeats acknowledged from memory (see :mod:`pclease_service.leases.heartbeats`):
-    lease id -> (heartbeat_at, expires_at)."""
+    lease id -> (heartbeat_at, expires_at). In the order of the ids, so that replicas
+    writing batches of the same leases lock their rows in one order (no deadlock)."""
     if beats:
         tx.conn.execute(
             _WRITE_HEARTBEAT,
             [
                 {"b_id": lease_id, "b_beat": beat, "b_expires": expires}
-                for lease_id, (beat, expires) in beats.items()
+                for lease_id, (beat, expires) in sorted(beats.items())
             ],
         )
 
