@@ -37,6 +37,10 @@ def create_db_engine(url: str, *, pool_size: int = 10) -> Engine:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=30000")
+        # SQLite keeps a page cache per connection (2 MiB by default) and the pool holds up
+        # to 2 x pool_size connections: at 10,000 leases that was 40 MB of the service's
+        # memory for pages the operating system caches anyway.
+        cursor.execute("PRAGMA cache_size=-512")
         cursor.close()
 
     @event.listens_for(engine, "begin")
