@@ -25,8 +25,8 @@ from pclease_service.loops import tick_forever
 from pclease_service.notify import Notifier
 from pclease_service.plans.targets import QueryTarget
 from pclease_service.queries.spool import Spool
-from pclease_service.states import LIVE_QUERY_STATES, ContextState, LeaseState, QueryState
-from pclease_service.store import contexts, leases, queries, replicas
+from pclease_service.states import ContextState, LeaseState, QueryState
+from pclease_service.store import leases, queries, replicas
 from pclease_service.store.queries import QueryRecord
 
 log = logging.getLogger("pclease.queries")
@@ -134,16 +134,14 @@ class QueryRunner:
 
     async def tick(self) -> None:
         def snapshot(tx: Tx) -> tuple[list[QueryRecord], dict[str, _Where]]:
-            live = queries.list_queries(tx, states=LIVE_QUERY_STATES, limit=10_000)
-            where: dict[str, _Where] = {}
-            for query in live:
-                lease = leases.get_lease(tx, query.lease_id)
-                context = contexts.get_context(tx, query.context_id)
-                if lease is not None and context is not None:
-                    where[query.id] = _Where(
-                        lease.state, context.state, context.backend_handle, lease.profile
-                    )
-            return live, where
+            placed = queries.live_placed(tx)
+            where = {
+                p.query.id: _Where(
+                    LeaseState(p.lease_state), ContextState(p.context_state), p.handle, p.profile
+                )
+                for p in placed
+            }
+            return [p.query for p in placed], where
 
         now = self.clock.monotonic()
         if (
