@@ -177,7 +177,7 @@ class QueryRunner:
             if started is not None:
                 busy[query.context_id] = busy.get(query.context_id, 0) + 1
                 self._tasks[started.id] = asyncio.create_task(
-                    self._execute(started, place.handle), name=f"query-{started.id}"
+                    self._execute(started, place.handle, place.profile), name=f"query-{started.id}"
                 )
         self._tasks = {qid: t for qid, t in self._tasks.items() if not t.done()}
         now = self.clock.monotonic()
@@ -235,9 +235,10 @@ class QueryRunner:
             else None,
         )
 
-    async def _execute(self, query: QueryRecord, handle: Mapping[str, object]) -> None:
-        lease = await self.db.read(lambda tx: leases.get_lease(tx, query.lease_id))
-        profile = self.settings.profiles.get(lease.profile) if lease else None
+    async def _execute(
+        self, query: QueryRecord, handle: Mapping[str, object], profile_name: str
+    ) -> None:
+        profile = self.settings.profiles.get(profile_name)
         roots = tuple(profile.data_roots) if profile else ()
         allow_udfs = profile.allow_python_udfs if profile else False
         try:
@@ -272,7 +273,6 @@ class QueryRunner:
             outcome = QueryOutcome(
                 ok=False, error_type="StorageUnavailable", error_message=exc.message
             )
-        await self._forget_plan(query.id)
         if outcome.ok and query.target == QueryTarget.COLLECT.value:
             try:
                 await anyio.to_thread.run_sync(self.spool.keep_result, query.id)
@@ -290,7 +290,11 @@ class QueryRunner:
                     error_type="ResultLost",
                     error_message="the backend reported a result but wrote no result file",
                 )
-        await self._finish(query, outcome)
+        try:
+            await self._finish(query, outcome)
+        finally:
+            # After the finish, which is what the client waits for.
+            await self._forget_plan(query.id)
 
     async def _forget_plan(self, query_id: str) -> None:
         # On failure the spool has logged it; housekeeping deletes it later.
