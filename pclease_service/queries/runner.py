@@ -87,6 +87,8 @@ class QueryRunner:
         self.instruments = instruments or NoInstruments()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._housekept_at: float | None = None
+        #: Whether the last tick left a queued query waiting (see _slot_freed).
+        self._backlog = False
 
     async def recover(self, *, at_start: bool = False) -> None:
         """Queries left ``running`` by a replica that is gone (it exited, or stopped
@@ -157,12 +159,14 @@ class QueryRunner:
         for query in live:
             if query.state is QueryState.RUNNING:
                 busy[query.context_id] = busy.get(query.context_id, 0) + 1
+        queued = started_here = 0
         for query in reversed(live):  # oldest first
             task = self._tasks.get(query.id)
             if query.state is QueryState.RUNNING:
                 if query.cancel_requested and task is not None and not task.done():
                     task.cancel()
                 continue
+            queued += 1
             if self.draining:
                 continue
             place = where.get(query.id)
@@ -175,15 +179,23 @@ class QueryRunner:
                 continue
             started = await self.db.write(self._start_unit(query.id, limit))
             if started is not None:
+                started_here += 1
                 busy[query.context_id] = busy.get(query.context_id, 0) + 1
                 self._tasks[started.id] = asyncio.create_task(
                     self._execute(started, place.handle, place.profile), name=f"query-{started.id}"
                 )
+        self._backlog = queued > started_here
         self._tasks = {qid: t for qid, t in self._tasks.items() if not t.done()}
         now = self.clock.monotonic()
         if self._housekept_at is None or now - self._housekept_at >= _HOUSEKEEPING_S:
             self._housekept_at = now
             await self.housekeeping()
+
+    def _slot_freed(self) -> None:
+        # The runner's own writes do not wake it (Tx.by_runner): a query that ended frees
+        # a slot, which matters only if the last tick left queued queries waiting.
+        if self._backlog:
+            self.notifier.runner.set()
 
     def _slots(self, profile_name: str) -> int:
         profile = self.settings.profiles.get(profile_name)
@@ -193,6 +205,7 @@ class QueryRunner:
         replica = self.replica
 
         def unit(tx: Tx) -> QueryRecord | None:
+            tx.by_runner = True
             return queries.start_query(tx, query_id, limit=limit, actor=ACTOR, replica=replica)
 
         return unit
@@ -314,6 +327,7 @@ class QueryRunner:
         collect = query.target == QueryTarget.COLLECT.value
 
         def unit(tx: Tx) -> None:
+            tx.by_runner = True
             values: dict[str, object] = {
                 "finished_at": tx.now,
                 "rows": outcome.rows,
@@ -345,6 +359,7 @@ class QueryRunner:
             leases.extend_lease(tx, query.lease_id)
 
         await self.db.write(unit)
+        self._slot_freed()
         if query.started_at is not None:
             outcome_name = QueryState.SUCCEEDED if outcome.ok else QueryState.FAILED
             self.instruments.query_finished(outcome_name.value, self._ran_for(query))
@@ -355,6 +370,7 @@ class QueryRunner:
         await self._forget_result(query.id)
 
         def unit(tx: Tx) -> None:
+            tx.by_runner = True
             current = queries.get_query(tx, query.id)
             reason = (current.error_message if current else None) or "cancelled"
             queries.transition_query(
@@ -367,6 +383,7 @@ class QueryRunner:
             )
 
         await self.db.write(unit)
+        self._slot_freed()
         if query.started_at is not None:
             self.instruments.query_finished(QueryState.CANCELLED.value, self._ran_for(query))
 
