@@ -87,8 +87,10 @@ class QueryRunner:
         self.instruments = instruments or NoInstruments()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._housekept_at: float | None = None
-        #: Whether the last tick left a queued query waiting (see _slot_freed).
+        #: Whether the last tick left a queued query waiting, and whether one runs now
+        #: (see _slot_freed).
         self._backlog = False
+        self._ticking = False
 
     async def recover(self, *, at_start: bool = False) -> None:
         """Queries left ``running`` by a replica that is gone (it exited, or stopped
@@ -135,6 +137,13 @@ class QueryRunner:
         )
 
     async def tick(self) -> None:
+        self._ticking = True
+        try:
+            await self._tick()
+        finally:
+            self._ticking = False
+
+    async def _tick(self) -> None:
         def snapshot(tx: Tx) -> tuple[list[QueryRecord], dict[str, _Where]]:
             placed = queries.live_placed(tx)
             where = {
@@ -193,8 +202,9 @@ class QueryRunner:
 
     def _slot_freed(self) -> None:
         # The runner's own writes do not wake it (Tx.by_runner): a query that ended frees
-        # a slot, which matters only if the last tick left queued queries waiting.
-        if self._backlog:
+        # a slot, which matters only if the last tick left queued queries waiting, or if
+        # a tick is under way (it may be leaving some waiting on the slot freed now).
+        if self._backlog or self._ticking:
             self.notifier.runner.set()
 
     def _slots(self, profile_name: str) -> int:
