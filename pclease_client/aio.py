@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
+import os
+import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
@@ -44,6 +47,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("pclease_client")
 
 T = TypeVar("T")
+#: Body bytes gathered before one write to a file (in a thread, off the event loop).
+_WRITE_BATCH_BYTES = 4 * 1024 * 1024
+
+
+async def _copy_body(response: httpx.Response, out: IO[bytes]) -> None:
+    batch: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        batch.append(chunk)
+        size += len(chunk)
+        if size >= _WRITE_BATCH_BYTES:
+            await asyncio.to_thread(out.write, b"".join(batch))
+            batch, size = [], 0
+    if batch:
+        await asyncio.to_thread(out.write, b"".join(batch))
 
 
 class AsyncPcleaseClient:
@@ -107,6 +125,41 @@ class AsyncPcleaseClient:
                 if delay is None:
                     return call.answer(response)
                 why = f"answered {response.status_code}"
+            log.warning(
+                "pclease %s %s failed (%s); retrying in %.1f s", call.method, call.path, why, delay
+            )
+            await asyncio.sleep(delay)
+
+    async def _stream(self, call: Call[Any], body: Callable[[httpx.Response], Awaitable[T]]) -> T:
+        """Like :meth:`send`, but a successful answer is read as it arrives, by ``body``;
+        a transfer that breaks is retried (from the start) as the policy says."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self._http.stream(
+                    call.method, call.path, **call.request_args()
+                ) as response:
+                    if response.is_success:
+                        return await body(response)
+                    await response.aread()
+                    delay = self.retry_policy.delay_s(
+                        call,
+                        attempt,
+                        status=response.status_code,
+                        draining=calls.is_draining(response),
+                    )
+                    if delay is None:
+                        call.answer(response)  # raises the error answer's exception
+                        raise AssertionError("an error answer was read as a success")
+                    why = f"answered {response.status_code}"
+            except httpx.TransportError as exc:
+                delay = self.retry_policy.delay_s(call, attempt, error=exc)
+                if delay is None:
+                    raise RequestFailed(
+                        call.method, call.url(self.base_url), str(exc) or type(exc).__name__
+                    ) from exc
+                why = str(exc) or type(exc).__name__
             log.warning(
                 "pclease %s %s failed (%s); retrying in %.1f s", call.method, call.path, why, delay
             )
@@ -325,12 +378,42 @@ class AsyncPcleaseClient:
     async def result_bytes(self, query_id: str) -> bytes:
         return await self.send(calls.query_result(query_id))
 
-    async def result_frame(self, query_id: str) -> pl.DataFrame:
-        import io
+    async def download_result(self, query_id: str, destination: str | os.PathLike[str]) -> int:
+        """Stream a collect query's result into the file ``destination`` (written in a
+        thread, a few MiB at a time); returns its size in bytes."""
 
+        async def write(response: httpx.Response) -> int:
+            out = await asyncio.to_thread(open, destination, "wb")
+            try:
+                await _copy_body(response, out)
+                return int(await asyncio.to_thread(out.tell))
+            finally:
+                await asyncio.to_thread(out.close)
+
+        return await self._stream(calls.query_result(query_id), write)
+
+    async def result_frame(self, query_id: str) -> pl.DataFrame:
+        """A collect query's result as a Polars DataFrame; a large one goes through a
+        temporary file, as with :meth:`PcleaseClient.result_frame`. Polars reads it in a
+        thread."""
         import polars as pl
 
-        return pl.read_ipc(io.BytesIO(await self.result_bytes(query_id)))
+        async def read(response: httpx.Response) -> pl.DataFrame:
+            if not calls.spills(response):
+                data = await response.aread()
+                return await asyncio.to_thread(pl.read_ipc, io.BytesIO(data))
+            # Closed (and so deleted) in a thread below, not by a with block on the loop.
+            out = await asyncio.to_thread(
+                lambda: tempfile.NamedTemporaryFile(prefix="pclease-result-", suffix=".arrow")  # noqa: SIM115
+            )
+            try:
+                await _copy_body(response, out)
+                await asyncio.to_thread(out.flush)
+                return await asyncio.to_thread(pl.read_ipc, out.name)
+            finally:
+                await asyncio.to_thread(out.close)
+
+        return await self._stream(calls.query_result(query_id), read)
 
 
 class AsyncLease(LeaseHandle):

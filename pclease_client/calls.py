@@ -376,5 +376,18 @@ def cancel_query(query_id: str) -> Call[QueryInfo]:
 
 
 def query_result(query_id: str) -> Call[bytes]:
-    """A collect query's result: an Arrow IPC file (``polars.read_ipc``)."""
+    """A collect query's result: an Arrow IPC file (``polars.read_ipc``). Large results
+    are better streamed (see :func:`spills`) than read with this call's answer."""
     return Call("GET", f"/v1/queries/{_segment(query_id)}/result", _content)
+
+
+#: A result body larger than this (or of unknown size) is streamed to a temporary file and
+#: read from there instead of being collected in memory, so that the body and the frame
+#: read from it are never both held by the client.
+RESULT_IN_MEMORY_MAX_BYTES = 8 * 1024 * 1024
+
+
+def spills(response: httpx.Response, limit: int = RESULT_IN_MEMORY_MAX_BYTES) -> bool:
+    """Whether a successful result answer is streamed to a file rather than read whole."""
+    declared = response.headers.get("Content-Length", "")
+    return not declared.isdigit() or int(declared) > limit

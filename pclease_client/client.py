@@ -9,7 +9,10 @@ heartbeats and releases (see :class:`~pclease_client.lease.Lease`).
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -113,6 +116,39 @@ class PcleaseClient:
                 if delay is None:
                     return call.answer(response)
                 why = f"answered {response.status_code}"
+            log.warning(
+                "pclease %s %s failed (%s); retrying in %.1f s", call.method, call.path, why, delay
+            )
+            time.sleep(delay)
+
+    def _stream(self, call: Call[Any], body: Callable[[httpx.Response], T]) -> T:
+        """Like :meth:`send`, but a successful answer is read as it arrives, by ``body``;
+        a transfer that breaks is retried (from the start) as the policy says."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with self._http.stream(call.method, call.path, **call.request_args()) as response:
+                    if response.is_success:
+                        return body(response)
+                    response.read()
+                    delay = self.retry_policy.delay_s(
+                        call,
+                        attempt,
+                        status=response.status_code,
+                        draining=calls.is_draining(response),
+                    )
+                    if delay is None:
+                        call.answer(response)  # raises the error answer's exception
+                        raise AssertionError("an error answer was read as a success")
+                    why = f"answered {response.status_code}"
+            except httpx.TransportError as exc:
+                delay = self.retry_policy.delay_s(call, attempt, error=exc)
+                if delay is None:
+                    raise RequestFailed(
+                        call.method, call.url(self.base_url), str(exc) or type(exc).__name__
+                    ) from exc
+                why = str(exc) or type(exc).__name__
             log.warning(
                 "pclease %s %s failed (%s); retrying in %.1f s", call.method, call.path, why, delay
             )
@@ -414,13 +450,35 @@ class PcleaseClient:
                 )
 
     def result_bytes(self, query_id: str) -> bytes:
-        """A collect query's result as an Arrow IPC file."""
+        """A collect query's result as an Arrow IPC file, in memory (see
+        :meth:`download_result` for a large one)."""
         return self.send(calls.query_result(query_id))
 
-    def result_frame(self, query_id: str) -> pl.DataFrame:
-        """A collect query's result as a Polars DataFrame."""
-        import io
+    def download_result(self, query_id: str, destination: str | os.PathLike[str]) -> int:
+        """Stream a collect query's result (an Arrow IPC file) into the file
+        ``destination``, never holding it in memory; returns its size in bytes."""
 
+        def write(response: httpx.Response) -> int:
+            with open(destination, "wb") as out:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+                return out.tell()
+
+        return self._stream(calls.query_result(query_id), write)
+
+    def result_frame(self, query_id: str) -> pl.DataFrame:
+        """A collect query's result as a Polars DataFrame. A large result is streamed to
+        a temporary file (in ``TMPDIR``) and read from there, so the client never holds
+        the whole body and the frame at once."""
         import polars as pl
 
-        return pl.read_ipc(io.BytesIO(self.result_bytes(query_id)))
+        def read(response: httpx.Response) -> pl.DataFrame:
+            if not calls.spills(response):
+                return pl.read_ipc(io.BytesIO(response.read()))
+            with tempfile.NamedTemporaryFile(prefix="pclease-result-", suffix=".arrow") as out:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+                out.flush()
+                return pl.read_ipc(out.name)
+
+        return self._stream(calls.query_result(query_id), read)

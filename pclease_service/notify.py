@@ -118,5 +118,5 @@ class Notifier:
                 pulse.fire()
         if tx.contexts_changed:
             self.reconciler.set()
-        if tx.queries_changed or tx.leases_changed:
+        if (tx.queries_changed or tx.leases_changed) and not tx.by_runner:
             self.runner.set()

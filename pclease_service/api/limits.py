@@ -14,9 +14,11 @@ _QUERY_SUBMIT = re.compile(r"^/v1/leases/[^/]+/queries/?$")
 class BodySizeLimit:
     """Refuse request bodies over ``max_bytes`` with 413 before they are read whole.
 
-    The body is read here, counted chunk by chunk, and handed on in one piece: a body sent
-    chunked (no Content-Length) is refused as soon as it passes the limit, and the routes
-    never see a half-read body. Bodies are small JSON documents, so buffering costs little.
+    A body with a Content-Length over the limit is refused unread; one within it is handed
+    on as it arrives (the server never reads past the declared length). A body sent chunked
+    (no Content-Length) is read here, counted chunk by chunk, refused as soon as it passes
+    the limit and otherwise handed on in one piece, so the routes never see a half-read
+    body.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, max_plan_bytes: int | None = None) -> None:
@@ -44,6 +46,12 @@ class BodySizeLimit:
             return
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await self._refuse(scope, receive, send, limit)
+            return
+        if b"transfer-encoding" not in headers and declared is not None and declared.isdigit():
+            # The server reads exactly the declared length and no more, so a body declared
+            # within the limit stays within it: it goes to the route as it arrives, and a
+            # plan is not held twice (here, and again by the multipart parser).
+            await self.app(scope, receive, send)
             return
         chunks: list[bytes] = []
         seen = 0

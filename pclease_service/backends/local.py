@@ -20,8 +20,10 @@ handle and the directory are all there is, a new ``LocalBackend`` on the same ``
 (a restarted service) can list, poll and stop workers an earlier one started.
 
 Queries (:meth:`LocalBackend.execute`) go to the worker's ``query`` op on a connection of
-their own, which stays open until the outcome arrives. Cancelling the awaiting task shuts
-that connection down; the worker sees it end, kills the executor running the query and
+their own while they run, which stays open until the outcome arrives; afterwards it is
+kept open for the next query (see ``_Connections``), so a query does not pay for a new
+connection and its handshake. Cancelling the awaiting task shuts that connection down
+(it is not reused); the worker sees it end, kills the executor running the query and
 starts a fresh one, so the context stays usable. What a query may touch and how it runs is
 in ``local_worker``, ``local_executor`` and ``pclease_service.plans``.
 
@@ -72,6 +74,7 @@ from pclease_service.backends.base import (
 from pclease_service.backends.local_wire import (
     AUTHKEY_NAME,
     EXIT_ORPHANED,
+    IDLE_CONNECTION_TIMEOUT_S,
     LOG_NAME,
     META_NAME,
     describe_exit,
@@ -238,14 +241,14 @@ class _Abort:
             sock.detach()
 
 
-def _call(
-    directory: Path,
-    request: Mapping[str, Any],
-    payload: bytes | None,
-    timeout_s: float,
-    abort: _Abort | None = None,
-) -> tuple[dict[str, Any], bytes | None]:
-    """One request on a fresh connection. Raises _NotAnswering or BackendError."""
+class _Unsent(Exception):
+    """A request could not be sent on a kept-open connection: the worker closed it
+    before reading anything, so the request may be sent again on a new one."""
+
+
+def _connect(directory: Path, timeout_s: float) -> Connection:
+    """A new authenticated connection to the worker in ``directory``. Raises
+    _NotAnswering or BackendError."""
     try:
         authkey = (directory / AUTHKEY_NAME).read_bytes()
     except OSError as exc:
@@ -263,31 +266,145 @@ def _call(
         sock.close()
         raise _NotAnswering(f"cannot connect to its socket: {exc}") from exc
     conn = Connection(sock.detach())
+    try:
+        answer_challenge(conn, authkey)
+        deliver_challenge(conn, authkey)
+    except AuthenticationError as exc:
+        conn.close()
+        raise BackendError(
+            f"the worker in {directory} rejected the authkey in its directory; "
+            "stop the context and start a new one"
+        ) from exc
+    except (BlockingIOError, TimeoutError) as exc:
+        conn.close()
+        raise _NotAnswering(f"no answer within {timeout_s:g} s") from exc
+    except (EOFError, OSError, ValueError) as exc:
+        conn.close()
+        raise _NotAnswering(f"the connection broke: {type(exc).__name__}: {exc}") from exc
+    return conn
+
+
+def _exchange(
+    conn: Connection,
+    request: Mapping[str, Any],
+    payload: bytes | None,
+    timeout_s: float,
+    abort: _Abort | None = None,
+    *,
+    kept: bool = False,
+) -> tuple[dict[str, Any], bytes | None]:
+    """One request and its reply on an open connection. Raises _NotAnswering, or _Unsent
+    when ``kept`` (a connection kept open since an earlier request) turns out closed."""
+    set_io_timeout(conn.fileno(), timeout_s)
     if abort is not None:
         abort.attach(conn.fileno())
     try:
         try:
-            answer_challenge(conn, authkey)
-            deliver_challenge(conn, authkey)
             send_json(conn, request)
             if payload is not None:
                 conn.send_bytes(payload)
-            reply = recv_json(conn)
-            data = conn.recv_bytes() if reply.get("payload") else None
-        except AuthenticationError as exc:
-            raise BackendError(
-                f"the worker in {directory} rejected the authkey in its directory; "
-                "stop the context and start a new one"
-            ) from exc
-        except (BlockingIOError, TimeoutError) as exc:
-            raise _NotAnswering(f"no answer within {timeout_s:g} s") from exc
-        except (EOFError, OSError, ValueError) as exc:
-            raise _NotAnswering(f"the connection broke: {type(exc).__name__}: {exc}") from exc
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # On a Unix socket, writing to a connection its peer has closed fails at once:
+            # the worker has read none of this request.
+            if kept:
+                raise _Unsent(str(exc)) from exc
+            raise
+        reply = recv_json(conn)
+        data = conn.recv_bytes() if reply.get("payload") else None
+    except (BlockingIOError, TimeoutError) as exc:
+        raise _NotAnswering(f"no answer within {timeout_s:g} s") from exc
+    except (EOFError, OSError, ValueError) as exc:
+        raise _NotAnswering(f"the connection broke: {type(exc).__name__}: {exc}") from exc
     finally:
         if abort is not None:
             abort.detach()
-        conn.close()
     return reply, data
+
+
+def _call(
+    directory: Path,
+    request: Mapping[str, Any],
+    payload: bytes | None,
+    timeout_s: float,
+    abort: _Abort | None = None,
+) -> tuple[dict[str, Any], bytes | None]:
+    """One request on a fresh connection. Raises _NotAnswering or BackendError."""
+    conn = _connect(directory, timeout_s)
+    try:
+        return _exchange(conn, request, payload, timeout_s, abort)
+    finally:
+        conn.close()
+
+
+class _Connections:
+    """Authenticated connections to workers, kept open between queries so that a query
+    does not pay for a new connection and its HMAC handshake.
+
+    A query takes a connection of its own (one request at a time on each: the worker
+    reads a connection's next request only after answering the last) and gives it back
+    once it has read the whole reply. A connection that broke, was aborted (a cancelled
+    query) or went unused for half the worker's idle timeout is closed instead; so is
+    one the worker closed meanwhile, which shows as readable (EOF) when taken.
+    """
+
+    #: Idle connections kept per worker: enough for its concurrent queries.
+    MAX_IDLE = 8
+    KEEP_S = IDLE_CONNECTION_TIMEOUT_S / 2
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: dict[_Ref, list[tuple[Connection, float]]] = {}
+
+    def take(self, ref: _Ref) -> Connection | None:
+        while True:
+            with self._lock:
+                self._prune()
+                idle = self._idle.get(ref)
+                if not idle:
+                    return None
+                conn, _ = idle.pop()
+            try:
+                broken = conn.poll(0)  # nothing may arrive between requests but an EOF
+            except (OSError, ValueError):
+                broken = True
+            if not broken:
+                return conn
+            conn.close()
+
+    def give_back(self, ref: _Ref, conn: Connection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(ref, [])
+            if len(idle) < self.MAX_IDLE:
+                idle.append((conn, time.monotonic()))
+                return
+        conn.close()
+
+    def drop(self, ref: _Ref) -> None:
+        with self._lock:
+            idle = self._idle.pop(ref, [])
+        for conn, _ in idle:
+            conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle = [entry for entries in self._idle.values() for entry in entries]
+            self._idle.clear()
+        for conn, _ in idle:
+            conn.close()
+
+    def _prune(self) -> None:
+        oldest = time.monotonic() - self.KEEP_S
+        for ref in list(self._idle):
+            kept = []
+            for conn, since in self._idle[ref]:
+                if since < oldest:
+                    conn.close()
+                else:
+                    kept.append((conn, since))
+            if kept:
+                self._idle[ref] = kept
+            else:
+                del self._idle[ref]
 
 
 class LocalBackend(Backend):
@@ -304,6 +421,7 @@ class LocalBackend(Backend):
         self.orphan_timeout_s = orphan_timeout_s
         self.python = python
         self._starting: set[Path] = set()
+        self._connections = _Connections()
 
     # -- Backend ----------------------------------------------------------------------------
     def context_options(self, profile: Profile) -> Mapping[str, Any]:
@@ -320,6 +438,9 @@ class LocalBackend(Backend):
 
     async def list(self) -> list[Observed]:
         return await asyncio.to_thread(self._list)
+
+    async def close(self) -> None:
+        self._connections.close()
 
     def reaches(self, handle: Handle) -> bool:
         """A worker is reachable from any process that shares this ``state_dir`` (the
@@ -396,13 +517,41 @@ class LocalBackend(Backend):
     ) -> dict[str, Any]:
         timeout_s = float(request["timeout_s"]) + QUERY_MARGIN_S
         try:
-            reply, _ = _call(ref.dir, request, plan, timeout_s, abort)
-            return reply
+            conn = self._connections.take(ref)
+            if conn is not None:
+                try:
+                    return self._query_on(ref, conn, request, plan, timeout_s, abort, kept=True)
+                except _Unsent:
+                    pass  # closed by the worker meanwhile: the request goes on a new one
+            conn = _connect(ref.dir, timeout_s)
+            return self._query_on(ref, conn, request, plan, timeout_s, abort)
         except _NotAnswering as exc:
             state = "does not answer" if _alive(ref) else "is not running"
             raise BackendError(
                 f"the local worker {ref.pid} {state} ({exc}); check the context's status"
             ) from exc
+
+    def _query_on(
+        self,
+        ref: _Ref,
+        conn: Connection,
+        request: Mapping[str, Any],
+        plan: bytes,
+        timeout_s: float,
+        abort: _Abort,
+        *,
+        kept: bool = False,
+    ) -> dict[str, Any]:
+        answered = False
+        try:
+            reply, _ = _exchange(conn, request, plan, timeout_s, abort, kept=kept)
+            answered = True
+            return reply
+        finally:
+            if answered and not abort.aborted:
+                self._connections.give_back(ref, conn)
+            else:
+                conn.close()
 
     def _ref(self, handle: Handle) -> _Ref:
         try:
@@ -536,6 +685,7 @@ class LocalBackend(Backend):
         return Observation(Phase.RUNNING)
 
     def _stop(self, ref: _Ref) -> None:
+        self._connections.drop(ref)
         if _alive(ref):
             try:
                 _call(ref.dir, {"op": "stop"}, None, PING_TIMEOUT_S)

@@ -27,6 +27,10 @@ EXIT_ORPHANED = 3
 
 HEADER_MAX_BYTES = 1 << 20
 
+#: A worker drops a connection that says nothing for this long between requests, so that
+#: its thread does not live forever; the service keeps an idle one for half as long.
+IDLE_CONNECTION_TIMEOUT_S = 60.0
+
 Json = dict[str, Any]
 
 

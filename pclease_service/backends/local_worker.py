@@ -82,6 +82,7 @@ from pclease_service.backends.local_executor import (
 from pclease_service.backends.local_wire import (
     AUTHKEY_NAME,
     EXIT_ORPHANED,
+    IDLE_CONNECTION_TIMEOUT_S,
     META_NAME,
     Json,
     describe_exit,
@@ -97,9 +98,6 @@ ENGINES = frozenset({"auto", "streaming", "in-memory"})
 # How often a worker waiting for the executor's lock checks whether its client left.
 LOCK_POLL_S = 0.1
 HANDSHAKE_TIMEOUT_S = 5.0
-# Between requests a client may keep its connection open; one that says nothing for this
-# long is dropped so its thread does not live forever.
-IDLE_CONNECTION_TIMEOUT_S = 60.0
 EXECUTOR_STDERR_LINES = 20
 RESPAWN_MIN_LIFETIME_S = 10.0
 

@@ -47,6 +47,13 @@ class Readable:
     size: int
     chunks: Iterator[bytes]
 
+    def small(self, limit: int = CHUNK_BYTES) -> bytes | None:
+        """The whole blob if it is at most ``limit`` bytes (read now, so call this where
+        blocking is fine); None, and nothing read, for a larger one."""
+        if self.size > limit:
+            return None
+        return b"".join(self.chunks)
+
 
 class BlobStore(abc.ABC):
     kind: ClassVar[str]

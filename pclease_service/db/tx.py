@@ -20,6 +20,8 @@ class Tx:
     contexts_changed: set[str] = field(default_factory=set)
     profiles_freed: set[str] = field(default_factory=set)
     queries_changed: set[str] = field(default_factory=set)
+    #: Written by the query runner itself: its changes do not wake it (it knows them).
+    by_runner: bool = False
     #: Raised after the commit, for requests that must persist a change (say, expire a
     #: lease) and still fail.
     deferred_error: Exception | None = None

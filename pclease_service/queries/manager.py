@@ -204,8 +204,9 @@ class QueryManager:
 
         return await self.db.write(unit)
 
-    async def result(self, principal: Principal, query_id: str) -> Readable:
-        """A collect query's stored result, as a stream (read as it is sent)."""
+    async def result(self, principal: Principal, query_id: str) -> Readable | bytes:
+        """A collect query's stored result: as a stream (read as it is sent), or its bytes
+        when it is small (read in the same thread that opened it, not chunk by chunk)."""
         query = self._visible(
             principal, await self.db.read(lambda tx: queries.get_query(tx, query_id)), query_id
         )
@@ -219,8 +220,14 @@ class QueryManager:
                 f"query {query_id} is {query.state.value}; wait for it with "
                 f"GET /v1/queries/{query_id}?wait_s=30 before fetching its result"
             )
+
+        def open_result() -> Readable | bytes:
+            readable = self.spool.open_result(query_id)
+            small = readable.small()
+            return readable if small is None else small
+
         try:
-            return await anyio.to_thread.run_sync(self.spool.open_result, query_id)
+            return await anyio.to_thread.run_sync(open_result)
         except BlobNotFound:
             raise NotFound(
                 f"the result of query {query_id} has been deleted (results are kept "

@@ -25,8 +25,8 @@ from pclease_service.loops import tick_forever
 from pclease_service.notify import Notifier
 from pclease_service.plans.targets import QueryTarget
 from pclease_service.queries.spool import Spool
-from pclease_service.states import LIVE_QUERY_STATES, ContextState, LeaseState, QueryState
-from pclease_service.store import contexts, leases, queries, replicas
+from pclease_service.states import ContextState, LeaseState, QueryState
+from pclease_service.store import leases, queries, replicas
 from pclease_service.store.queries import QueryRecord
 
 log = logging.getLogger("pclease.queries")
@@ -87,6 +87,10 @@ class QueryRunner:
         self.instruments = instruments or NoInstruments()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._housekept_at: float | None = None
+        #: Whether the last tick left a queued query waiting, and whether one runs now
+        #: (see _slot_freed).
+        self._backlog = False
+        self._ticking = False
 
     async def recover(self, *, at_start: bool = False) -> None:
         """Queries left ``running`` by a replica that is gone (it exited, or stopped
@@ -133,17 +137,22 @@ class QueryRunner:
         )
 
     async def tick(self) -> None:
+        self._ticking = True
+        try:
+            await self._tick()
+        finally:
+            self._ticking = False
+
+    async def _tick(self) -> None:
         def snapshot(tx: Tx) -> tuple[list[QueryRecord], dict[str, _Where]]:
-            live = queries.list_queries(tx, states=LIVE_QUERY_STATES, limit=10_000)
-            where: dict[str, _Where] = {}
-            for query in live:
-                lease = leases.get_lease(tx, query.lease_id)
-                context = contexts.get_context(tx, query.context_id)
-                if lease is not None and context is not None:
-                    where[query.id] = _Where(
-                        lease.state, context.state, context.backend_handle, lease.profile
-                    )
-            return live, where
+            placed = queries.live_placed(tx)
+            where = {
+                p.query.id: _Where(
+                    LeaseState(p.lease_state), ContextState(p.context_state), p.handle, p.profile
+                )
+                for p in placed
+            }
+            return [p.query for p in placed], where
 
         now = self.clock.monotonic()
         if (
@@ -159,12 +168,14 @@ class QueryRunner:
         for query in live:
             if query.state is QueryState.RUNNING:
                 busy[query.context_id] = busy.get(query.context_id, 0) + 1
+        queued = started_here = 0
         for query in reversed(live):  # oldest first
             task = self._tasks.get(query.id)
             if query.state is QueryState.RUNNING:
                 if query.cancel_requested and task is not None and not task.done():
                     task.cancel()
                 continue
+            queued += 1
             if self.draining:
                 continue
             place = where.get(query.id)
@@ -177,15 +188,24 @@ class QueryRunner:
                 continue
             started = await self.db.write(self._start_unit(query.id, limit))
             if started is not None:
+                started_here += 1
                 busy[query.context_id] = busy.get(query.context_id, 0) + 1
                 self._tasks[started.id] = asyncio.create_task(
-                    self._execute(started, place.handle), name=f"query-{started.id}"
+                    self._execute(started, place.handle, place.profile), name=f"query-{started.id}"
                 )
+        self._backlog = queued > started_here
         self._tasks = {qid: t for qid, t in self._tasks.items() if not t.done()}
         now = self.clock.monotonic()
         if self._housekept_at is None or now - self._housekept_at >= _HOUSEKEEPING_S:
             self._housekept_at = now
             await self.housekeeping()
+
+    def _slot_freed(self) -> None:
+        # The runner's own writes do not wake it (Tx.by_runner): a query that ended frees
+        # a slot, which matters only if the last tick left queued queries waiting, or if
+        # a tick is under way (it may be leaving some waiting on the slot freed now).
+        if self._backlog or self._ticking:
+            self.notifier.runner.set()
 
     def _slots(self, profile_name: str) -> int:
         profile = self.settings.profiles.get(profile_name)
@@ -195,6 +215,7 @@ class QueryRunner:
         replica = self.replica
 
         def unit(tx: Tx) -> QueryRecord | None:
+            tx.by_runner = True
             return queries.start_query(tx, query_id, limit=limit, actor=ACTOR, replica=replica)
 
         return unit
@@ -237,9 +258,10 @@ class QueryRunner:
             else None,
         )
 
-    async def _execute(self, query: QueryRecord, handle: Mapping[str, object]) -> None:
-        lease = await self.db.read(lambda tx: leases.get_lease(tx, query.lease_id))
-        profile = self.settings.profiles.get(lease.profile) if lease else None
+    async def _execute(
+        self, query: QueryRecord, handle: Mapping[str, object], profile_name: str
+    ) -> None:
+        profile = self.settings.profiles.get(profile_name)
         roots = tuple(profile.data_roots) if profile else ()
         allow_udfs = profile.allow_python_udfs if profile else False
         try:
@@ -274,7 +296,6 @@ class QueryRunner:
             outcome = QueryOutcome(
                 ok=False, error_type="StorageUnavailable", error_message=exc.message
             )
-        await self._forget_plan(query.id)
         if outcome.ok and query.target == QueryTarget.COLLECT.value:
             try:
                 await anyio.to_thread.run_sync(self.spool.keep_result, query.id)
@@ -292,7 +313,11 @@ class QueryRunner:
                     error_type="ResultLost",
                     error_message="the backend reported a result but wrote no result file",
                 )
-        await self._finish(query, outcome)
+        try:
+            await self._finish(query, outcome)
+        finally:
+            # After the finish, which is what the client waits for.
+            await self._forget_plan(query.id)
 
     async def _forget_plan(self, query_id: str) -> None:
         # On failure the spool has logged it; housekeeping deletes it later.
@@ -312,6 +337,7 @@ class QueryRunner:
         collect = query.target == QueryTarget.COLLECT.value
 
         def unit(tx: Tx) -> None:
+            tx.by_runner = True
             values: dict[str, object] = {
                 "finished_at": tx.now,
                 "rows": outcome.rows,
@@ -343,6 +369,7 @@ class QueryRunner:
             leases.extend_lease(tx, query.lease_id)
 
         await self.db.write(unit)
+        self._slot_freed()
         if query.started_at is not None:
             outcome_name = QueryState.SUCCEEDED if outcome.ok else QueryState.FAILED
             self.instruments.query_finished(outcome_name.value, self._ran_for(query))
@@ -353,6 +380,7 @@ class QueryRunner:
         await self._forget_result(query.id)
 
         def unit(tx: Tx) -> None:
+            tx.by_runner = True
             current = queries.get_query(tx, query.id)
             reason = (current.error_message if current else None) or "cancelled"
             queries.transition_query(
@@ -365,6 +393,7 @@ class QueryRunner:
             )
 
         await self.db.write(unit)
+        self._slot_freed()
         if query.started_at is not None:
             self.instruments.query_finished(QueryState.CANCELLED.value, self._ran_for(query))
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import Row, and_, case, func, insert, or_, select, update
 
-from pclease_service.db.schema import contexts, queries
+from pclease_service.db.schema import contexts, leases, queries
 from pclease_service.db.tx import Tx
 from pclease_service.states import LIVE_QUERY_STATES, QueryState, query_sources
 from pclease_service.store.events import record_event
@@ -51,7 +51,10 @@ class QueryRecord:
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> QueryRecord:
-        m = dict(row._mapping)
+        return cls.from_row_mapping(dict(row._mapping))
+
+    @classmethod
+    def from_row_mapping(cls, m: dict[str, Any]) -> QueryRecord:
         m["state"] = QueryState(m["state"])
         m["inputs"] = tuple(str(path) for path in m["inputs"] or ())
         m["outputs"] = tuple(str(path) for path in m["outputs"] or ())
@@ -161,6 +164,51 @@ def list_queries(
     if states is not None:
         stmt = stmt.where(queries.c.state.in_([s.value for s in states]))
     return [QueryRecord.from_row(r) for r in tx.conn.execute(stmt)]
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A live query and where it would run: its lease's state and profile, its
+    context's state and backend handle."""
+
+    query: QueryRecord
+    lease_state: str
+    profile: str
+    context_state: str
+    handle: Mapping[str, Any] | None
+
+
+def live_placed(tx: Tx, *, limit: int = 10_000) -> list[Placed]:
+    """The live queries, newest first, each with its lease and context, in one read (the
+    query runner takes this snapshot on every tick)."""
+    extra = (
+        leases.c.state.label("placed_lease_state"),
+        leases.c.profile.label("placed_profile"),
+        contexts.c.state.label("placed_context_state"),
+        contexts.c.backend_handle.label("placed_handle"),
+    )
+    stmt = (
+        select(queries, *extra)
+        .join(leases, leases.c.id == queries.c.lease_id)
+        .join(contexts, contexts.c.id == queries.c.context_id)
+        .where(queries.c.state.in_([s.value for s in LIVE_QUERY_STATES]))
+        .order_by(queries.c.created_at.desc(), queries.c.id.desc())
+        .limit(limit)
+    )
+    placed = []
+    for row in tx.conn.execute(stmt):
+        m = dict(row._mapping)
+        where = {c.name: m.pop(c.name) for c in extra}
+        placed.append(
+            Placed(
+                QueryRecord.from_row_mapping(m),
+                where["placed_lease_state"],
+                where["placed_profile"],
+                where["placed_context_state"],
+                where["placed_handle"],
+            )
+        )
+    return placed
 
 
 def orphaned_queries(tx: Tx, *, alive: set[str]) -> list[QueryRecord]:

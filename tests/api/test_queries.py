@@ -78,6 +78,48 @@ async def test_a_query_runs_on_an_active_lease_and_succeeds(h: Harness) -> None:
     assert moves == [(None, "queued"), ("queued", "running"), ("running", "succeeded")]
 
 
+async def test_a_submission_wakes_the_query_runner_and_a_tick_starts_it(h: Harness) -> None:
+    lease = await active_lease(h)
+    h.service.notifier.runner.clear()
+    response = await submit(h, lease["id"])
+    assert response.status_code == 202, response.text
+    # The runner's loop waits on this event before its interval is up: it starts the
+    # query now, not on its next scheduled tick.
+    assert h.service.notifier.runner.is_set()
+    await h.service.runner.tick()  # what the woken loop runs, without moving the clock
+    assert (await query(h, response.json()["id"]))["state"] in ("running", "succeeded")
+    await h.service.runner.drain()
+
+
+async def test_the_runners_own_writes_wake_it_only_when_a_freed_slot_has_a_taker(
+    h: Harness,
+) -> None:
+    gate = h.backend.query_gate = asyncio.Event()
+    lease = await active_lease(h)
+    wake = h.service.notifier.runner
+    try:
+        first = (await submit(h, lease["id"])).json()["id"]
+        wake.clear()
+        await h.service.runner.tick()  # starts it: a write of the runner's own
+        assert (await query(h, first))["state"] == "running"
+        assert not wake.is_set()
+
+        second = (await submit(h, lease["id"])).json()["id"]
+        wake.clear()
+        await h.service.runner.tick()  # one query at a time: the second waits
+        assert (await query(h, second))["state"] == "queued"
+    finally:
+        gate.set()
+    await h.service.runner.drain()
+    assert (await query(h, first))["state"] == "succeeded"
+    assert wake.is_set()  # the first one's end frees the slot the second waits for
+    wake.clear()
+    await h.service.runner.tick()
+    await h.service.runner.drain()
+    assert (await query(h, second))["state"] == "succeeded"
+    assert not wake.is_set()  # nothing waited for the second one's slot
+
+
 async def test_a_query_waits_for_a_pending_lease(h: Harness) -> None:
     h.backend.boot_s = 10
     lease = await h.lease()

@@ -47,16 +47,21 @@ def storage(
     return {"kind": "s3", "url": f"s3://{bucket}/spool/", "endpoint_url": moto_url}
 
 
+#: Over one chunk of the storage: served as a stream rather than read at once.
+LARGE_RESULT = b"ARROW1" + bytes(range(256)) * (3 * 4096 + 7)
+
+
+@pytest.mark.parametrize("result_bytes", [RESULT, LARGE_RESULT], ids=["small", "streamed"])
 async def test_a_query_submitted_through_one_replica_is_run_and_read_through_another(
-    make_harness: Any, storage: dict[str, Any], tmp_path: Path
+    make_harness: Any, storage: dict[str, Any], tmp_path: Path, result_bytes: bytes
 ) -> None:
     a: Harness = await make_harness(data_dir=tmp_path / "a", storage=storage)
     b: Harness = await make_harness(data_dir=tmp_path / "b", storage=storage)
     lease = await a.lease()
     await a.settle()
     b.backend.contexts = a.backend.contexts  # one compute, seen from both
-    b.backend.query_result = RESULT
-    b.backend.query_outcome = QueryOutcome(ok=True, rows=3, result_bytes=len(RESULT))
+    b.backend.query_result = result_bytes
+    b.backend.query_outcome = QueryOutcome(ok=True, rows=3, result_bytes=len(result_bytes))
     lf = pl.LazyFrame({"a": [1, 2, 3]})
     sub = build_submission(lf, "collect", None)
     submitted = await a.client.post(
@@ -81,8 +86,8 @@ async def test_a_query_submitted_through_one_replica_is_run_and_read_through_ano
     # Read through A, which neither ran it nor has it on disk.
     result = await a.client.get(f"/v1/queries/{query_id}/result", headers=a.headers)
     assert result.status_code == 200, result.text
-    assert result.content == RESULT
-    assert result.headers["content-length"] == str(len(RESULT))
+    assert result.content == result_bytes
+    assert result.headers["content-length"] == str(len(result_bytes))
     assert result.headers["content-type"] == "application/vnd.apache.arrow.file"
     assert not list((tmp_path / "a").rglob("*.arrow"))
     assert not list((tmp_path / "b").rglob("*.arrow"))  # B's scratch file was moved away

@@ -13,11 +13,13 @@ import os
 import pathlib
 import pickle
 import shutil
+import socket
 import sys
 import time
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ import pytest
 from polars._utils.cloud import prepare_cloud_plan
 from polars.plugins import register_plugin_function
 
+from pclease_service.backends import local
 from pclease_service.backends.base import (
     LABEL_CONTEXT_ID,
     ContextSpec,
@@ -338,6 +341,40 @@ async def test_cancelling_the_task_stops_the_query_promptly(ctx: Context) -> Non
         assert time.monotonic() < deadline, "the cancelled query's executor still runs"
         await asyncio.sleep(0.05)
     assert (await ctx.collect(pl.LazyFrame({"a": [1, 2, 3]}))).height == 3
+
+
+async def test_queries_reuse_a_kept_connection_and_a_broken_one_is_replaced(
+    ctx: Context,
+) -> None:
+    pool, ref = ctx.backend._connections, ctx.backend._ref(ctx.handle)
+    await ctx.collect(pl.LazyFrame({"a": [1]}))
+    kept = pool.take(ref)
+    assert kept is not None
+    pool.give_back(ref, kept)
+    assert (await ctx.collect(pl.LazyFrame({"a": [1, 2]}))).height == 2
+    assert pool.take(ref) is kept  # the query ran on it and gave it back
+
+    # It breaks while idle, as when the worker drops it: the next query opens a new one.
+    sock = socket.socket(fileno=kept.fileno())
+    sock.shutdown(socket.SHUT_RDWR)
+    sock.detach()
+    pool.give_back(ref, kept)
+    assert (await ctx.collect(pl.LazyFrame({"a": [1, 2, 3]}))).height == 3
+    assert kept.closed
+    fresh = pool.take(ref)
+    assert fresh is not None and fresh is not kept
+    pool.give_back(ref, fresh)
+
+
+def test_a_request_on_a_kept_connection_its_worker_closed_may_be_sent_again() -> None:
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    with Connection(ours.detach()) as conn:
+        with pytest.raises(local._Unsent):
+            local._exchange(conn, {"op": "ping"}, None, 1.0, kept=True)
+        # On a new connection the same failure says the worker is not answering.
+        with pytest.raises(local._NotAnswering, match="the connection broke"):
+            local._exchange(conn, {"op": "ping"}, None, 1.0)
 
 
 def _is_running(pid: int | None) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from pclease_client import (
     QueryFailed,
     QueryState,
     build_submission,
+    calls,
 )
 from pclease_client.errors import PlanRefusal, PlanRefused
 
@@ -115,6 +117,25 @@ def test_collect_returns_the_frame(env: Env, lease: Any) -> None:
         {"city": "b", "amount": 2.5},
         {"city": "c", "amount": 1.0},
     ]
+
+
+def test_a_large_result_streams_to_a_file_and_a_frame(
+    env: Env, lease: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = calls.RESULT_IN_MEMORY_MAX_BYTES // 8  # two Int64 columns: about twice the size
+    lf = pl.LazyFrame().select(i=pl.int_range(rows, dtype=pl.Int64), x=pl.lit(3, pl.Int64))
+    query = env.client.wait_query(env.client.submit(lease.id, build_submission(lf, "collect")).id)
+    assert query.result_bytes is not None
+    assert query.result_bytes > calls.RESULT_IN_MEMORY_MAX_BYTES
+    size = env.client.download_result(query.id, tmp_path / "result.arrow")
+    assert size == query.result_bytes == (tmp_path / "result.arrow").stat().st_size
+    expected = lf.collect()
+    assert pl.read_ipc(tmp_path / "result.arrow").equals(expected)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))
+    assert env.client.result_frame(query.id).equals(expected)
+    assert list(spill.iterdir()) == []
 
 
 def test_a_failure_carries_polars_error(env: Env, lease: Any) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import tempfile
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -23,6 +25,7 @@ from pclease_client import (
     LeaseState,
     PcleaseClient,
     QueryState,
+    calls,
 )
 from pclease_client.errors import LeaseNotFound, UnknownProfile
 from pclease_client.testing import FakePclease, QueryOutcome
@@ -105,6 +108,32 @@ async def test_a_lease_heartbeats_runs_queries_and_is_released(
     assert {dict(q.labels)["team"] for q in fake.queries(lease_id=lease.id)} == {"data"}
     with pytest.raises(LeaseClosed):
         lease.remote(pl.LazyFrame({"n": [1]}))
+
+
+async def test_a_large_result_goes_through_a_file_and_downloads_like_the_synchronous_one(
+    fake: FakePclease,
+    client: AsyncPcleaseClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    large = pl.DataFrame(
+        {"n": pl.int_range(calls.RESULT_IN_MEMORY_MAX_BYTES // 8 + 1000, eager=True)}
+    )
+    fake.answer_queries(lambda q: QueryOutcome(result=large))
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))
+    async with client.lease("small") as lease:
+        assert (await lease.remote(pl.LazyFrame({"n": [1]})).collect()).equals(large)
+        assert list(spill.iterdir()) == []
+        (query,) = [q for q in await client.list_queries(lease.id) if q.target == "collect"]
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+        with pytest.raises(FileNotFoundError):  # so the frame above came through a file
+            await client.result_frame(query.id)
+    size = await client.download_result(query.id, tmp_path / "result.arrow")
+    assert size == (tmp_path / "result.arrow").stat().st_size == query.result_bytes
+    with fake.client() as sync:
+        assert (tmp_path / "result.arrow").read_bytes() == sync.result_bytes(query.id)
 
 
 async def test_the_wait_for_a_starting_context_heartbeats(

@@ -5,9 +5,11 @@ and tests/live/."""
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 
 import httpx
 import polars as pl
@@ -46,6 +48,7 @@ from pclease_client.errors import (
 from pclease_client.lease import HANDLE_TRANSITIONS, HandleState
 from pclease_client.testing import FAKE_URL, FakePclease, QueryOutcome, SubmittedQuery, fake_profile
 
+SMALL = pl.DataFrame({"n": [1, 4, 9]})
 HOLDER = {"dag_id": "etl", "run_id": "r1", "task_id": "load", "map_index": -1}
 
 
@@ -268,6 +271,71 @@ def test_a_lease_runs_queries_and_is_released(fake: FakePclease, client: Pclease
     sent = fake.submitted(second.id)
     assert sent.options["destination"] == "/lake/out.parquet"
     assert sent.plan and len(sent.plan) == second.plan_bytes
+
+
+#: Just over the size a result is read in memory: its IPC body goes through a file.
+LARGE = pl.DataFrame({"n": pl.int_range(calls.RESULT_IN_MEMORY_MAX_BYTES // 8 + 1000, eager=True)})
+
+
+def _collected(client: PcleaseClient, lease_id: str) -> QueryInfo:
+    query = client.submit(lease_id, build_submission(frame(), "collect"))
+    return client.wait_query(query.id)
+
+
+def test_a_large_result_is_read_through_a_temporary_file_and_a_small_one_in_memory(
+    fake: FakePclease,
+    client: PcleaseClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake.answer_queries(lambda q: QueryOutcome(result=LARGE if "large" in q.labels else SMALL))
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))
+    with client.lease("small", watchdog=False) as lease:
+        assert lease.remote(frame(), labels={"large": "1"}).collect().equals(LARGE)
+        assert list(spill.iterdir()) == []  # the temporary file is gone again
+        # Without a directory for temporary files, only the large result fails.
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+        assert lease.remote(frame()).collect().equals(SMALL)
+        with pytest.raises(FileNotFoundError):
+            lease.remote(frame(), labels={"large": "1"}).collect()
+
+
+def test_a_result_downloads_to_a_file(
+    fake: FakePclease, client: PcleaseClient, tmp_path: Path
+) -> None:
+    fake.answer_queries(lambda q: QueryOutcome(result=LARGE))
+    with client.lease("small", watchdog=False) as lease:
+        query = _collected(client, lease.id)
+    size = client.download_result(query.id, tmp_path / "result.arrow")
+    assert size == (tmp_path / "result.arrow").stat().st_size == query.result_bytes
+    assert pl.read_ipc(tmp_path / "result.arrow").equals(LARGE)
+    with pytest.raises(NotFound):
+        client.download_result("no-such-query", tmp_path / "other.arrow")
+
+
+def test_a_result_transfer_that_breaks_is_sent_again_from_the_start(tmp_path: Path) -> None:
+    body = bytes(range(256)) * 4096
+    attempts = []
+
+    class Breaks(httpx.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            yield body[:1000]
+            raise httpx.ReadError("connection reset")
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        attempts.append(request.url.path)
+        headers = {"Content-Length": str(len(body))}
+        if len(attempts) == 1:
+            return httpx.Response(200, headers=headers, stream=Breaks())
+        return httpx.Response(200, headers=headers, content=body)
+
+    transport = httpx.MockTransport(answer)
+    with PcleaseClient(FAKE_URL, "t", transport=transport, backoff_s=0) as client:
+        assert client.download_result("q1", tmp_path / "r.arrow") == len(body)
+    assert (tmp_path / "r.arrow").read_bytes() == body
+    assert attempts == ["/v1/queries/q1/result"] * 2
 
 
 def test_a_failed_query_raises_query_failed_or_polars_own_error(

@@ -121,16 +121,15 @@ async def cancel_query(query_id: QueryId, service: ServiceDep, principal: Princi
         **errors(404, 409),
     },
 )
-async def query_result(
-    query_id: QueryId, service: ServiceDep, principal: PrincipalDep
-) -> StreamingResponse:
+async def query_result(query_id: QueryId, service: ServiceDep, principal: PrincipalDep) -> Response:
     """A collect query's result as an Arrow IPC file (``pl.read_ipc``)."""
     result = await service.queries.result(principal, query_id)
+    media_type = "application/vnd.apache.arrow.file"
+    disposition = {"Content-Disposition": f'attachment; filename="{query_id}.arrow"'}
+    if isinstance(result, bytes):
+        return Response(result, media_type=media_type, headers=disposition)
     return StreamingResponse(
         result.chunks,
-        media_type="application/vnd.apache.arrow.file",
-        headers={
-            "Content-Length": str(result.size),
-            "Content-Disposition": f'attachment; filename="{query_id}.arrow"',
-        },
+        media_type=media_type,
+        headers={"Content-Length": str(result.size), **disposition},
     )
