@@ -341,6 +341,7 @@ async def test_cancelling_the_task_cancels_the_query(
         if len(cloud.queries()) > before:
             break
         await asyncio.sleep(0.05)
+    assert not task.done(), f"the query ended before it was cancelled: {task.result()}"
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
