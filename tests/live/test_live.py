@@ -123,6 +123,7 @@ def wait_active(url: str, headers: dict[str, str], lease_id: str) -> dict[str, A
             headers=headers,
             timeout=10,
         )
+        assert r.status_code == 200, r.text
         lease: dict[str, Any] = r.json()
         if lease["state"] != "pending":
             return lease

@@ -80,6 +80,20 @@ def test_inconsistent_timings_say_what_to_change(tmp_path: Path) -> None:
     assert "reconcile_interval_s must be at most half of lease_ttl_min_s" in joined
 
 
+def test_a_heartbeat_batch_longer_than_a_quarter_of_the_shortest_ttl_is_refused(
+    tmp_path: Path,
+) -> None:
+    config = write(tmp_path, "lease_ttl_min_s = 4\nheartbeat_flush_s = 1.5\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    joined = "\n".join(caught.value.problems)
+    assert "heartbeat_flush_s must be at most a quarter of lease_ttl_min_s" in joined
+    for bad in ("-1", "6", '"soon"'):
+        with pytest.raises(ConfigError, match=r"heartbeat_flush_s:"):
+            load_settings(write(tmp_path, f"heartbeat_flush_s = {bad}\n"))
+    assert load_settings(write(tmp_path, "heartbeat_flush_s = 0\n")).heartbeat_flush_s == 0
+
+
 def test_local_backend_needs_cpus_and_memory(tmp_path: Path) -> None:
     config = write(tmp_path, '[profiles.gpu]\ninstance_type = "p4d.24xlarge"\n')
     with pytest.raises(ConfigError, match=r"profiles\.gpu: the local backend needs cpus"):
